@@ -1,0 +1,1 @@
+"""QuantLens dashboard (Streamlit)."""
