@@ -1,0 +1,154 @@
+"""The ``quantlens`` command line.
+
+Every verb exits 0 on success and 2 on bad input with one line naming the file or field;
+a user mistake never prints a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from analysis.formats import OBSERVERS
+
+DEFAULT_DEMO_RUN = Path("runs") / "digits"
+
+
+class UsageError(ValueError):
+    """A bad command-line value."""
+
+
+def _add_analyze(sub) -> None:
+    p = sub.add_parser("analyze", help="measure per-layer INT8/INT4 sensitivity and write a Run",
+                       description="Quantize each layer in turn, measure the task metric, and write a Run folder.")
+    p.add_argument("model", help="demo:digits, or package.module:factory returning a torch.nn.Module")
+    p.add_argument("--task", default=None, help="bundled task (digits) or an .npz with 'inputs' [and 'labels']; "
+                                                "default: the demo's own task")
+    p.add_argument("--out", required=True, help="Run folder to create (absent or empty)")
+    p.add_argument("--formats", default="int8,int4", help="comma-separated formats (default: int8,int4)")
+    p.add_argument("--calib", type=int, default=None, help="number of calibration samples")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--observer", choices=OBSERVERS, default="minmax", help="activation range observer")
+    p.add_argument("--group-size", type=int, default=None, help="weight group size for group-wise formats (default 32)")
+    p.add_argument("--metric", default=None, help="accuracy | agreement | cosine (default: from labels and output)")
+    p.add_argument("--weights", default=None, help="state dict (.safetensors or .pt, loaded weights-only) for the factory")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: fastest for small models)")
+    p.add_argument("--no-incremental", action="store_true", help="full forward per job (no downstream-only reuse)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing Run at --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _cmd_analyze(args) -> int:
+    from analysis.api import analyze
+
+    from analysis.models.loading import DEMO_TASKS, ModelError
+
+    task = args.task or DEMO_TASKS.get(args.model)
+    if task is None:
+        if args.model.startswith("demo:"):
+            raise ModelError(f"unknown demo model '{args.model}'; known: {', '.join(DEMO_TASKS)}")
+        raise UsageError("--task: required for models other than the demos")
+    run = analyze(args.model, task, args.out, formats=args.formats, calib=args.calib, seed=args.seed,
+                  observer=args.observer, group_size=args.group_size, metric=args.metric, weights=args.weights,
+                  incremental=not args.no_incremental, overwrite=args.overwrite, threads=args.threads,
+                  progress=not args.quiet)
+    print(summary(run))
+    print(f"wrote {run.path}")
+    return 0
+
+
+def summary(run) -> str:
+    """A plain-text table of a Run: baseline, uniform formats, the most sensitive layers."""
+    m = run.meta
+    name = m["metric"]["name"]
+    lines = [f"model {m['model']['name']} ({m['model']['params']:,} params, {m['model']['n_layers']} quantizable layers), "
+             f"task {m['data']['task']} ({m['data']['n_eval']} eval samples), sweep path {m['sweep']['path']} "
+             f"in {m['sweep']['seconds']:.1f} s",
+             f"{'policy':<10} {name:>10} {m['metric']['loss']:>14} {'size MB':>9}",
+             f"{'fp32':<10} {m['baseline']['metric']:>10.4f} {m['baseline']['loss']:>14.5f} {m['baseline']['bytes'] / 1e6:>9.3f}"]
+    for fmt, u in m["uniform"].items():
+        note = f"  ({len(u['skipped_layers'])} layer(s) kept fp32)" if u["skipped_layers"] else ""
+        lines.append(f"{'all-' + fmt:<10} {u['metric']:>10.4f} {u['loss']:>14.5f} {u['bytes'] / 1e6:>9.3f}{note}")
+    s = run.sensitivity[run.sensitivity["status"] == "ok"].sort_values("kl", ascending=False).head(5)
+    lines.append("most sensitive (KL to fp32 with only that layer quantized):")
+    for _, r in s.iterrows():
+        lines.append(f"  {r['layer']:<24} {r['format']:<5} {name} {r['metric_delta']:+.4f}  KL {r['kl']:.2e}  "
+                     f"output SQNR {r['output_sqnr_db']:.1f} dB")
+    return "\n".join(lines)
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="analyse the bundled model (if not done yet) and serve the dashboard on it")
+    p.add_argument("--runs", default="runs", help="folder for demo Runs (default: runs)")
+    p.add_argument("--port", type=int, default=None)
+    p.add_argument("--no-serve", action="store_true", help="only make sure the demo Run exists and print its summary")
+
+
+def _cmd_demo(args) -> int:
+    from analysis.api import analyze
+    from analysis.run import RunError, load_run
+
+    out = Path(args.runs) / "digits"
+    try:
+        run = load_run(out)
+        print(f"demo Run found at {out}")
+    except RunError:
+        print(f"analysing demo:digits into {out} ...", file=sys.stderr)
+        run = analyze("demo:digits", "digits", out, threads=1, overwrite=out.exists())
+    print(summary(run))
+    if args.no_serve:
+        return 0
+    from dashboard.serve import serve
+
+    return serve([str(out)], port=args.port)
+
+
+def _add_dashboard(sub) -> None:
+    p = sub.add_parser("dashboard", help="serve the dashboard on one or more Runs")
+    p.add_argument("runs", nargs="*", help="Run folders (default: every Run under ./runs)")
+    p.add_argument("--port", type=int, default=None, help="port (default: a free one)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+
+
+def _cmd_dashboard(args) -> int:
+    from analysis.run import RunError, load_run
+    from dashboard.serve import serve
+
+    runs = args.runs or sorted(str(p.parent) for p in Path("runs").glob("*/run.json"))
+    if not runs:
+        raise UsageError("no Run given and none found under ./runs (run `quantlens analyze` or `quantlens demo` first)")
+    for r in runs:
+        load_run(r)  # a bad folder is a one-line error here, not in the browser
+    return serve(runs, port=args.port, host=args.host)
+
+
+COMMANDS = {"analyze": (_add_analyze, _cmd_analyze), "demo": (_add_demo, _cmd_demo),
+            "dashboard": (_add_dashboard, _cmd_dashboard)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="quantlens", description="Which layers can go to INT8 or INT4, and what it costs.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add, _ in COMMANDS.values():
+        add(sub)
+    return parser
+
+
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)  # argparse itself exits 2 on a bad flag
+    try:
+        return COMMANDS[args.command][1](args)
+    except KeyboardInterrupt:
+        print("quantlens: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"quantlens {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

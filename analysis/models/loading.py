@@ -1,0 +1,103 @@
+"""Turn a MODEL argument into a torch module: a bundled demo, or ``package.module:factory``.
+
+Checkpoint files are refused with a hint: they hold weights, not an architecture, and a
+pickled whole model would run arbitrary code when loaded.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from analysis.models.base import ModelError
+
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".safetensors")
+DEMO_TASKS = {"demo:digits": "digits"}  # each demo model with its own task
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Weights from a ``.safetensors`` file or a ``torch.save``d state dict (``weights_only=True``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise ModelError(f"{path}: empty file")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ModelError(f"{path}: not a readable safetensors file ({e})") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle and zip errors come in many types
+        msg = str(e).splitlines()[0][:200]
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise ModelError(f"{path}: refusing to unpickle: it holds code or objects beyond plain tensors "
+                             f"({msg}); save model.state_dict() or export the model to ONNX") from None
+        raise ModelError(f"{path}: not a readable torch checkpoint ({msg})") from None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ModelError(f"{path}: expected a state dict of tensors")
+    return obj
+
+
+def _factory(spec: str) -> nn.Module:
+    mod_name, _, attr = spec.partition(":")
+    if "" not in sys.path and str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))  # factories in the user's working folder
+    try:
+        module = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise ModelError(f"model '{spec}': cannot import module '{mod_name}' ({e})") from None
+    fn = getattr(module, attr, None)
+    if fn is None:
+        raise ModelError(f"model '{spec}': module '{mod_name}' has no attribute '{attr}'")
+    model = fn() if callable(fn) and not isinstance(fn, nn.Module) else fn
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"model '{spec}': the factory returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def load_torch_model(spec: str, weights: str | Path | None = None) -> tuple[nn.Module, str, str]:
+    """``(module, name, source)`` for a MODEL argument.
+
+    Args:
+        spec: ``demo:digits`` or ``package.module:factory`` (a function returning a module).
+        weights: optional state dict applied to the factory's module (strict).
+    """
+    if spec.startswith("demo:"):
+        if spec == "demo:digits":
+            from analysis.demos import DIGITS_WEIGHTS, digits_model
+
+            return digits_model(), spec, str(DIGITS_WEIGHTS.relative_to(DIGITS_WEIGHTS.parents[2]))
+        raise ModelError(f"unknown demo model '{spec}'; known: {', '.join(DEMO_TASKS)}")
+    path = Path(spec)
+    if path.suffix.lower() in CHECKPOINT_SUFFIXES:
+        if not path.exists():
+            raise ModelError(f"{spec}: no such file")
+        load_state_dict(path)  # refuses pickles with code, names a corrupt file
+        raise ModelError(f"{spec}: a checkpoint holds weights, not an architecture; pass "
+                         f"'package.module:factory' and --weights {spec}")
+    if path.suffix.lower() == ".onnx":
+        if not path.exists():
+            raise ModelError(f"{spec}: no such file")
+        raise ModelError(f"{spec}: ONNX models are not supported by this version; pass a torch factory")
+    if ":" not in spec:
+        if path.exists():
+            raise ModelError(f"{spec}: not a model (expected demo:NAME, package.module:factory or a .onnx file)")
+        raise ModelError(f"{spec}: no such file, and not of the form demo:NAME or package.module:factory")
+    model = _factory(spec)
+    if weights is not None:
+        sd = load_state_dict(weights)
+        try:
+            model.load_state_dict(sd, strict=True)
+        except RuntimeError as e:
+            raise ModelError(f"{weights}: does not fit model '{spec}' ({str(e).splitlines()[0][:200]})") from None
+    return model, spec, spec if weights is None else f"{spec} + {weights}"

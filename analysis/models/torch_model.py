@@ -1,0 +1,184 @@
+"""PyTorch backend: find quantizable layers and apply any policy reversibly.
+
+A policy is applied in place and undone on exit: each quantized layer's weight is
+swapped for its fake-quantized copy (cached, computed once per layer and format), and
+formats that quantize activations get a forward pre-hook on the layer's input. The
+model is never deep-copied.
+"""
+from __future__ import annotations
+
+import hashlib
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from analysis.formats import QuantFormat, get_format
+from analysis.models.base import LayerInfo, ModelError
+from analysis.primitives import choose_qparams, fake_quantize, fake_quantize_weight, group_size_error, qrange
+
+QUANTIZABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def state_sha256(module: nn.Module) -> str:
+    """Content hash of a module's parameters and buffers (names, dtypes, shapes, bytes)."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _macs(module: nn.Module, out: torch.Tensor) -> int:
+    """Multiply-accumulates per sample for one call producing ``out``."""
+    per_sample_out = out[0].numel() if out.dim() > 1 else out.numel()
+    if isinstance(module, nn.Linear):
+        return per_sample_out * module.in_features
+    k = module.weight[0].numel()  # in/groups * prod(kernel)
+    return per_sample_out * k
+
+
+@dataclass
+class ActQuant:
+    """Calibrated per-tensor quantization of one layer's input."""
+
+    scale: torch.Tensor
+    zero: torch.Tensor
+    qmin: int
+    qmax: int
+
+    @classmethod
+    def from_range(cls, lo: float, hi: float, bits: int, symmetric: bool) -> "ActQuant":
+        scale, zero = choose_qparams(torch.tensor(lo), torch.tensor(hi), bits, symmetric)
+        qmin, qmax = qrange(bits, symmetric)
+        return cls(scale, zero, qmin, qmax)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return fake_quantize(x, self.scale, self.zero, self.qmin, self.qmax)
+
+
+class TorchModel:
+    """A ``torch.nn.Module`` in eval mode plus what the engine knows about its layers."""
+
+    kind = "torch"
+
+    def __init__(self, module: nn.Module, example: torch.Tensor, *, name: str, source: str) -> None:
+        if not isinstance(module, nn.Module):
+            raise ModelError(f"{source}: expected a torch.nn.Module, got {type(module).__name__}")
+        self.module = module.eval()
+        self.name, self.source = name, source
+        self.sha256 = state_sha256(module)
+        self.modules = dict(module.named_modules())
+        self.act_quant: dict[tuple[str, str], ActQuant] = {}
+        self._weight_cache: dict[tuple[str, str], torch.Tensor] = {}
+        self._layers = self._discover(example)
+        if not self._layers:
+            raise ModelError(f"{source}: no quantizable layers (Linear, Conv1d/2d/3d) run on the task's inputs")
+
+    def _discover(self, example: torch.Tensor) -> list[LayerInfo]:
+        seen: dict[str, LayerInfo] = {}
+        hooks = []
+
+        def hook(name):
+            def fn(mod, inputs, out):
+                if name in seen or not isinstance(out, torch.Tensor):
+                    return
+                W = mod.weight
+                seen[name] = LayerInfo(
+                    name=name, type=type(mod).__name__, order=len(seen), weight_shape=tuple(W.shape),
+                    has_bias=mod.bias is not None, params=W.numel() + (mod.bias.numel() if mod.bias is not None else 0),
+                    macs=_macs(mod, out), in_features=W[0].numel(), out_features=W.shape[0])
+            return fn
+
+        for name, mod in self.modules.items():
+            if isinstance(mod, QUANTIZABLE) and name:
+                hooks.append(mod.register_forward_hook(hook(name)))
+        try:
+            with torch.no_grad():
+                self.module(example[:1])
+        finally:
+            for h in hooks:
+                h.remove()
+        return list(seen.values())
+
+    def layers(self) -> list[LayerInfo]:
+        return list(self._layers)
+
+    def layer(self, name: str) -> LayerInfo:
+        for info in self._layers:
+            if info.name == name:
+                return info
+        raise KeyError(f"unknown layer '{name}'")
+
+    def skip_reason(self, name: str, fmt: QuantFormat) -> str | None:
+        """Why a layer cannot take a format (recorded in the Run), or None."""
+        if fmt.weight is None:
+            return None
+        return group_size_error(self.layer(name).weight_shape, fmt.weight)
+
+    def fake_weight(self, name: str, fmt: QuantFormat) -> torch.Tensor:
+        key = (name, fmt.name)
+        if key not in self._weight_cache:
+            W = self.modules[name].weight.detach()
+            self._weight_cache[key] = fake_quantize_weight(W, fmt.weight).to(W.dtype)
+        return self._weight_cache[key]
+
+    def other_bytes(self) -> int:
+        """Bytes of parameters and buffers outside the quantizable layers (kept as they are)."""
+        layer_tensors = set()
+        for info in self._layers:
+            mod = self.modules[info.name]
+            layer_tensors.add(id(mod.weight))
+            if mod.bias is not None:
+                layer_tensors.add(id(mod.bias))
+        seen, total = set(), 0
+        for t in list(self.module.parameters()) + list(self.module.buffers()):
+            if id(t) in layer_tensors or id(t) in seen:
+                continue
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+        return total
+
+    def params(self) -> int:
+        return sum(p.numel() for p in self.module.parameters())
+
+    @contextmanager
+    def quantized(self, policy: dict[str, str]):
+        """Apply ``{layer: format}`` for the duration of the block; everything is restored after."""
+        saved, hooks = [], []
+        try:
+            for name, fmt_name in policy.items():
+                fmt = get_format(fmt_name)
+                if fmt.is_float or self.skip_reason(name, fmt):
+                    continue
+                mod = self.modules[name]
+                if fmt.weight is not None:
+                    saved.append((mod, mod.weight.data))
+                    mod.weight.data = self.fake_weight(name, fmt)
+                if fmt.activation is not None:
+                    aq = self.act_quant[(name, fmt.name)]
+                    hooks.append(mod.register_forward_pre_hook(lambda m, args, aq=aq: (aq(args[0]), *args[1:])))
+            yield self
+        finally:
+            for h in hooks:
+                h.remove()
+            for mod, data in reversed(saved):
+                mod.weight.data = data
+
+    def run(self, batch: torch.Tensor, policy: dict[str, str] | None = None) -> torch.Tensor:
+        with torch.no_grad(), self.quantized(policy or {}):
+            return self.module(batch)
+
+    @contextmanager
+    def no_inplace(self):
+        """Turn off ``inplace=True`` on modules (e.g. ReLU) so cached activations stay intact."""
+        changed = [m for m in self.modules.values() if getattr(m, "inplace", False) is True]
+        for m in changed:
+            m.inplace = False
+        try:
+            yield
+        finally:
+            for m in changed:
+                m.inplace = True

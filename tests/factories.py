@@ -1,0 +1,87 @@
+"""Small torch models for tests, importable as `factories:NAME` (conftest puts tests/ on sys.path)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+
+class TinyMLP(nn.Module):
+    def __init__(self, d_in: int = 64, classes: int = 10) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1 = nn.Linear(d_in, 64)
+        self.act = nn.ReLU(inplace=True)
+        self.fc2 = nn.Linear(64, 32)
+        self.out = nn.Linear(32, classes)
+
+    def forward(self, x):
+        x = x.reshape(x.shape[0], -1)
+        return self.out(self.act(self.fc2(self.act(self.fc1(x)))))
+
+
+def tiny_mlp() -> nn.Module:
+    return TinyMLP()
+
+
+class Untraceable(TinyMLP):
+    """Data-dependent control flow: torch.fx cannot trace it."""
+
+    def forward(self, x):
+        x = x.reshape(x.shape[0], -1)
+        h = F.relu(self.fc1(x))
+        if h.shape[0] > 0:  # bool() of a traced shape stops torch.fx
+            h = F.relu(self.fc2(h))
+        return self.out(h)
+
+
+def untraceable() -> nn.Module:
+    return Untraceable()
+
+
+class DeadBranch(TinyMLP):
+    """`unused` runs but its output never reaches the model's output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unused = nn.Linear(64, 32)
+
+    def forward(self, x):
+        x = x.reshape(x.shape[0], -1)
+        h = F.relu(self.fc1(x))
+        _ = self.unused(h)
+        return self.out(F.relu(self.fc2(h)))
+
+
+def dead_branch() -> nn.Module:
+    return DeadBranch()
+
+
+class NoLayers(nn.Module):
+    def forward(self, x):
+        return x.reshape(x.shape[0], -1)[:, :10] * 2
+
+
+def no_layers() -> nn.Module:
+    return NoLayers()
+
+
+def not_a_module():
+    return {"weights": 1}
+
+
+class Embedder(nn.Module):
+    """Outputs a 16-dim embedding (not class scores): the default metric is cosine."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.fc1 = nn.Linear(64, 64)
+        self.fc2 = nn.Linear(64, 16)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x.reshape(x.shape[0], -1))))
+
+
+def embedder() -> nn.Module:
+    return Embedder()

@@ -1,0 +1,113 @@
+"""The torch adapter, the sweep paths and the size model."""
+import numpy as np
+import pytest
+import torch
+
+from analysis.cost import layer_bytes
+from analysis.formats import INT4, INT8, FP32, get_format
+from analysis.models.base import LayerInfo
+from analysis.models.torch_model import TorchModel
+from analysis.stats import calibrate, collect_activation_stats
+from analysis.sweep import FULL_FORWARD, INCREMENTAL, run_sweep
+from analysis.tasks import Task
+import factories
+
+
+def _task(n=96, seed=0, labels=True):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 64)).astype(np.float32)
+    return Task("t", "test", x[:32], x[32:], rng.integers(0, 10, n - 32) if labels else None, batch_size=24)
+
+
+def _prepared(module, task):
+    tm = TorchModel(module, torch.from_numpy(task.eval_inputs[:2]), name="m", source="test")
+    calibrate(tm, collect_activation_stats(tm, task.calib_batches), [INT8, INT4])
+    return tm
+
+
+def test_layers_found_in_execution_order_with_sizes():
+    tm = _prepared(factories.tiny_mlp(), _task())
+    infos = tm.layers()
+    assert [i.name for i in infos] == ["fc1", "fc2", "out"]
+    assert [i.order for i in infos] == [0, 1, 2]
+    assert infos[0].params == 64 * 64 + 64 and infos[0].macs == 64 * 64 and infos[0].in_features == 64
+
+
+def test_policy_is_applied_and_fully_undone_without_copies():
+    module = factories.tiny_mlp()
+    task = _task()
+    tm = _prepared(module, task)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    x = torch.from_numpy(task.eval_inputs[:8])
+    y0 = tm.run(x)
+    y1 = tm.run(x, {"fc1": "int8", "fc2": "int4"})
+    assert not torch.equal(y0, y1)
+    assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())
+    assert torch.equal(tm.run(x), y0)
+    assert tm.module is module
+    assert all(not m._forward_pre_hooks for m in module.modules())
+
+
+def test_incremental_and_full_forward_sweeps_agree():
+    task = _task()
+    tm = _prepared(factories.tiny_mlp(), task)
+    jobs = [(n, f) for n in ("fc1", "fc2", "out") for f in ("int8", "int4")]
+    pol = {"all": {"fc1": "int4", "fc2": "int8", "out": "int8"}}
+    inc = run_sweep(tm, task, "accuracy", jobs, pol, incremental=True)
+    full = run_sweep(tm, task, "accuracy", jobs, pol, incremental=False)
+    assert inc.path == INCREMENTAL and full.path == FULL_FORWARD
+    for job in jobs:
+        a, b = inc.jobs[job], full.jobs[job]
+        assert a.state.result() == pytest.approx(b.state.result(), rel=1e-9, abs=1e-12)
+        assert a.noise == pytest.approx(b.noise, rel=1e-6)
+    assert inc.policies["all"].result() == pytest.approx(full.policies["all"].result())
+
+
+def test_residual_demo_incremental_matches_full_forward():
+    from analysis.demos import digits_model
+    from analysis.tasks import digits_task
+
+    task = digits_task()
+    task.eval_inputs, task.eval_labels = task.eval_inputs[:96], task.eval_labels[:96]
+    tm = _prepared(digits_model(), task)
+    jobs = [("conv3", "int4"), ("conv4", "int8"), ("fc1", "int4")]
+    inc = run_sweep(tm, task, "accuracy", jobs, {}, incremental=True)
+    full = run_sweep(tm, task, "accuracy", jobs, {}, incremental=False)
+    assert inc.path == INCREMENTAL
+    for job in jobs:
+        assert inc.jobs[job].state.result() == pytest.approx(full.jobs[job].state.result(), rel=1e-9, abs=1e-12)
+
+
+def test_untraceable_model_falls_back_and_says_why():
+    task = _task()
+    tm = _prepared(factories.untraceable(), task)
+    res = run_sweep(tm, task, "accuracy", [("fc1", "int8")], {}, incremental=True)
+    assert res.path == FULL_FORWARD and "trace" in res.path_reason
+
+
+@pytest.mark.parametrize("factory", [factories.dead_branch, lambda: factories.Untraceable()])
+def test_layer_that_does_not_reach_the_output_is_flagged(factory):
+    task = _task()
+    module = factory()
+    tm = _prepared(module, task)
+    names = [i.name for i in tm.layers()]
+    res = run_sweep(tm, task, "accuracy", [(n, "int4") for n in names], {}, incremental=True)
+    expected = {n: n != "unused" for n in names}
+    assert res.reaches_output == expected
+    if "unused" in names:
+        assert res.jobs[("unused", "int4")].state.result()["kl"] == 0.0
+
+
+def test_layer_bytes_exact():
+    info = LayerInfo("l", "Linear", 0, (64, 256), True, 64 * 256 + 64, 64 * 256, 256, 64)
+    assert layer_bytes(info, FP32) == (64 * 256 + 64) * 4
+    # int8: codes + per-channel fp32 scales + fp32 bias + input scale and zero point
+    assert layer_bytes(info, INT8) == 64 * 256 + 64 * 4 + 64 * 4 + 4 + 1
+    # int4: packed codes + fp32 scale per group + packed 4-bit zero point per group + fp32 bias
+    groups = 64 * 256 // 32
+    assert layer_bytes(info, INT4) == 64 * 256 // 2 + groups * 4 + groups // 2 + 64 * 4
+
+
+def test_unknown_format_names_the_known_ones():
+    with pytest.raises(KeyError, match="unknown format 'int3'; known: fp32, int4, int8"):
+        get_format("int3")

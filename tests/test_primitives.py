@@ -1,0 +1,100 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, strategies as st
+from hypothesis.extra.numpy import arrays
+
+from analysis.formats import PerChannel, PerGroup, PerTensor, WeightSpec
+from analysis.primitives import (StreamingHistogram, RangeObserver, choose_qparams, dequantize, fake_quantize,
+                                 fake_quantize_weight, mse_range, percentile_range, qrange, quantize, quantize_weight)
+
+finite = st.floats(-1e3, 1e3, allow_nan=False, width=32)
+
+
+@pytest.mark.parametrize("bits,symmetric", [(8, False), (8, True), (4, False), (4, True)])
+def test_per_tensor_matches_torch_exactly(bits, symmetric):
+    x = torch.randn(4096, generator=torch.Generator().manual_seed(bits)) * 3
+    scale, zero = choose_qparams(x.min(), x.max(), bits, symmetric)
+    qmin, qmax = qrange(bits, symmetric)
+    ref = torch.fake_quantize_per_tensor_affine(x, float(scale), int(zero), qmin, qmax)
+    assert torch.equal(fake_quantize(x, scale, zero, qmin, qmax), ref)
+
+
+@pytest.mark.parametrize("shape", [(16, 40), (8, 4, 3, 3)])
+def test_per_channel_weight_matches_torch_exactly(shape):
+    W = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    spec = WeightSpec(8, symmetric=True, granularity=PerChannel(0))
+    _, scale, zero = quantize_weight(W, spec)
+    ref = torch.fake_quantize_per_channel_affine(W, scale, zero, 0, -127, 127)
+    assert torch.equal(fake_quantize_weight(W, spec), ref)
+
+
+def test_group_wise_matches_a_plain_loop():
+    W = torch.randn(6, 64, generator=torch.Generator().manual_seed(2))
+    spec = WeightSpec(4, symmetric=False, granularity=PerGroup(32))
+    got = fake_quantize_weight(W, spec)
+    for r in range(6):
+        for g in range(2):
+            w = W[r, g * 32:(g + 1) * 32]
+            lo, hi = torch.clamp(w.min(), max=0.0), torch.clamp(w.max(), min=0.0)  # float32 throughout
+            scale = (hi - lo) / 15
+            zero = torch.clamp(-torch.round(lo / scale), 0, 15)
+            ref = (torch.clamp(torch.round(w * (1.0 / scale)) + zero, 0, 15) - zero) * scale
+            assert torch.equal(got[r, g * 32:(g + 1) * 32], ref)
+
+
+def test_group_size_that_does_not_divide_is_refused():
+    with pytest.raises(ValueError, match="does not divide"):
+        quantize_weight(torch.randn(4, 9), WeightSpec(4, False, PerGroup(32)))
+
+
+@given(arrays(np.float32, st.integers(2, 200), elements=finite), st.sampled_from([(8, False), (8, True), (4, False), (4, True)]))
+def test_roundtrip_error_within_half_a_step(a, fmt):
+    bits, symmetric = fmt
+    x = torch.from_numpy(a)
+    scale, zero = choose_qparams(x.min(), x.max(), bits, symmetric)
+    qmin, qmax = qrange(bits, symmetric)
+    q = quantize(x, scale, zero, qmin, qmax)
+    assert int(q.min()) >= qmin and int(q.max()) <= qmax
+    err = (x - dequantize(q, scale, zero)).abs()
+    assert float(err.max()) <= float(scale) / 2 * (1 + 1e-5) + 1e-6
+    dq = dequantize(q, scale, zero)
+    assert torch.equal(fake_quantize(dq, scale, zero, qmin, qmax), dq)  # idempotent
+
+
+@given(arrays(np.float32, (4, 64), elements=finite), st.sampled_from([PerTensor(), PerChannel(0), PerGroup(32), PerGroup(16)]))
+def test_weight_codes_in_range_and_int8_beats_int4(a, gran):
+    W = torch.from_numpy(a)
+    e8 = (W - fake_quantize_weight(W, WeightSpec(8, True, gran))).pow(2).sum()
+    e4 = (W - fake_quantize_weight(W, WeightSpec(4, True, gran))).pow(2).sum()
+    assert float(e8) <= float(e4) + 1e-6
+    codes, _, _ = quantize_weight(W, WeightSpec(4, False, gran))
+    assert int(codes.min()) >= 0 and int(codes.max()) <= 15
+
+
+def test_zero_is_exactly_representable():
+    x = torch.tensor([0.3, 1.7, 2.9])
+    scale, zero = choose_qparams(x.min(), x.max(), 8, False)
+    assert float(fake_quantize(torch.tensor(0.0), scale, zero, 0, 255)) == 0.0
+
+
+def test_constant_tensor_does_not_divide_by_zero():
+    W = torch.zeros(3, 32)
+    out = fake_quantize_weight(W, WeightSpec(4, False, PerGroup(32)))
+    assert torch.equal(out, W)
+
+
+def test_observers_shrink_ranges_with_outliers():
+    x = torch.cat([torch.randn(100_000, generator=torch.Generator().manual_seed(0)), torch.tensor([60.0])])
+    rng = RangeObserver()
+    rng.update(x)
+    h = StreamingHistogram(rng.lo, rng.hi)
+    h.update(x)
+    assert h.count == x.numel()
+    p_lo, p_hi = percentile_range(h, 99.9)
+    m_lo, m_hi = mse_range(h, 8, False)
+    assert rng.lo <= p_lo < p_hi < 10 < rng.hi == 60.0
+    assert m_hi < 60.0 and m_lo >= rng.lo
+    assert math.isclose(h.fraction_outside(rng.lo, rng.hi), 0.0)
