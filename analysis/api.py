@@ -20,11 +20,10 @@ import torch
 
 from analysis.cost import cost_table, policy_bytes
 from analysis.formats import FP32, get_format, with_group_size, with_observer
-from analysis.models.loading import load_torch_model
-from analysis.models.torch_model import TorchModel
+from analysis.models.loading import load_model
 from analysis.run import Run, RunError, write_run
-from analysis.stats import calibrate, collect_activation_stats, statistics_tables, weight_sqnr
-from analysis.sweep import run_sweep
+from analysis.primitives import sqnr_db
+from analysis.stats import calibrate, statistics_tables, weight_sqnr
 from analysis.tasks import load_task
 
 VERSION = "0.1.0"
@@ -112,21 +111,14 @@ def analyze(model: str, task: str = "digits", out: str | Path = "runs/run", *, f
     if not fmts:
         raise AnalysisError("--formats: name at least one quantized format")
     t = load_task(task, metric=metric, calib=calib, seed=seed)
-    module, model_name, source = load_torch_model(model, weights)
     example = torch.from_numpy(t.eval_inputs[:2])
-    try:
-        with torch.no_grad():
-            y = module.eval()(example)
-    except Exception as e:
-        raise AnalysisError(f"{t.source}: inputs of shape {tuple(t.eval_inputs.shape[1:])} are rejected by the model "
-                            f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-    if not isinstance(y, torch.Tensor):
-        raise AnalysisError(f"model '{model}': must return one tensor, returned {type(y).__name__}")
+    tm = load_model(model, example, weights=weights, source_hint=t.source)
+    with torch.no_grad():
+        y = tm.run(example)
     m = t.resolve_metric(tuple(y.shape))
-    tm = TorchModel(module, example, name=model_name, source=source)
     layers = tm.layers()
 
-    stats = collect_activation_stats(tm, t.calib_batches)
+    stats = tm.activation_stats(t.calib_batches)
     calibrate(tm, stats, fmts)
     skip = {(l.name, f.name): r for l in layers for f in fmts if (r := tm.skip_reason(l.name, f))}
     jobs = [(l.name, f.name) for l in layers for f in fmts if (l.name, f.name) not in skip]
@@ -139,8 +131,8 @@ def analyze(model: str, task: str = "digits", out: str | Path = "runs/run", *, f
 
         bar = tqdm(total=n_batches * (len(jobs) + len(uniform)), desc="sweep", unit="job", file=sys.stderr, leave=False)
     try:
-        res = run_sweep(tm, t, m.name, jobs, {f"uniform:{k}": v for k, v in uniform.items()},
-                        incremental=incremental, progress=bar.update if bar else None)
+        res = tm.sweep(t, m.name, jobs, {f"uniform:{k}": v for k, v in uniform.items()},
+                       incremental=incremental, progress=bar.update if bar else None)
     finally:
         if bar:
             bar.close()
@@ -156,9 +148,7 @@ def analyze(model: str, task: str = "digits", out: str | Path = "runs/run", *, f
             else:
                 jr = res.jobs[(l.name, f.name)]
                 r = jr.state.result()
-                W = tm.modules[l.name].weight.detach().float()
-                from analysis.primitives import sqnr_db
-
+                W = tm.weight(l.name)
                 row.update(status="ok", reason="", metric=r["metric"], metric_delta=r["metric"] - base["metric"],
                            loss=r["loss"], loss_delta=r["loss"] - base["loss"], kl=r["kl"],
                            output_sqnr_db=sqnr_db(jr.signal, jr.noise),
@@ -190,7 +180,7 @@ def analyze(model: str, task: str = "digits", out: str | Path = "runs/run", *, f
     meta = {
         "status": "complete",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "model": {"name": model_name, "kind": "torch", "source": source, "sha256": tm.sha256, "params": tm.params(),
+        "model": {"name": tm.name, "kind": tm.kind, "source": tm.source, "sha256": tm.sha256, "params": tm.params(),
                   "fp32_bytes": fp32_bytes, "other_bytes": other, "n_layers": len(layers)},
         "data": {"task": t.name, "source": t.source, "sha256": t.sha256, "n_calib": int(len(t.calib_inputs)),
                  "n_eval": int(len(t.eval_inputs)), "input_shape": list(t.eval_inputs.shape[1:]),

@@ -13,7 +13,7 @@ import pandas as pd
 import torch
 
 from analysis.formats import QuantFormat
-from analysis.models.torch_model import ActQuant, TorchModel
+from analysis.models.torch_model import ActQuant, TorchModel  # ActQuant is backend-neutral
 from analysis.primitives import (HIST_BINS, RangeObserver, StreamingHistogram, activation_range,
                                  fake_quantize_weight, qrange, sqnr_db)
 
@@ -82,11 +82,11 @@ def _activation_sqnr(h: StreamingHistogram, aq: ActQuant) -> float:
     return sqnr_db(float((n * c.double() ** 2).sum()), float((n * err**2).sum()))
 
 
-def statistics_tables(model: TorchModel, stats: ActivationStats, formats: list[QuantFormat]) -> tuple[pd.DataFrame, pd.DataFrame]:
+def statistics_tables(model, stats: ActivationStats, formats: list[QuantFormat]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The ``histograms`` and ``clipping`` tables of a Run."""
     hist_rows, clip_rows = [], []
     for info in model.layers():
-        W = model.modules[info.name].weight.detach().float()
+        W = model.weight(info.name)
         wh = StreamingHistogram(float(W.min()), float(W.max()), HIST_BINS)
         wh.update(W)
         hist_rows.append(_hist_row(info.name, "weight", wh))

@@ -86,9 +86,7 @@ def load_torch_model(spec: str, weights: str | Path | None = None) -> tuple[nn.M
         raise ModelError(f"{spec}: a checkpoint holds weights, not an architecture; pass "
                          f"'package.module:factory' and --weights {spec}")
     if path.suffix.lower() == ".onnx":
-        if not path.exists():
-            raise ModelError(f"{spec}: no such file")
-        raise ModelError(f"{spec}: ONNX models are not supported by this version; pass a torch factory")
+        raise ModelError(f"{spec}: an ONNX file, not a torch model (use load_model)")
     if ":" not in spec:
         if path.exists():
             raise ModelError(f"{spec}: not a model (expected demo:NAME, package.module:factory or a .onnx file)")
@@ -101,3 +99,31 @@ def load_torch_model(spec: str, weights: str | Path | None = None) -> tuple[nn.M
         except RuntimeError as e:
             raise ModelError(f"{weights}: does not fit model '{spec}' ({str(e).splitlines()[0][:200]})") from None
     return model, spec, spec if weights is None else f"{spec} + {weights}"
+
+
+def load_model(spec: str, example: torch.Tensor, *, weights: str | Path | None = None, source_hint: str = ""):
+    """The model adapter for a MODEL argument, checked to accept ``example`` (a batch of task inputs).
+
+    ``.onnx`` files get the onnxruntime backend; everything else the torch backend.
+
+    Raises:
+        ModelError: the model cannot be loaded, has no quantizable layers, or rejects the inputs.
+    """
+    if Path(spec).suffix.lower() == ".onnx":
+        if not Path(spec).is_file():
+            raise ModelError(f"{spec}: no such file")
+        from analysis.models.onnx_model import load_onnx_model
+
+        return load_onnx_model(spec, example, source_hint=source_hint)
+    from analysis.models.torch_model import TorchModel
+
+    module, name, source = load_torch_model(spec, weights)
+    try:
+        with torch.no_grad():
+            y = module.eval()(example)
+    except Exception as e:
+        raise ModelError(f"{source_hint or 'task'}: inputs of shape {tuple(example.shape[1:])} are rejected by the model "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    if not isinstance(y, torch.Tensor):
+        raise ModelError(f"model '{spec}': must return one tensor, returned {type(y).__name__}")
+    return TorchModel(module, example, name=name, source=source)

@@ -144,6 +144,22 @@ class TorchModel:
     def params(self) -> int:
         return sum(p.numel() for p in self.module.parameters())
 
+    def weight(self, name: str) -> torch.Tensor:
+        """The layer's FP32 weight in the framework's layout (out, in, *kernel)."""
+        return self.modules[name].weight.detach().float()
+
+    def activation_stats(self, calib_batches):
+        """Streamed input/output ranges and histograms of every layer (see ``analysis.stats``)."""
+        from analysis.stats import collect_activation_stats
+
+        return collect_activation_stats(self, calib_batches)
+
+    def sweep(self, task, metric_name, jobs, policies, *, incremental=True, progress=None):
+        """Single-layer jobs and whole-model policies on the task (see ``analysis.sweep``)."""
+        from analysis.sweep import run_sweep
+
+        return run_sweep(self, task, metric_name, jobs, policies, incremental=incremental, progress=progress)
+
     @contextmanager
     def quantized(self, policy: dict[str, str]):
         """Apply ``{layer: format}`` for the duration of the block; everything is restored after."""
