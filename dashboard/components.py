@@ -1,0 +1,117 @@
+"""Pieces shared by the pages: the sidebar, the Run guard, headline numbers, number formats."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import streamlit as st
+
+from analysis.policy import POLICY_FORMATS
+from analysis.projection import Projection
+from dashboard import state
+from dashboard.data import MB, Loaded, open_run
+
+
+def fmt_metric(x: float | None, loaded: Loaded, signed: bool = False) -> str:
+    if x is None or not math.isfinite(x):
+        return "—"
+    unit = loaded.run.meta["metric"].get("unit", "")
+    if unit in ("fraction", "") and loaded.run.meta["metric"].get("name") in ("accuracy", "agreement"):
+        return f"{x * 100:+.2f} pp" if signed else f"{x * 100:.2f} %"
+    return f"{x:+.4f}" if signed else f"{x:.4f}"
+
+
+def fmt_band(band: float | None, loaded: Loaded) -> str:
+    """'± x' for a metric error band, or a note that it is unknown."""
+    if band is None:
+        return "error unknown"
+    return "± " + fmt_metric(band, loaded, signed=True).lstrip("+")
+
+
+def fmt_mb(n: float) -> str:
+    return f"{n / MB:,.3f} MB" if n < 10 * MB else f"{n / MB:,.1f} MB"
+
+
+def sidebar() -> None:
+    """Run picker (several open Runs), a box to open another Run folder, the Run's status."""
+    dirs = state.run_dirs()
+    with st.sidebar:
+        st.markdown("### QuantLens")
+        if dirs:
+            labels = []
+            for p in dirs:
+                lo = open_run(p)
+                labels.append(f"{lo.name} — {Path(p).name}" if isinstance(lo, Loaded) else f"⚠ {Path(p).name} (cannot open)")
+            idx = min(int(st.session_state.get(state.ACTIVE, 0)), len(dirs) - 1)
+            choice = st.selectbox("Run", range(len(dirs)), index=idx, format_func=lambda i: labels[i],
+                                  help="Runs given on the command line or opened below.")
+            if choice != idx:
+                st.session_state[state.ACTIVE] = choice
+                lo = open_run(dirs[choice])
+                if isinstance(lo, Loaded):
+                    state.sync_url(lo)
+        with st.form("ql.open_form", clear_on_submit=True, border=False):
+            folder = st.text_input("Open a Run folder", placeholder="/path/to/run")
+            if st.form_submit_button("Open") and folder.strip():
+                state.add_run_dir(folder.strip())
+                st.rerun()
+        lo = state.active()
+        if isinstance(lo, Loaded):
+            st.caption(f"Model sha256 `{lo.run.model_sha256[:12]}…` · {len(lo.projector.names)} layers · "
+                       f"status **{lo.run.status}**")
+
+
+def require_run() -> Loaded:
+    """The active Run, or a message on the page and a stop."""
+    lo = state.active()
+    if lo is None:
+        st.info("No Run is open. Start with `quantlens dashboard RUN_DIR` (a folder written by "
+                "`quantlens analyze`), or type a Run folder in the sidebar.")
+        st.stop()
+    if isinstance(lo, str):
+        st.error(f"This Run cannot be opened: {lo}")
+        st.caption("A Run is a folder written by `quantlens analyze` with run.json and six Parquet tables.")
+        st.stop()
+    if lo.synthetic:
+        st.info("**Synthetic Run** — generated numbers for testing the dashboard; nothing here was measured.",
+                icon=":material/science:")
+    if lo.run.status != "complete":
+        st.warning(f"This Run is **{lo.run.status}**: the sweep did not finish; missing layers stay FP32.")
+    state.show_notices()
+    return lo
+
+
+def _resolution(loaded: Loaded) -> str:
+    n = loaded.run.meta.get("data", {}).get("n_eval")
+    if loaded.run.meta["metric"].get("name") in ("accuracy", "agreement") and isinstance(n, int) and n > 0:
+        return f"Measured on {n} samples: one sample moves it by {fmt_metric(1 / n, loaded, signed=True).lstrip('+')}."
+    return ""
+
+
+def headline(loaded: Loaded, p: Projection, codes: np.ndarray) -> None:
+    """Projected metric (± band), size and × vs FP32, latency when measured."""
+    meta = loaded.run.meta
+    base = float(meta["baseline"]["metric"])
+    c = st.columns(4)
+    c[0].metric(f"Projected {meta['metric']['name']} ({fmt_band(p.band, loaded)})", fmt_metric(p.metric, loaded),
+                delta=fmt_metric(p.metric - base, loaded, signed=True),
+                delta_color="normal" if loaded.run.higher_is_better else "inverse",
+                help="Projection v1: additive in per-layer loss changes, mapped to the metric through the "
+                     "measured points. ± is the largest error on measured whole-model policies (Overview "
+                     "says which). " + _resolution(loaded)
+                     + (" Beyond the measured loss range: extrapolated." if p.extrapolated else ""))
+    c[1].metric("Projected size", fmt_mb(p.bytes), delta=f"{p.size_ratio:.2f}× smaller than FP32 · {p.bytes:,} B",
+                delta_color="off", delta_arrow="off", help="Exact: sum of per-layer bytes (weights, scales, zero points, bias) "
+                                        "plus the parameters outside quantizable layers.")
+    if p.latency_ms is not None:
+        c[2].metric("Projected latency", f"{p.latency_ms:.2f} ms",
+                    help="FP32 end-to-end latency plus the measured per-layer latency changes.")
+    else:
+        c[2].metric("Latency", "not measured", help="This Run holds no per-layer latency measurement.")
+    counts = np.bincount(np.asarray(codes, dtype=np.intp), minlength=len(POLICY_FORMATS))
+    c[3].metric("Layers quantized", f"{int(counts[1:].sum())} / {len(codes)}",
+                delta=" · ".join(f"{POLICY_FORMATS[i].upper()} {int(counts[i])}" for i in range(len(counts))),
+                delta_color="off", delta_arrow="off")
+    if p.extrapolated:
+        st.caption("⚠ The projected loss is beyond every measured point: the metric is extrapolated.")

@@ -1,0 +1,135 @@
+"""Every Streamlit cache in one place: a Run is read once, its derived tables built once.
+
+``st.cache_resource`` (not ``cache_data``) holds the loaded Run and its derived frames:
+they are treated as read-only, and ``cache_data`` would hand each rerun a fresh copy,
+a cost proportional to the Run on every toggle.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from analysis.policy import FORMAT_CODE, POLICY_FORMATS
+from analysis.projection import Projector
+from analysis.run import TABLES, Run, RunError, load_run
+
+MB = 1e6
+
+
+@dataclass
+class Loaded:
+    """A Run with everything the pages derive from it, built once per Run version."""
+
+    path: str
+    run: Run
+    projector: Projector
+    layers: pd.DataFrame  # one row per layer, execution order, display columns (no format column)
+    types: list[str]
+    has_latency: bool
+    hist: dict[tuple[str, str], dict] = field(repr=False)
+    clip: dict[tuple[str, str], pd.DataFrame] = field(repr=False)
+
+    @property
+    def name(self) -> str:
+        return str(self.run.meta["model"].get("name", Path(self.path).name))
+
+    @property
+    def synthetic(self) -> bool:
+        return bool(self.run.meta.get("synthetic")) or self.name.startswith("synthetic:")
+
+
+def _stamp(path: str) -> tuple[float, ...]:
+    """Modification times of the Run's files, so a rewritten Run is read again."""
+    p = Path(path)
+    out = []
+    for f in ["run.json", *(f"{t}.parquet" for t in TABLES)]:
+        try:
+            out.append(os.stat(p / f).st_mtime_ns)
+        except OSError:
+            out.append(-1)
+    return tuple(out)
+
+
+def _layer_frame(run: Run, pj: Projector) -> pd.DataFrame:
+    names = pj.names
+    lay = run.layers.set_index("name").reindex(names)
+    df = pd.DataFrame({"layer": names, "type": lay["type"].astype(str).to_numpy(),
+                       "params": lay["params"].to_numpy(), "MACs": lay["macs"].to_numpy()})
+    sens = run.sensitivity
+    for fmt in run.formats:
+        s = sens[sens["format"] == fmt].set_index("layer").reindex(names)
+        df[f"Δmetric {fmt}"] = s["metric_delta"].to_numpy(dtype=float)
+        df[f"Δloss {fmt}"] = s["loss_delta"].to_numpy(dtype=float)
+        df[f"SQNR {fmt} (dB)"] = s["output_sqnr_db"].to_numpy(dtype=float)
+    for fmt in POLICY_FORMATS:
+        if fmt == "fp32" or fmt in run.formats:
+            b = pj.bytes[:, FORMAT_CODE[fmt]].astype(float)
+            df[f"KB {fmt}"] = np.where(pj.allowed[:, FORMAT_CODE[fmt]], b / 1e3, np.nan)
+    if np.isfinite(pj.latency).any():
+        for fmt in POLICY_FORMATS:
+            if fmt == "fp32" or fmt in run.formats:
+                df[f"ms {fmt}"] = pj.latency[:, FORMAT_CODE[fmt]]
+    notes = []
+    reaches = lay["reaches_output"].fillna(True).astype(bool).to_numpy()
+    for i in range(len(names)):
+        parts = [] if reaches[i] else ["does not reach the output: sensitivity is 0 by construction, not a sign of safety"]
+        parts += [f"no {POLICY_FORMATS[f]}: {pj.reasons[(i, f)]}" for f in (1, 2) if (i, f) in pj.reasons]
+        notes.append("; ".join(parts))
+    df["note"] = notes
+    return df
+
+
+@st.cache_resource(show_spinner="Reading the Run…", max_entries=16)
+def _load(path: str, stamp: tuple[float, ...]) -> Loaded:
+    run = load_run(path)
+    pj = Projector(run)
+    layers = _layer_frame(run, pj)
+    hist = {(str(r.layer), str(r.tensor)): {"lo": float(r.lo), "hi": float(r.hi), "counts": np.asarray(r.counts),
+                                             "count": int(r.count), "mean": float(r.mean), "std": float(r.std),
+                                             "absmax": float(r.absmax)}
+            for r in run.histograms.itertuples(index=False)}
+    clip = {k: g for k, g in run.clipping.groupby(["layer", "tensor"], sort=False)}
+    return Loaded(path, run, pj, layers, sorted(layers["type"].unique().tolist()),
+                  bool(np.isfinite(pj.latency).any()), hist, clip)
+
+
+def open_run(path: str) -> Loaded | str:
+    """The loaded Run at ``path``, or a one-paragraph message saying why it cannot be read."""
+    try:
+        return _load(str(Path(path).resolve()), _stamp(path))
+    except RunError as e:
+        return str(e)
+    except (KeyError, ValueError, TypeError, AttributeError, json.JSONDecodeError) as e:
+        what = f"field {e}" if isinstance(e, KeyError) else str(e)
+        return f"{path}: not a readable Run ({type(e).__name__}: {what})"
+
+
+@st.cache_resource(show_spinner=False, max_entries=16)
+def sensitivity_figure(path: str, stamp: tuple[float, ...]):
+    """Loss change per layer at each format, execution order (built once per Run)."""
+    import plotly.graph_objects as go
+
+    loaded = _load(path, stamp)
+    df = loaded.layers
+    fig = go.Figure()
+    colors = {"int8": "#4C78A8", "int4": "#E45756"}
+    for fmt in loaded.run.formats:
+        col = f"Δloss {fmt}"
+        if col in df:
+            fig.add_bar(x=df["layer"], y=df[col], name=fmt.upper(), marker_color=colors.get(fmt))
+    fig.update_layout(barmode="group", height=320, margin=dict(l=10, r=10, t=30, b=10),
+                      title="Loss change with only that layer quantized (measured), execution order",
+                      xaxis=dict(showticklabels=len(df) <= 60, title="layer"),
+                      yaxis=dict(title=f"Δ {loaded.run.meta['metric'].get('loss', 'loss')}"),
+                      legend=dict(orientation="h", y=1.12, x=1, xanchor="right"))
+    return fig
+
+
+def stamp_of(path: str) -> tuple[float, ...]:
+    return _stamp(path)
