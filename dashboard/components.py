@@ -94,9 +94,12 @@ def headline(loaded: Loaded, p: Projection, codes: np.ndarray) -> None:
     meta = loaded.run.meta
     base = float(meta["baseline"]["metric"])
     c = st.columns(4)
+    change = p.metric - base
+    change = 0.0 if abs(change) < 1e-9 else change  # float noise around the anchored baseline
     c[0].metric(f"Projected {meta['metric']['name']} ({fmt_band(p.band, loaded)})", fmt_metric(p.metric, loaded),
-                delta=fmt_metric(p.metric - base, loaded, signed=True),
+                delta=fmt_metric(change, loaded, signed=True) + " vs FP32",
                 delta_color="normal" if loaded.run.higher_is_better else "inverse",
+                delta_arrow="auto" if change else "off",
                 help="Projection v1: additive in per-layer loss changes, mapped to the metric through the "
                      "measured points. ± is the largest error on measured whole-model policies (Overview "
                      "says which). " + _resolution(loaded)

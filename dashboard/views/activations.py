@@ -34,33 +34,41 @@ def _grid(fmt: str, tensor: str) -> tuple[int | None, str]:
 
 
 def _figure(lo: Loaded, layer: str, tensor: str, log_y: bool) -> tuple[go.Figure | None, list[str]]:
+    """Histogram with each format's clip range as dashed lines and, where it is tensor-wide, its grid as a rug."""
     h = lo.hist.get((layer, tensor))
     if h is None:
         return None, []
-    counts = h["counts"]
+    counts = np.asarray(h["counts"], dtype=float)
     edges = np.linspace(h["lo"], h["hi"], len(counts) + 1)
+    top = float(counts.max()) if len(counts) and counts.max() > 0 else 1.0
+    y0, y1 = (0.5, top * 2) if log_y else (0.0, top * 1.05)
     fig = go.Figure()
     fig.add_bar(x=(edges[:-1] + edges[1:]) / 2, y=counts, width=np.diff(edges), name="FP32 values",
                 marker_color="#9A9A9A", hovertemplate="%{x:.4g}: %{y:,}<extra></extra>")
-    notes = []
+    notes, rug = [], False
     clip = lo.clip.get((layer, tensor))
     if clip is not None:
         for r in clip.itertuples(index=False):
             color = COLORS.get(r.format, "#333")
-            fig.add_vline(x=float(r.clip_lo), line=dict(color=color, dash="dash", width=2))
-            fig.add_vline(x=float(r.clip_hi), line=dict(color=color, dash="dash", width=2),
-                          annotation_text=f"{r.format.upper()} range",
-                          annotation_position="top left" if r.format == "int4" else "top right")
+            lo_x, hi_x = float(r.clip_lo), float(r.clip_hi)
+            fig.add_scatter(x=[lo_x, lo_x, None, hi_x, hi_x], y=[y0, y1, None, y0, y1], mode="lines",
+                            name=f"{r.format.upper()} clip range", line=dict(color=color, dash="dash", width=2),
+                            hovertemplate=f"{r.format.upper()} clip [{lo_x:.4g}, {hi_x:.4g}]<extra></extra>")
             levels, what = _grid(str(r.format), tensor)
             notes.append(what)
-            if levels and math.isfinite(r.clip_lo) and math.isfinite(r.clip_hi) and r.clip_hi > r.clip_lo:
-                grid = np.linspace(float(r.clip_lo), float(r.clip_hi), levels)
-                fig.add_scatter(x=grid, y=np.full(levels, 1.0 if log_y else 0.0), mode="markers", name=f"{r.format.upper()} grid",
-                                marker=dict(symbol="line-ns-open", size=12, color=color), hoverinfo="skip")
-    fig.update_layout(height=300, margin=dict(l=10, r=10, t=40, b=10), bargap=0,
+            if levels and math.isfinite(lo_x) and math.isfinite(hi_x) and hi_x > lo_x:
+                rug = True
+                fig.add_scatter(x=np.linspace(lo_x, hi_x, levels), y=np.zeros(levels), yaxis="y2", mode="markers",
+                                name=f"{r.format.upper()} grid ({levels} levels)", hoverinfo="skip",
+                                marker=dict(symbol="line-ns-open", size=10, color=color))
+    fig.update_layout(height=320, margin=dict(l=10, r=10, t=40, b=10), bargap=0,
                       title=f"{TENSORS.get(tensor, tensor)} — {h['count']:,} values, mean {h['mean']:.4g}, "
                             f"std {h['std']:.4g}, |max| {h['absmax']:.4g}",
-                      yaxis_type="log" if log_y else "linear", legend=dict(orientation="h", y=-0.2))
+                      yaxis=dict(type="log" if log_y else "linear", title="count",
+                                 domain=[0.14, 1] if rug else [0, 1]),
+                      yaxis2=dict(domain=[0, 0.08], showticklabels=False, showgrid=False, zeroline=False,
+                                  range=[-1, 1], fixedrange=True),
+                      legend=dict(orientation="h", y=-0.18))
     return fig, notes
 
 

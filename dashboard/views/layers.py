@@ -20,6 +20,7 @@ SORTS = {
     "name": ("layer", True),
 }
 FMT_LABELS = np.array(POLICY_FORMATS, dtype=object)
+LAYER_PX, FORMAT_PX, ROW_PX = 240, 90, 35
 TIMING = "ql.fragment_ms"  # last fragment render time on the server, for the benchmark
 
 
@@ -39,7 +40,7 @@ def _build_view(lo: Loaded, codes: np.ndarray, text: str, types: list[str], sort
     if spec and spec[0] in view:
         view = view.sort_values(spec[0], ascending=spec[1], na_position="last", kind="stable")
     view = view.copy()
-    view.insert(2, "format", FMT_LABELS[codes[view.index.to_numpy()]])
+    view.insert(1, "format", FMT_LABELS[codes[view.index.to_numpy()]])
     return view
 
 
@@ -138,8 +139,11 @@ def policy_editor() -> None:
     with top:
         state.show_notices()
         headline(lo, lo.projector.project(codes), codes)
-    cfg = {"format": st.column_config.SelectboxColumn("format", options=["fp32", *lo.run.formats], required=True,
-                                                      help="FP32, INT8 or INT4 for this layer"),
+    # fixed widths for the pinned columns: the format cell sits at a known place in the grid
+    cfg = {"layer": st.column_config.TextColumn("layer", width=LAYER_PX, pinned=True),
+           "format": st.column_config.SelectboxColumn("format", options=["fp32", *lo.run.formats], required=True,
+                                                      help="FP32, INT8 or INT4 for this layer", width=FORMAT_PX,
+                                                      pinned=True),
            "params": st.column_config.NumberColumn("params", format="localized"),
            "MACs": st.column_config.NumberColumn("MACs", format="compact", help="multiply-accumulates per sample"),
            "note": st.column_config.TextColumn("note", width="large")}
@@ -150,7 +154,8 @@ def policy_editor() -> None:
             cfg[col] = st.column_config.NumberColumn(col, format="%.1f")
     st.caption(f"{len(view)} of {len(codes)} layers shown. Change a layer's **format** cell; the numbers above "
                "follow. Δ columns are measured with only that layer quantized.")
-    st.data_editor(view, key=state.editor_key(lo.path), hide_index=True, column_config=cfg, height=420,
+    st.data_editor(view, key=state.editor_key(lo.path), hide_index=True, column_config=cfg, row_height=ROW_PX,
+                   height=min(420, ROW_PX * (len(view) + 1) + 3),
                    disabled=[c for c in view.columns if c != "format"], width="stretch")
     st.session_state[TIMING] = (time.perf_counter() - t0) * 1e3
 

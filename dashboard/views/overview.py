@@ -61,13 +61,20 @@ def _scatter(lo: Loaded, p) -> go.Figure:
     fig = go.Figure()
     fig.add_scatter(x=pol["bytes"] / MB, y=pol["metric"], mode="markers+text", text=pol["name"],
                     textposition="top center", name="measured", marker=dict(size=11, color="#4C78A8"),
-                    hovertemplate="%{text}<br>%{x:.3f} MB<br>%{y:.4f}<extra>measured</extra>")
+                    cliponaxis=False, hovertemplate="%{text}<br>%{x:.3f} MB<br>%{y:.4f}<extra>measured</extra>")
     err = dict(type="data", array=[p.band], visible=True, thickness=2, width=8) if p.band is not None else None
     fig.add_scatter(x=[p.bytes / MB], y=[p.metric], mode="markers", name="current policy (projected)",
                     error_y=err, marker=dict(size=14, symbol="diamond", color="#E45756"),
                     hovertemplate="current policy<br>%{x:.3f} MB<br>%{y:.4f}<extra>projected</extra>")
-    fig.update_layout(height=380, margin=dict(l=10, r=10, t=30, b=10), xaxis_title="size (MB)",
-                      yaxis_title=lo.run.meta["metric"]["name"], legend=dict(orientation="h", y=1.1),
+    ys = [*pol["metric"].astype(float), p.metric]
+    band = p.band or 0.0
+    lo_y, hi_y = min(ys) - band, max(ys) + band
+    pad = max((hi_y - lo_y) * 0.15, abs(hi_y) * 0.005, 1e-6)  # a flat set of points still gets a visible axis
+    pct = lo.run.meta["metric"].get("name") in ("accuracy", "agreement")
+    fig.update_layout(height=400, margin=dict(l=10, r=10, t=40, b=10), xaxis_title="size (MB)",
+                      yaxis=dict(title=lo.run.meta["metric"]["name"], range=[lo_y - pad, hi_y + pad],
+                                 tickformat=".2%" if pct else None),
+                      legend=dict(orientation="h", y=-0.2),
                       title="Size vs metric: measured policies and the current policy (projected ± band)")
     return fig
 

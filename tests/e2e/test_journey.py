@@ -1,0 +1,100 @@
+"""The user journey in a real browser: open the demo Run, switch a layer to INT4, share, download."""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from conftest import save_screenshot  # tests/e2e/conftest.py
+
+pytestmark = pytest.mark.e2e
+TIMEOUT = 30_000  # ms
+ROW_PX, LAYER_PX, FORMAT_PX = 35, 240, 90  # dashboard/views/layers.py
+
+
+def wait_ready(page) -> None:
+    page.wait_for_selector('[data-testid="stMain"]', timeout=TIMEOUT)
+    page.wait_for_function("() => !document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=TIMEOUT)
+
+
+def size_bytes(page) -> int:
+    text = page.locator('[data-testid="stMetric"]', has_text="Projected size").inner_text(timeout=TIMEOUT)
+    return int(re.search(r"([\d,]+) B", text).group(1).replace(",", ""))
+
+
+def table_formats(page, n_layers: int) -> dict[str, str]:
+    """Layer -> format as the grid shows it (read from the grid's accessible cells)."""
+    page.wait_for_selector('[data-testid="glide-cell-1-0"]', state="attached", timeout=TIMEOUT)
+    out = {}
+    for r in range(n_layers):
+        name = page.get_by_test_id(f"glide-cell-0-{r}").text_content()
+        out[name] = page.get_by_test_id(f"glide-cell-1-{r}").text_content()
+    return out
+
+
+def open_page(page, name: str) -> None:
+    page.locator('[data-testid="stSidebarNav"] a', has_text=name).click()
+    wait_ready(page)
+
+
+def test_toggle_share_and_download(browser, dashboard, digits_run):
+    run = digits_run
+    names = run.layer_names
+    sens = run.sensitivity
+    int4_ok = set(sens[(sens.format == "int4") & (sens.status == "ok")]["layer"])
+    row = next(i for i, n in enumerate(names) if n in int4_ok)
+    layer = names[row]
+    bt = run.bytes_table()
+
+    ctx = browser.new_context(viewport={"width": 1400, "height": 1700}, accept_downloads=True)
+    page = ctx.new_page()
+    page.goto(f"{dashboard}/layers")
+    wait_ready(page)
+    assert table_formats(page, len(names)) == {n: "fp32" for n in names}
+    before = size_bytes(page)
+    assert before == run.meta["model"]["fp32_bytes"]
+
+    # switch one layer to INT4 in the table: double-click its format cell, pick the option
+    box = page.get_by_test_id("stDataFrame").bounding_box()
+    page.mouse.dblclick(box["x"] + LAYER_PX + FORMAT_PX / 2, box["y"] + ROW_PX * (row + 1) + ROW_PX / 2)
+    page.get_by_role("option", name="int4").click(timeout=TIMEOUT)
+    want = before + int(bt.loc[layer, "int4"] - bt.loc[layer, "fp32"])
+    page.wait_for_function(
+        "(want) => [...document.querySelectorAll('[data-testid=\"stMetric\"]')].some("
+        "m => m.innerText.includes(want))", arg=f"{want:,} B", timeout=TIMEOUT)
+    assert size_bytes(page) == want
+    shown = table_formats(page, len(names))
+    assert shown == {n: ("int4" if n == layer else "fp32") for n in names}
+    save_screenshot(page.get_by_test_id("stMain"), "layers")
+
+    # the policy file matches the table
+    open_page(page, "Export & share")
+    with page.expect_download(timeout=TIMEOUT) as dl:
+        page.get_by_role("button", name="Download policy JSON").click()
+    policy = json.loads(open(dl.value.path(), encoding="utf-8").read())
+    assert policy["schema"] == "quantlens.policy/1" and policy["default"] == "fp32"
+    assert policy["model"]["sha256"] == run.model_sha256
+    assert policy["layers"] == shown
+    share = page.locator('[data-testid="stCode"]', has_text="http").inner_text().strip()
+    assert share.startswith(dashboard) and "p=q1." in share
+    save_screenshot(page.get_by_test_id("stMain"), "export")
+
+    # the share URL in a fresh browser context restores the same policy
+    fresh = browser.new_context(viewport={"width": 1400, "height": 1700}).new_page()
+    fresh.goto(share)
+    wait_ready(fresh)
+    assert table_formats(fresh, len(names)) == shown
+    assert size_bytes(fresh) == want
+    fresh.context.close()
+
+    open_page(page, "Overview")
+    page.wait_for_selector(".js-plotly-plot", timeout=TIMEOUT)
+    assert "current policy (projected)" in page.locator(".js-plotly-plot").first.text_content()
+    save_screenshot(page.get_by_test_id("stMain"), "overview")
+
+    open_page(page, "Activations")
+    page.wait_for_selector(".js-plotly-plot", timeout=TIMEOUT)
+    assert "Weight" in page.locator(".js-plotly-plot").first.text_content()
+    save_screenshot(page.get_by_test_id("stMain"), "activations")
+    ctx.close()
