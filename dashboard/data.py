@@ -117,15 +117,21 @@ def sensitivity_figure(path: str, stamp: tuple[float, ...]):
 
     loaded = _load(path, stamp)
     df = loaded.layers
+    names = df["layer"].tolist()
+    # numeric x and plain-list names: Streamlit copies the figure on every render, and object arrays copy slowly
+    x = np.arange(len(df))
     fig = go.Figure()
     colors = {"int8": "#4C78A8", "int4": "#E45756"}
     for fmt in loaded.run.formats:
         col = f"Δloss {fmt}"
         if col in df:
-            fig.add_bar(x=df["layer"], y=df[col], name=fmt.upper(), marker_color=colors.get(fmt))
+            fig.add_bar(x=x, y=df[col].to_numpy(dtype=float), name=fmt.upper(), marker_color=colors.get(fmt),
+                        hovertext=names, hovertemplate="%{hovertext}: %{y:.4g}<extra>" + fmt.upper() + "</extra>")
+    small = len(df) <= 60
     fig.update_layout(barmode="group", height=320, margin=dict(l=10, r=10, t=30, b=10),
                       title="Loss change with only that layer quantized (measured), execution order",
-                      xaxis=dict(showticklabels=len(df) <= 60, title="layer"),
+                      xaxis=dict(title="layer (execution order)", tickmode="array" if small else "auto",
+                                 tickvals=x.tolist() if small else None, ticktext=names if small else None),
                       yaxis=dict(title=f"Δ {loaded.run.meta['metric'].get('loss', 'loss')}"),
                       legend=dict(orientation="h", y=1.12, x=1, xanchor="right"))
     return fig

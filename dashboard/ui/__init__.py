@@ -1,0 +1,1 @@
+"""The dashboard pages, one module each; dashboard/views/ holds the scripts that call them."""

@@ -1,0 +1,109 @@
+"""Activations: a layer's weight and activation histograms with the INT8 / INT4 ranges and grids."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+
+from analysis.formats import get_format
+from dashboard.components import require_run
+from dashboard.data import Loaded
+
+COLORS = {"int8": "#4C78A8", "int4": "#E45756"}
+TENSORS = {"weight": "Weight", "input": "Input activation", "output": "Output activation"}
+
+
+def _grid(fmt: str, tensor: str) -> tuple[int | None, str]:
+    """(levels, what) of the format's grid on this tensor; levels None when the grid is not tensor-wide."""
+    try:
+        spec = get_format(fmt)
+    except KeyError:
+        return None, f"{fmt}: format unknown to this version; range only"
+    if tensor == "weight" and spec.weight is not None:
+        g = spec.weight.granularity
+        if g.kind == "per_tensor":
+            return 2 ** spec.weight.bits - (1 if spec.weight.symmetric else 0), "per-tensor grid"
+        where = f"per group of {g.group_size}" if g.kind == "per_group" else "per output channel"
+        return None, f"{fmt}: one {spec.weight.bits}-bit grid {where}; the tensor-wide range is drawn"
+    if tensor == "input" and spec.activation is not None:
+        return 2 ** spec.activation.bits, f"{fmt}: {spec.activation.bits}-bit per-tensor grid"
+    return None, f"{fmt}: this tensor stays in floating point"
+
+
+def _figure(lo: Loaded, layer: str, tensor: str, log_y: bool) -> tuple[go.Figure | None, list[str]]:
+    """Histogram with each format's clip range as dashed lines and, where it is tensor-wide, its grid as a rug."""
+    h = lo.hist.get((layer, tensor))
+    if h is None:
+        return None, []
+    counts = np.asarray(h["counts"], dtype=float)
+    edges = np.linspace(h["lo"], h["hi"], len(counts) + 1)
+    top = float(counts.max()) if len(counts) and counts.max() > 0 else 1.0
+    y0, y1 = (0.5, top * 2) if log_y else (0.0, top * 1.05)
+    fig = go.Figure()
+    fig.add_bar(x=(edges[:-1] + edges[1:]) / 2, y=counts, width=np.diff(edges), name="FP32 values",
+                marker_color="#9A9A9A", hovertemplate="%{x:.4g}: %{y:,}<extra></extra>")
+    notes, rug = [], False
+    clip = lo.clip.get((layer, tensor))
+    if clip is not None:
+        for r in clip.itertuples(index=False):
+            color = COLORS.get(r.format, "#333")
+            lo_x, hi_x = float(r.clip_lo), float(r.clip_hi)
+            fig.add_scatter(x=[lo_x, lo_x, None, hi_x, hi_x], y=[y0, y1, None, y0, y1], mode="lines",
+                            name=f"{r.format.upper()} clip range", line=dict(color=color, dash="dash", width=2),
+                            hovertemplate=f"{r.format.upper()} clip [{lo_x:.4g}, {hi_x:.4g}]<extra></extra>")
+            levels, what = _grid(str(r.format), tensor)
+            notes.append(what)
+            if levels and math.isfinite(lo_x) and math.isfinite(hi_x) and hi_x > lo_x:
+                rug = True
+                fig.add_scatter(x=np.linspace(lo_x, hi_x, levels), y=np.zeros(levels), yaxis="y2", mode="markers",
+                                name=f"{r.format.upper()} grid ({levels} levels)", hoverinfo="skip",
+                                marker=dict(symbol="line-ns-open", size=10, color=color))
+    fig.update_layout(height=320, margin=dict(l=10, r=10, t=40, b=10), bargap=0,
+                      title=f"{TENSORS.get(tensor, tensor)} — {h['count']:,} values, mean {h['mean']:.4g}, "
+                            f"std {h['std']:.4g}, |max| {h['absmax']:.4g}",
+                      yaxis=dict(type="log" if log_y else "linear", title="count",
+                                 domain=[0.14, 1] if rug else [0, 1]),
+                      yaxis2=dict(domain=[0, 0.08], showticklabels=False, showgrid=False, zeroline=False,
+                                  range=[-1, 1], fixedrange=True),
+                      legend=dict(orientation="h", y=-0.18))
+    return fig, notes
+
+
+
+def render() -> None:
+    """The page body (the script in dashboard/views/ calls it)."""
+    lo = require_run()
+    st.title("Activations")
+    names = lo.projector.names
+    default = int(np.nanargmax(lo.layers["Δloss int4"].to_numpy())) if "Δloss int4" in lo.layers and \
+        np.isfinite(lo.layers["Δloss int4"].to_numpy()).any() else 0
+    c1, c2 = st.columns([4, 1], vertical_alignment="bottom")
+    layer = c1.selectbox("Layer (execution order)", names, index=default, key="ql.act_layer",
+                         help="Defaults to the layer most sensitive at INT4.")
+    log_y = c2.toggle("log counts", value=True, key="ql.act_log")
+    row = lo.layers.iloc[names.index(layer)]
+    st.caption(f"{row['type']} · {int(row['params']):,} parameters · note: {row['note'] or '—'}")
+
+    for tensor in TENSORS:
+        fig, notes = _figure(lo, layer, tensor, log_y)
+        if fig is None:
+            st.caption(f"No {tensor} histogram in this Run for {layer}.")
+            continue
+        st.plotly_chart(fig, width="stretch", key=f"ql.hist_{tensor}")
+        if notes:
+            st.caption(" · ".join(notes))
+
+    clip = lo.run.clipping
+    rows = clip[clip["layer"] == layer]
+    if len(rows):
+        st.subheader("Clipping and SQNR (measured on the calibration data)")
+        st.dataframe(pd.DataFrame({"tensor": rows["tensor"], "format": rows["format"].str.upper(),
+                                   "clip range": [f"[{a:.4g}, {b:.4g}]" for a, b in zip(rows["clip_lo"], rows["clip_hi"])],
+                                   "clipped %": rows["clipped_fraction"] * 100, "SQNR (dB)": rows["sqnr_db"]}),
+                     hide_index=True, column_config={"clipped %": st.column_config.NumberColumn(format="%.3f"),
+                                                     "SQNR (dB)": st.column_config.NumberColumn(format="%.1f")})
+    else:
+        st.caption("This Run holds no clipping measurement for this layer.")

@@ -1,0 +1,84 @@
+"""Export & share: the policy file, a link that restores the policy, loading a policy, open Runs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from analysis.policy import POLICY_FORMATS, PolicyError, from_json, match_policy, policy_from_codes
+from dashboard import state
+from dashboard.components import fmt_band, fmt_mb, fmt_metric, require_run
+from dashboard.data import Loaded, open_run
+
+UPLOAD_SEEN = "ql.upload_seen"
+
+
+def _share_url(lo: Loaded) -> str:
+    base = st.context.url or ""
+    for page in ("/export", "/overview", "/layers", "/activations"):
+        if base.endswith(page):
+            base = base[: -len(page)]
+    return f"{base.rstrip('/')}/layers{state.share_query(lo)}"
+
+
+def _load_policy(lo: Loaded) -> None:
+    up = st.file_uploader("Load a policy file (JSON) to restore a state", type=["json"], key="ql.policy_upload")
+    if up is None or st.session_state.get(UPLOAD_SEEN) == up.file_id:
+        return
+    st.session_state[UPLOAD_SEEN] = up.file_id
+    try:
+        policy = from_json(up.getvalue())
+    except PolicyError as e:
+        st.error(f"{up.name}: not applied — {e}")
+        return
+    m = match_policy(policy, lo.run)
+    state.set_codes(lo, m.codes)
+    if m.clean:
+        st.success(f"{up.name}: applied to all {len(m.codes)} layers.")
+    else:
+        st.warning(f"{up.name}: applied {len(m.applied)} layer setting(s); see below for what did not match.")
+        for msg in m.messages():
+            st.warning(msg)
+
+
+
+def render() -> None:
+    """The page body (the script in dashboard/views/ calls it)."""
+    lo = require_run()
+    st.title("Export & share")
+    _load_policy(lo)
+    codes = state.codes(lo)
+    policy = policy_from_codes(lo.run, codes)
+    proj = lo.projector.project(codes)
+    counts = np.bincount(codes.astype(np.intp), minlength=len(POLICY_FORMATS))
+    band = f" ({fmt_band(proj.band, lo)})"
+    st.markdown(f"**Current policy:** " + ", ".join(f"{POLICY_FORMATS[i].upper()} {int(counts[i])}"
+                                                      for i in range(len(counts)))
+                + f" · projected {lo.run.meta['metric']['name']} {fmt_metric(proj.metric, lo)}{band}"
+                + f" · {fmt_mb(proj.bytes)} ({proj.size_ratio:.2f}× smaller than FP32)")
+
+    st.subheader("Policy file")
+    st.download_button("Download policy JSON", policy.to_json(), file_name=f"policy-{Path(lo.path).name}.json",
+                       mime="application/json", key="ql.download", type="primary")
+    with st.expander("Preview", expanded=False):
+        st.code(policy.to_json(), language="json")
+
+    st.subheader("Share")
+    st.caption("This link restores the exact policy on this Run (one 2-bit code per layer in the query string). "
+               "The address bar already holds it.")
+    st.code(_share_url(lo), language=None)
+
+    st.subheader("Open Runs")
+    rows = []
+    for i, p in enumerate(state.run_dirs()):
+        other = open_run(p)
+        if isinstance(other, Loaded):
+            rows.append({"#": i, "folder": p, "model": other.name, "layers": len(other.projector.names),
+                         "status": other.run.status, "model sha256": other.run.model_sha256[:12] + "…"})
+        else:
+            rows.append({"#": i, "folder": p, "model": "—", "layers": 0, "status": f"cannot open: {other}",
+                         "model sha256": "—"})
+    st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
+    st.caption("Switch Runs in the sidebar; each Run keeps its own policy in this session.")

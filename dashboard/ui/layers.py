@@ -1,0 +1,170 @@
+"""Layers: every layer with its measured sensitivity and a format selector; live projected numbers."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from analysis.policy import FORMAT_CODE, POLICY_FORMATS
+from dashboard import state
+from dashboard.components import headline, require_run
+from dashboard.data import Loaded, sensitivity_figure, stamp_of
+
+SORTS = {
+    "execution order": None,
+    "most sensitive at INT4 (loss change)": ("Δloss int4", False),
+    "most sensitive at INT8 (loss change)": ("Δloss int8", False),
+    "largest (parameters)": ("params", False),
+    "name": ("layer", True),
+}
+FMT_LABELS = np.array(POLICY_FORMATS, dtype=object)
+LAYER_PX, FORMAT_PX, ROW_PX = 240, 90, 35
+TIMING = "ql.fragment_ms"  # last fragment render time on the server, for the benchmark
+
+
+def _view_key(lo: Loaded) -> str:
+    return f"ql.view::{lo.path}"
+
+
+def _build_view(lo: Loaded, codes: np.ndarray, text: str, types: list[str], sort: str) -> pd.DataFrame:
+    base = lo.layers
+    mask = np.ones(len(base), dtype=bool)
+    if text:
+        mask &= base["layer"].str.contains(text, case=False, regex=False).to_numpy()
+    if types:
+        mask &= base["type"].isin(types).to_numpy()
+    view = base[mask]
+    spec = SORTS.get(sort)
+    if spec and spec[0] in view:
+        view = view.sort_values(spec[0], ascending=spec[1], na_position="last", kind="stable")
+    view = view.copy()
+    view.insert(1, "format", FMT_LABELS[codes[view.index.to_numpy()]])
+    return view
+
+
+def _apply_edits(lo: Loaded, codes: np.ndarray) -> bool:
+    """Apply the table's pending format edits to ``codes`` in place; True if anything changed."""
+    edits = (st.session_state.get(state.editor_key(lo.path)) or {}).get("edited_rows") or {}
+    stored = st.session_state.get(_view_key(lo))
+    if not edits or stored is None:
+        return False
+    view = stored[1]
+    changed, rejected = False, []
+    for pos, change in edits.items():
+        fmt = change.get("format") if isinstance(change, dict) else None
+        pos = int(pos)
+        if fmt is None or not 0 <= pos < len(view):
+            continue
+        i = int(view.index[pos])
+        code = FORMAT_CODE.get(fmt)
+        if code is None or not lo.projector.allowed[i, code]:
+            why = lo.projector.reasons.get((i, code), "unknown format") if code is not None else "unknown format"
+            rejected.append(f"{lo.projector.names[i]} cannot be {fmt} ({why}); kept at {POLICY_FORMATS[codes[i]]}.")
+            continue
+        if codes[i] != code:
+            codes[i] = code
+            changed = True
+    if rejected:
+        for msg in rejected:
+            state.notice(msg)
+        state.bump_epoch(lo)
+    return changed
+
+
+def _bulk_actions(lo: Loaded, codes: np.ndarray, shown: np.ndarray) -> np.ndarray | None:
+    """Bulk controls (all rendered on every run, so none loses its state); new codes when one was used."""
+    fmts = ["fp32", *lo.run.formats]
+    new = None
+    with st.expander("Bulk actions", expanded=False):
+        a, b, c = st.columns([3, 2, 2], vertical_alignment="bottom")
+        scopes = ["all layers", "shown layers (filter)", *(f"all {t} layers" for t in lo.types)]
+        scope = a.selectbox("Layers", scopes, key="ql.bulk_scope")
+        fmt = b.selectbox("Format", fmts, key="ql.bulk_fmt", format_func=str.upper)
+        if c.button("Set", key="ql.bulk_set", width="stretch"):
+            if scope == scopes[0]:
+                sel = np.ones(len(codes), dtype=bool)
+            elif scope == scopes[1]:
+                sel = np.zeros(len(codes), dtype=bool)
+                sel[shown] = True
+            else:
+                sel = (lo.layers["type"] == scope[len("all "):-len(" layers")]).to_numpy()
+            new = codes.copy()
+            new[sel] = FORMAT_CODE[fmt]
+        a, b, c = st.columns([3, 2, 2], vertical_alignment="bottom")
+        n = a.number_input("Keep the N most sensitive layers at FP32", 0, len(codes), min(3, len(codes)),
+                           key="ql.bulk_n")
+        rest = b.selectbox("…and the rest at", lo.run.formats, key="ql.bulk_rest", format_func=str.upper)
+        if c.button("Apply", key="ql.bulk_topn", width="stretch"):
+            f = FORMAT_CODE[rest]
+            # rank by the measured loss change at the target format; unavailable layers stay FP32 anyway
+            delta = np.where(lo.projector.allowed[:, f], lo.projector.loss_delta[:, f], -np.inf)
+            new = np.full(len(codes), f, dtype=np.int8)
+            new[np.argsort(-delta, kind="stable")[: int(n)]] = 0
+        if st.button("Reset all to FP32", key="ql.bulk_reset"):
+            new = np.zeros(len(codes), dtype=np.int8)
+    return new
+
+
+@st.fragment
+def policy_editor() -> None:
+    t0 = time.perf_counter()
+    lo = state.active()
+    if not isinstance(lo, Loaded):
+        return
+    codes = state.codes(lo)
+    changed = _apply_edits(lo, codes)
+    top = st.container()
+    f1, f2, f3 = st.columns([3, 3, 3])
+    text = f1.text_input("Filter by name", key="ql.filter_text", placeholder="e.g. fc, conv, blocks.3")
+    types = f2.multiselect("Layer types", lo.types, key="ql.filter_types")
+    sort = f3.selectbox("Sort", list(SORTS), key="ql.sort")
+    stored = st.session_state.get(_view_key(lo))
+    shown = stored[1].index.to_numpy() if stored is not None else np.arange(len(codes))
+    new = _bulk_actions(lo, codes, shown)
+    if new is not None:
+        for msg in state.set_codes(lo, new, update_url=False):
+            state.notice(msg)
+        codes, changed = state.codes(lo), True
+    sig = (st.session_state.get(state.epoch_key(lo.path), 0), text, tuple(types), sort)
+    if stored is None or stored[0] != sig:
+        if stored is not None and stored[0][0] == sig[0]:
+            state.bump_epoch(lo)  # a new filter or sort: rebuild the table under a fresh editor key
+            sig = (sig[0] + 1, *sig[1:])
+        st.session_state[_view_key(lo)] = (sig, _build_view(lo, codes, text, list(types), sort))
+    view = st.session_state[_view_key(lo)][1]
+    if changed:
+        state.sync_url(lo)
+    with top:
+        state.show_notices()
+        headline(lo, lo.projector.project(codes), codes)
+    # fixed widths for the pinned columns: the format cell sits at a known place in the grid
+    cfg = {"layer": st.column_config.TextColumn("layer", width=LAYER_PX, pinned=True),
+           "format": st.column_config.SelectboxColumn("format", options=["fp32", *lo.run.formats], required=True,
+                                                      help="FP32, INT8 or INT4 for this layer", width=FORMAT_PX,
+                                                      pinned=True),
+           "params": st.column_config.NumberColumn("params", format="localized"),
+           "MACs": st.column_config.NumberColumn("MACs", format="compact", help="multiply-accumulates per sample"),
+           "note": st.column_config.TextColumn("note", width="large")}
+    for col in view.columns:
+        if col.startswith(("Δmetric", "Δloss")):
+            cfg[col] = st.column_config.NumberColumn(col, format="%.4f", help="measured: only this layer quantized")
+        elif col.startswith(("SQNR", "KB", "ms ")):
+            cfg[col] = st.column_config.NumberColumn(col, format="%.1f")
+    st.caption(f"{len(view)} of {len(codes)} layers shown. Change a layer's **format** cell; the numbers above "
+               "follow. Δ columns are measured with only that layer quantized.")
+    st.data_editor(view, key=state.editor_key(lo.path), hide_index=True, column_config=cfg, row_height=ROW_PX,
+                   height=min(420, ROW_PX * (len(view) + 1) + 3),
+                   disabled=[c for c in view.columns if c != "format"], width="stretch")
+    st.session_state[TIMING] = (time.perf_counter() - t0) * 1e3
+
+
+
+def render() -> None:
+    """The page body (the script in dashboard/views/ calls it)."""
+    lo = require_run()
+    st.title("Layers")
+    policy_editor()
+    st.plotly_chart(sensitivity_figure(lo.path, stamp_of(lo.path)), width="stretch")
+    st.caption("Layers that do not reach the output have zero change by construction; the table's note says so.")

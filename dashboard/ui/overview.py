@@ -1,0 +1,117 @@
+"""Overview: provenance, the measured baseline and uniform formats, and where the current policy lands."""
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+
+from dashboard import state
+from dashboard.components import fmt_mb, fmt_metric, headline, require_run
+from dashboard.data import MB, Loaded
+
+
+def _provenance(lo: Loaded) -> None:
+    meta = lo.run.meta
+    model, data, metric = meta.get("model", {}), meta.get("data", {}), meta.get("metric", {})
+    a, b = st.columns(2)
+    with a:
+        st.markdown("**Model**")
+        st.table(pd.DataFrame({"": ["name", "kind", "source", "sha256", "parameters", "FP32 size",
+                                    "outside quantizable layers"],
+                               "value": [str(model.get("name")), str(model.get("kind")), str(model.get("source")),
+                                         str(model.get("sha256")), f"{int(model.get('params', 0)):,}",
+                                         fmt_mb(float(model.get("fp32_bytes", 0))),
+                                         fmt_mb(float(model.get("other_bytes", 0)))]}).set_index(""))
+    with b:
+        st.markdown("**Data and metric**")
+        direction = "higher is better" if metric.get("higher_is_better") else "lower is better"
+        st.table(pd.DataFrame({"": ["task", "source", "sha256", "calibration samples", "evaluation samples",
+                                    "metric", "loss"],
+                               "value": [str(data.get("task")), str(data.get("source")), str(data.get("sha256")),
+                                         str(data.get("n_calib")), str(data.get("n_eval")),
+                                         f"{metric.get('name')} ({direction})", str(metric.get("loss"))]}
+                              ).set_index(""))
+    sweep = meta.get("sweep", {})
+    st.caption(f"Run created {meta.get('created', '?')} · sweep: {sweep.get('jobs', '?')} jobs, "
+               f"{sweep.get('path', '?')}, {float(sweep.get('seconds', 0) or 0):.1f} s · observer "
+               f"{meta.get('observer', '?')} · seed {meta.get('seed', '?')}")
+
+
+def _measured_table(lo: Loaded) -> pd.DataFrame:
+    meta = lo.run.meta
+    base = float(meta["baseline"]["metric"])
+    pol = lo.run.policies
+    rows = []
+    for r in pol.itertuples(index=False):
+        if not math.isfinite(r.metric):
+            continue
+        rows.append({"policy": r.name, "kind": r.kind, meta["metric"]["name"]: fmt_metric(r.metric, lo),
+                     "vs FP32": fmt_metric(r.metric - base, lo, signed=True), "loss": round(float(r.loss), 4),
+                     "size": fmt_mb(float(r.bytes)), "× smaller": round(lo.projector.fp32_bytes / float(r.bytes), 2),
+                     "latency": f"{r.latency_ms:.2f} ms" if math.isfinite(r.latency_ms) else "not measured",
+                     "measured on": r.measured_on})
+    return pd.DataFrame(rows)
+
+
+def _scatter(lo: Loaded, p) -> go.Figure:
+    pol = lo.run.policies
+    pol = pol[pol["metric"].notna()]
+    fig = go.Figure()
+    fig.add_scatter(x=pol["bytes"] / MB, y=pol["metric"], mode="markers+text", text=pol["name"],
+                    textposition="top center", name="measured", marker=dict(size=11, color="#4C78A8"),
+                    cliponaxis=False, hovertemplate="%{text}<br>%{x:.3f} MB<br>%{y:.4f}<extra>measured</extra>")
+    err = dict(type="data", array=[p.band], visible=True, thickness=2, width=8) if p.band is not None else None
+    fig.add_scatter(x=[p.bytes / MB], y=[p.metric], mode="markers", name="current policy (projected)",
+                    error_y=err, marker=dict(size=14, symbol="diamond", color="#E45756"),
+                    hovertemplate="current policy<br>%{x:.3f} MB<br>%{y:.4f}<extra>projected</extra>")
+    ys = [*pol["metric"].astype(float), p.metric]
+    band = p.band or 0.0
+    lo_y, hi_y = min(ys) - band, max(ys) + band
+    pad = max((hi_y - lo_y) * 0.15, abs(hi_y) * 0.005, 1e-6)  # a flat set of points still gets a visible axis
+    pct = lo.run.meta["metric"].get("name") in ("accuracy", "agreement")
+    fig.update_layout(height=400, margin=dict(l=10, r=10, t=40, b=10), xaxis_title="size (MB)",
+                      yaxis=dict(title=lo.run.meta["metric"]["name"], range=[lo_y - pad, hi_y + pad],
+                                 tickformat=".2%" if pct else None),
+                      legend=dict(orientation="h", y=-0.2),
+                      title="Size vs metric: measured policies and the current policy (projected ± band)")
+    return fig
+
+
+
+def render() -> None:
+    """The page body (the script in dashboard/views/ calls it)."""
+    lo = require_run()
+    st.title(f"Overview — {lo.name}")
+    _provenance(lo)
+
+    st.subheader("Measured: FP32 baseline and uniform formats")
+    table = _measured_table(lo)
+    st.dataframe(table, hide_index=True, width="stretch")
+    for fmt, u in (lo.run.meta.get("uniform") or {}).items():
+        skipped = u.get("skipped_layers") or []
+        if skipped:
+            st.caption(f"Uniform {fmt.upper()} kept {len(skipped)} layer(s) at FP32 that cannot take it: "
+                       + ", ".join(skipped[:10]) + (" …" if len(skipped) > 10 else ""))
+
+    st.subheader("Current policy (projected)")
+    codes = state.codes(lo)
+    proj = lo.projector.project(codes)
+    headline(lo, proj, codes)
+    st.plotly_chart(_scatter(lo, proj), width="stretch")
+
+    with st.expander("How the projection is computed and how far off it was", expanded=False):
+        st.markdown(
+            "**Projection v1.** Loss = baseline loss + the sum of the measured single-layer loss changes of the "
+            "quantized layers. The metric comes from that loss through a monotone (isotonic) map fitted through "
+            f"{len(lo.projector.pts_loss)} measured (loss, metric) points: the baseline, every single-layer job and "
+            "every measured whole-model policy. Size is exact (bytes per layer and format). "
+            f"**Band:** {lo.projector.band_method}.")
+        val = lo.projector.validations
+        if val:
+            st.dataframe(pd.DataFrame([{"policy": v.name, "measured": fmt_metric(v.measured_metric, lo),
+                                        "projected": fmt_metric(v.projected_metric, lo),
+                                        "error": fmt_metric(v.error, lo, signed=True),
+                                        "own point held out": "yes" if v.held_out else "no"} for v in val]),
+                         hide_index=True)
