@@ -1,16 +1,24 @@
 """``analyze``: from a model and a task to a Run folder.
 
+The Run is created (as ``partial``) as soon as the inputs are checked and the static
+tables (layers, histograms, clipping, cost) are known; each finished chunk of jobs is
+persisted at once and the sensitivity table refreshed, so a Run opened mid-sweep shows
+what is done, and ``resume=True`` after any interruption finishes without recomputing.
+
 Example:
     >>> from analysis import analyze
     >>> run = analyze("demo:digits", "digits", "runs/digits")
-    >>> run.sensitivity.sort_values("loss_delta").tail(3)
+    >>> run.sensitivity.sort_values("kl").tail(3)
 """
 from __future__ import annotations
 
 import json
 import math
+import os
 import platform
+import shutil
 import sys
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -19,11 +27,15 @@ import pandas as pd
 import torch
 
 from analysis.cost import cost_table, policy_bytes
+from analysis.executors import EXECUTORS, WorkerSpec, chunked, run_chunks
 from analysis.formats import FP32, get_format, with_group_size, with_observer
+from analysis.jobstore import JobStore
 from analysis.models.loading import load_model
-from analysis.run import Run, RunError, write_run
-from analysis.primitives import sqnr_db
+from analysis.models.torch_model import TorchModel
+from analysis.run import RunError, load_run, replace_table, update_meta, write_run
 from analysis.stats import calibrate, statistics_tables, weight_sqnr
+from analysis.sweep import SweepRunner, job_key, plan_jobs
+from analysis.tables import finite_or_none, layers_table, policies_table, sensitivity_table
 from analysis.tasks import load_task
 
 VERSION = "0.1.0"
@@ -35,22 +47,19 @@ class AnalysisError(ValueError):
 
 def cpu_info() -> dict:
     """CPU model and the instruction-set flags that decide integer-kernel speed."""
-    info = {"machine": platform.machine(), "model": platform.processor() or "", "logical_cpus": torch.get_num_threads()}
+    info = {"machine": platform.machine(), "model": "", "logical_cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "isa": []}
     try:
-        text = Path("/proc/cpuinfo").read_text()
-        for line in text.splitlines():
-            if line.startswith("model name") and not info["model"].strip(" x86_64"):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and not info["model"]:
                 info["model"] = line.split(":", 1)[1].strip()
             if line.startswith("flags"):
                 flags = set(line.split(":", 1)[1].split())
-                info["isa"] = sorted(flags & {"avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8", "f16c"})
+                info["isa"] = sorted(flags & {"avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni",
+                                              "avx_vnni", "amx_int8"})
                 break
-        import os
-
-        info["logical_cpus"] = os.cpu_count()
     except OSError:
-        pass
-    info["torch_threads"] = torch.get_num_threads()
+        info["model"] = platform.processor()
     return info
 
 
@@ -63,41 +72,17 @@ def versions() -> dict:
             "onnxruntime": onnxruntime.__version__}
 
 
-def _finite(x: float) -> float | None:
-    return float(x) if x is not None and math.isfinite(x) else None
-
-
 def _check_out(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise AnalysisError(f"--out {out}: exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise AnalysisError(f"--out {out}: exists and is not empty (choose another folder or pass --overwrite)")
+        raise AnalysisError(f"--out {out}: exists and is not empty (choose another folder, pass --overwrite, "
+                            f"or --resume to finish an interrupted Run)")
 
 
-def analyze(model: str, task: str = "digits", out: str | Path = "runs/run", *, formats=("int8", "int4"),
-            calib: int | None = None, seed: int = 0, observer: str = "minmax", group_size: int | None = None,
-            metric: str | None = None, weights: str | None = None, incremental: bool = True,
-            overwrite: bool = False, threads: int | None = None, progress: bool = True) -> Run:
-    """Measure every quantizable layer of ``model`` under each format on ``task``; write a Run.
-
-    Args:
-        model: ``demo:digits`` or ``package.module:factory``.
-        task: a bundled task name (``digits``) or an ``.npz`` with ``inputs`` [and ``labels``].
-        out: the Run folder to create (must be absent or empty unless ``overwrite``).
-        formats: registered format names to sweep (fp32 is always the reference).
-        calib: number of calibration samples; observer: minmax | percentile | mse.
-        incremental: recompute only downstream of each perturbed layer when the model traces.
-
-    Returns:
-        The Run as written (same as ``load_run(out)``).
-    """
-    out = Path(out)
-    _check_out(out, overwrite)
-    if threads:
-        torch.set_num_threads(threads)
-    torch.manual_seed(seed)
+def _formats(formats, observer: str, group_size: int | None):
     if isinstance(formats, str):
-        formats = [f for f in formats.split(",") if f]
+        formats = [f for f in formats.split(",") if f.strip()]
     fmts = []
     for name in formats:
         try:
@@ -110,9 +95,60 @@ def analyze(model: str, task: str = "digits", out: str | Path = "runs/run", *, f
         fmts.append(with_group_size(fmt, group_size) if group_size else fmt)
     if not fmts:
         raise AnalysisError("--formats: name at least one quantized format")
+    return fmts
+
+
+def _resume_check(out: Path, context_key: str) -> None:
+    try:
+        previous = load_run(out)
+    except RunError as e:
+        raise AnalysisError(f"--resume: {e}") from None
+    if previous.meta.get("sweep", {}).get("context_key") != context_key:
+        raise AnalysisError(f"--resume: {out}/run.json was made with another model, data or settings "
+                            f"(field 'sweep.context_key' differs); start a new Run instead")
+
+
+def analyze(model: str, task: str = "digits", out: str | Path = "runs/run", *, formats=("int8", "int4"),
+            calib: int | None = None, seed: int = 0, observer: str = "minmax", group_size: int | None = None,
+            metric: str | None = None, weights: str | None = None, incremental: bool = True,
+            overwrite: bool = False, threads: int | None = None, progress: bool = True,
+            executor: str = "serial", workers: int = 2, ray_address: str | None = None,
+            resume: bool = False, chunk_size: int = 8) -> "Run":
+    """Measure every quantizable layer of ``model`` under each format on ``task``; write a Run.
+
+    Args:
+        model: ``demo:digits``, ``package.module:factory`` or an ``.onnx`` file.
+        task: a bundled task name (``digits``) or an ``.npz`` with ``inputs`` [and ``labels``].
+        out: the Run folder to create (must be absent or empty unless ``overwrite`` or ``resume``).
+        formats: registered format names to sweep (fp32 is always the reference).
+        calib: number of calibration samples; observer: minmax | percentile | mse.
+        incremental: recompute only downstream of each perturbed layer when the model traces.
+        executor: serial | process | ray; workers: processes or Ray actors (each loads the model once).
+        resume: finish an interrupted Run at ``out`` without recomputing finished jobs.
+
+    Returns:
+        The Run as written (same as ``load_run(out)``).
+    """
+    out = Path(out)
+    if executor not in EXECUTORS:
+        raise AnalysisError(f"--executor: unknown executor '{executor}'; known: {', '.join(EXECUTORS)}")
+    if workers < 1:
+        raise AnalysisError(f"--workers {workers}: must be at least 1")
+    if resume:
+        if not (out / "run.json").is_file():
+            raise AnalysisError(f"--resume: {out} holds no Run to resume")
+    else:
+        _check_out(out, overwrite)
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    fmts = _formats(formats, observer, group_size)
     t = load_task(task, metric=metric, calib=calib, seed=seed)
     example = torch.from_numpy(t.eval_inputs[:2])
     tm = load_model(model, example, weights=weights, source_hint=t.source)
+    for f in fmts:
+        if hasattr(tm, "formats"):
+            tm.formats[f.name] = f
     with torch.no_grad():
         y = tm.run(example)
     m = t.resolve_metric(tuple(y.shape))
@@ -121,84 +157,140 @@ def analyze(model: str, task: str = "digits", out: str | Path = "runs/run", *, f
     stats = tm.activation_stats(t.calib_batches)
     calibrate(tm, stats, fmts)
     skip = {(l.name, f.name): r for l in layers for f in fmts if (r := tm.skip_reason(l.name, f))}
-    jobs = [(l.name, f.name) for l in layers for f in fmts if (l.name, f.name) not in skip]
-    uniform = {f.name: {l.name: f.name for l in layers if (l.name, f.name) not in skip} for f in fmts}
+    layer_jobs = [(l.name, f.name) for l in layers for f in fmts if (l.name, f.name) not in skip]
+    policies = {f"all-{f.name}": {l.name: f.name for l in layers if (l.name, f.name) not in skip} for f in fmts}
+    kinds = {name: "uniform" for name in policies}
+    context = {"model": tm.sha256, "data": t.sha256, "formats": [f.to_dict() for f in fmts], "metric": m.name,
+               "n_calib": len(t.calib_inputs), "batch_size": t.batch_size, "incremental": incremental}
+    context_key = job_key(context)
+    jobs = plan_jobs(context, layer_jobs, policies)
+    if resume:
+        _resume_check(out, context_key)
 
-    n_batches = math.ceil(len(t.eval_inputs) / t.batch_size)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=n_batches * (len(jobs) + len(uniform)), desc="sweep", unit="job", file=sys.stderr, leave=False)
-    try:
-        res = tm.sweep(t, m.name, jobs, {f"uniform:{k}": v for k, v in uniform.items()},
-                       incremental=incremental, progress=bar.update if bar else None)
-    finally:
-        if bar:
-            bar.close()
-
-    base = res.baseline.result()
-    sens_rows = []
-    for l in layers:
-        for f in fmts:
-            row = {"layer": l.name, "format": f.name}
-            if (l.name, f.name) in skip:
-                row.update(status="skipped", reason=skip[(l.name, f.name)], metric=np.nan, metric_delta=np.nan,
-                           loss=np.nan, loss_delta=np.nan, kl=np.nan, output_sqnr_db=np.nan, weight_sqnr_db=np.nan)
-            else:
-                jr = res.jobs[(l.name, f.name)]
-                r = jr.state.result()
-                W = tm.weight(l.name)
-                row.update(status="ok", reason="", metric=r["metric"], metric_delta=r["metric"] - base["metric"],
-                           loss=r["loss"], loss_delta=r["loss"] - base["loss"], kl=r["kl"],
-                           output_sqnr_db=sqnr_db(jr.signal, jr.noise),
-                           weight_sqnr_db=weight_sqnr(W, tm.fake_weight(l.name, f)) if f.weight else math.inf)
-            sens_rows.append(row)
-    sensitivity = pd.DataFrame(sens_rows)
-    layers_df = pd.DataFrame([{"name": l.name, "type": l.type, "order": l.order, "weight_shape": l.weight_shape_str,
-                               "params": l.params, "macs": l.macs, "in_features": l.in_features,
-                               "out_features": l.out_features, "reaches_output": res.reaches_output[l.name]}
-                              for l in layers])
+    t0 = time.perf_counter()
+    probe = layer_jobs[len(layer_jobs) // 2] if layer_jobs else None
+    runner = SweepRunner(tm, t, m.name, incremental=incremental, probe=probe) if isinstance(tm, TorchModel) else None
+    if runner is None and executor != "serial":
+        raise AnalysisError(f"--executor {executor}: only torch models run in parallel workers; use serial")
+    wsqnr = {(l.name, f.name): weight_sqnr(tm.weight(l.name), tm.fake_weight(l.name, f)) if f.weight else math.inf
+             for l in layers for f in fmts if (l.name, f.name) not in skip}
     histograms, clipping = statistics_tables(tm, stats, fmts)
     cost = cost_table(layers, [FP32, *fmts], skip)
     other = tm.other_bytes()
     fp32_bytes = policy_bytes(cost, {}, other)
-    pol_rows = [{"name": "fp32", "kind": "baseline", "layers_json": "{}", "metric": base["metric"], "loss": base["loss"],
-                 "bytes": fp32_bytes, "latency_ms": np.nan, "measured_on": f"torch, {len(t.eval_inputs)} eval samples",
-                 "projected_metric": np.nan, "projected_band": np.nan}]
-    uniform_meta = {}
-    for f in fmts:
-        r = res.policies[f"uniform:{f.name}"].result()
-        b = policy_bytes(cost, uniform[f.name], other)
-        pol_rows.append({"name": f"all-{f.name}", "kind": "uniform", "layers_json": json.dumps(uniform[f.name], sort_keys=True),
-                         "metric": r["metric"], "loss": r["loss"], "bytes": b, "latency_ms": np.nan,
-                         "measured_on": f"torch fake-quant, {len(t.eval_inputs)} eval samples",
-                         "projected_metric": np.nan, "projected_band": np.nan})
-        uniform_meta[f.name] = {"metric": r["metric"], "loss": r["loss"], "kl": _finite(r["kl"]), "bytes": b,
-                                "skipped_layers": sorted(l for (l, fn) in skip if fn == f.name)}
-    policies = pd.DataFrame(pol_rows)
+    measured_on = f"{tm.kind} fake-quant, {len(t.eval_inputs)} eval samples"
+
+    store = JobStore(out / "jobs")
+    done: dict[str, dict] = {}
+    legacy = None
+    if runner is not None:
+        baseline, reaches, path, path_reason = runner.baseline(), runner.reaches_output(), runner.path, runner.path_reason
+    else:  # backends without chunked jobs measure everything in one call
+        legacy = tm.sweep(t, m.name, layer_jobs, policies, incremental=incremental)
+        baseline, reaches, path, path_reason = legacy.baseline.result(), legacy.reaches_output, legacy.path, legacy.path_reason
+        for j in jobs:
+            if j.is_layer:
+                r = legacy.jobs[(j.layer, j.format)]
+                done[j.key] = {**j.to_dict(), "result": r.state.result(), "signal": r.signal, "noise": r.noise}
+            else:
+                done[j.key] = {**j.to_dict(), "result": legacy.policies[j.policy_name].result()}
+
     meta = {
-        "status": "complete",
+        "status": "partial",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": {"name": tm.name, "kind": tm.kind, "source": tm.source, "sha256": tm.sha256, "params": tm.params(),
-                  "fp32_bytes": fp32_bytes, "other_bytes": other, "n_layers": len(layers)},
-        "data": {"task": t.name, "source": t.source, "sha256": t.sha256, "n_calib": int(len(t.calib_inputs)),
+                  "fp32_bytes": fp32_bytes, "other_bytes": other, "n_layers": len(layers),
+                  "weights": str(weights) if weights else None},
+        "data": {"task": t.name, "spec": task, "source": t.source, "sha256": t.sha256, "n_calib": int(len(t.calib_inputs)),
                  "n_eval": int(len(t.eval_inputs)), "input_shape": list(t.eval_inputs.shape[1:]),
-                 "labels": t.eval_labels is not None},
+                 "labels": t.eval_labels is not None, "calib_arg": calib, "metric_arg": metric},
         "metric": {"name": m.name, "higher_is_better": m.higher_is_better, "loss": m.loss, "description": m.description},
         "formats": [f.name for f in fmts],
         "format_specs": {f.name: f.to_dict() for f in [FP32, *fmts]},
         "observer": observer,
-        "baseline": {"metric": base["metric"], "loss": base["loss"], "bytes": fp32_bytes},
-        "uniform": uniform_meta,
-        "sweep": {"path": res.path, "path_reason": res.path_reason, "jobs": len(jobs), "skipped": len(skip),
-                  "batches": res.batches, "seconds": round(res.seconds, 3), "incremental_requested": incremental},
+        "baseline": {"metric": baseline["metric"], "loss": baseline["loss"], "bytes": fp32_bytes},
+        "uniform": {},
+        "sweep": {"path": path, "path_reason": path_reason, "jobs": len(jobs), "skipped": len(skip),
+                  "executor": executor, "workers": workers if executor != "serial" else 1, "chunk_size": chunk_size,
+                  "incremental_requested": incremental, "context_key": context_key},
+        "progress": {"done": 0, "total": len(jobs)},
         "versions": versions(),
         "seed": seed,
         "cpu": cpu_info(),
     }
+
+    def tables() -> dict[str, pd.DataFrame]:
+        by_layer = {(r["layer"], r["format"]): r for r in done.values() if r.get("layer") is not None}
+        by_policy = {r["policy_name"]: r for r in done.values() if r.get("layer") is None}
+        return {"layers": layers_table(layers, reaches),
+                "sensitivity": sensitivity_table(layers, [f.name for f in fmts], skip, by_layer, baseline, wsqnr),
+                "histograms": histograms, "clipping": clipping, "cost": cost,
+                "policies": policies_table(baseline, by_policy, policies, cost, other, measured_on, kinds)}
+
+    created_here = not resume
     try:
-        return write_run(out, meta, {"layers": layers_df, "sensitivity": sensitivity, "histograms": histograms,
-                                     "clipping": clipping, "cost": cost, "policies": policies}, overwrite=overwrite)
-    except RunError as e:
-        raise AnalysisError(str(e)) from None
+        if resume:
+            store.clean_temporaries()
+            done.update(store.load({j.key for j in jobs}))
+            run = load_run(out)
+        else:
+            run = write_run(out, meta, tables(), overwrite=overwrite)
+        run.meta.update({k: v for k, v in meta.items() if k not in ("created",)})
+
+        def refresh() -> None:
+            t_ = tables()
+            for name in ("sensitivity", "policies"):
+                replace_table(run, name, t_[name])
+            update_meta(run, progress={"done": len(done), "total": len(jobs)})
+
+        todo = [j for j in jobs if j.key not in done]
+        if runner is not None and todo:
+            n_batches = math.ceil(len(t.eval_inputs) / t.batch_size)
+            bar = None
+            if progress:
+                from tqdm import tqdm
+
+                bar = tqdm(total=len(jobs) * n_batches, initial=(len(jobs) - len(todo)) * n_batches, desc="sweep",
+                           unit="job-batch", file=sys.stderr, leave=False)
+
+            def on_records(records: list[dict]) -> None:
+                for r in records:
+                    store.save(r)
+                    done[r["key"]] = r
+                if bar is not None and executor != "serial":
+                    bar.update(len(records) * n_batches)
+                refresh()
+
+            spec = lambda: WorkerSpec(  # noqa: E731 - built only for pool executors
+                model=model, weights=weights, task=task, task_metric=metric, calib=calib, seed=seed, metric_name=m.name,
+                model_sha256=tm.sha256, formats=[f.to_dict() for f in fmts],
+                act_quant=[(l, f, float(a.scale), int(a.zero), a.qmin, a.qmax) for (l, f), a in tm.act_quant.items()],
+                incremental=incremental, probe=probe, threads=threads or 1)
+            size = chunk_size if executor == "serial" else max(1, min(chunk_size, math.ceil(len(todo) / (workers * 3))))
+            try:
+                run_chunks(executor, runner, spec, chunked(todo, size), on_records, workers=workers,
+                           ray_address=ray_address, progress=bar.update if bar is not None and executor == "serial" else None)
+            finally:
+                if bar is not None:
+                    bar.close()
+        final = tables()
+        uniform_meta = {}
+        pol = final["policies"].set_index("name")
+        for f in fmts:
+            row = pol.loc[f"all-{f.name}"]
+            rec = done[next(j.key for j in jobs if j.policy_name == f"all-{f.name}")]["result"]
+            uniform_meta[f.name] = {"metric": float(row["metric"]), "loss": float(row["loss"]),
+                                    "kl": finite_or_none(rec.get("kl")), "bytes": int(row["bytes"]),
+                                    "skipped_layers": sorted(l for (l, fn) in skip if fn == f.name)}
+        sweep_meta = {**meta["sweep"], "seconds": round(time.perf_counter() - t0, 3), "resumed": resume}
+        for name in ("sensitivity", "policies"):
+            replace_table(run, name, final[name])
+        update_meta(run, status="complete", uniform=uniform_meta, sweep=sweep_meta,
+                    progress={"done": len(done), "total": len(jobs)})
+    except KeyboardInterrupt:
+        raise
+    except ValueError:
+        if created_here and not done:
+            shutil.rmtree(out, ignore_errors=True)  # bad input found mid-way: leave nothing half-written
+        raise
+    return load_run(out)

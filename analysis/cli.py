@@ -35,6 +35,12 @@ def _add_analyze(sub) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: fastest for small models)")
     p.add_argument("--no-incremental", action="store_true", help="full forward per job (no downstream-only reuse)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing Run at --out")
+    p.add_argument("--resume", action="store_true", help="finish an interrupted Run at --out; finished jobs are kept")
+    p.add_argument("--executor", choices=("serial", "process", "ray"), default="serial",
+                   help="where jobs run: this process, a local process pool, or Ray (default serial)")
+    p.add_argument("--workers", type=int, default=2, help="processes or Ray actors for --executor process|ray (default 2)")
+    p.add_argument("--ray-address", default=None, help="Ray cluster address (default: start a local cluster)")
+    p.add_argument("--chunk-size", type=int, default=8, help="jobs per unit of work and of persistence (default 8)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -51,7 +57,8 @@ def _cmd_analyze(args) -> int:
     run = analyze(args.model, task, args.out, formats=args.formats, calib=args.calib, seed=args.seed,
                   observer=args.observer, group_size=args.group_size, metric=args.metric, weights=args.weights,
                   incremental=not args.no_incremental, overwrite=args.overwrite, threads=args.threads,
-                  progress=not args.quiet)
+                  progress=not args.quiet, executor=args.executor, workers=args.workers,
+                  ray_address=args.ray_address, resume=args.resume, chunk_size=args.chunk_size)
     print(summary(run))
     print(f"wrote {run.path}")
     return 0
@@ -142,8 +149,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command][1](args)
     except KeyboardInterrupt:
-        print("quantlens: interrupted", file=sys.stderr)
+        hint = " (finished jobs are saved: rerun with --resume)" if args.command == "analyze" else ""
+        print(f"quantlens {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
+    except RuntimeError as e:
+        from analysis.executors import ExecutorError
+
+        if not isinstance(e, ExecutorError):
+            raise
+        print(f"quantlens {args.command}: error: {e}", file=sys.stderr)
+        return 1
     except (ValueError, KeyError, FileNotFoundError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"quantlens {args.command}: error: {msg}", file=sys.stderr)

@@ -100,6 +100,20 @@ class QuantFormat:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "QuantFormat":
+        """Inverse of ``to_dict`` (formats travel to worker processes as plain data)."""
+        w = d.get("weight")
+        a = d.get("activation")
+        weight = None
+        if w is not None:
+            g = dict(w["granularity"])
+            kind = g.pop("kind")
+            gran = {"per_tensor": PerTensor, "per_channel": PerChannel, "per_group": PerGroup}[kind](**g)
+            weight = WeightSpec(w["bits"], w["symmetric"], gran)
+        act = ActivationSpec(**a) if a is not None else None
+        return cls(d["name"], d["description"], weight, act)
+
 
 _REGISTRY: dict[str, QuantFormat] = {}
 

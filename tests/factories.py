@@ -85,3 +85,41 @@ class Embedder(nn.Module):
 
 def embedder() -> nn.Module:
     return Embedder()
+
+
+class ResidualMLP(nn.Module):
+    """A deeper residual stack: enough jobs for a sweep that lasts a few seconds."""
+
+    def __init__(self, width: int = 256, blocks: int = 12) -> None:
+        super().__init__()
+        torch.manual_seed(2)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, width))
+                                    for _ in range(blocks))
+        self.head = nn.Linear(width, 10)
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = x + b(x)
+        return self.head(x)
+
+
+def residual_mlp() -> nn.Module:
+    return ResidualMLP()
+
+
+class CrashOnce(TinyMLP):
+    """Kills the worker process it runs in, once (a flag file marks it done); the main process is spared."""
+
+    def forward(self, x):
+        import os
+
+        flag = os.environ.get("QUANTLENS_TEST_CRASH_FLAG")
+        main_pid = os.environ.get("QUANTLENS_TEST_MAIN_PID")
+        if flag and main_pid and os.getpid() != int(main_pid) and not os.path.exists(flag):
+            open(flag, "w").close()
+            os._exit(3)
+        return super().forward(x)
+
+
+def crash_once() -> nn.Module:
+    return CrashOnce()

@@ -72,6 +72,7 @@ class TorchModel:
         self.sha256 = state_sha256(module)
         self.modules = dict(module.named_modules())
         self.act_quant: dict[tuple[str, str], ActQuant] = {}
+        self.formats: dict[str, QuantFormat] = {}  # this analysis' formats (observer/group overrides)
         self._weight_cache: dict[tuple[str, str], torch.Tensor] = {}
         self._layers = self._discover(example)
         if not self._layers:
@@ -111,6 +112,10 @@ class TorchModel:
             if info.name == name:
                 return info
         raise KeyError(f"unknown layer '{name}'")
+
+    def format(self, name: str) -> QuantFormat:
+        """The format this model uses under ``name``: an override set by the analysis, else the registry's."""
+        return self.formats.get(name) or get_format(name)
 
     def skip_reason(self, name: str, fmt: QuantFormat) -> str | None:
         """Why a layer cannot take a format (recorded in the Run), or None."""
@@ -166,7 +171,7 @@ class TorchModel:
         saved, hooks = [], []
         try:
             for name, fmt_name in policy.items():
-                fmt = get_format(fmt_name)
+                fmt = self.format(fmt_name)
                 if fmt.is_float or self.skip_reason(name, fmt):
                     continue
                 mod = self.modules[name]

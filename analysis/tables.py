@@ -1,0 +1,64 @@
+"""Build a Run's tables from the engine's measurements (plain records in, DataFrames out)."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+
+from analysis.cost import policy_bytes
+from analysis.models.base import LayerInfo
+from analysis.primitives import sqnr_db
+
+SENS_NUMBERS = ("metric", "metric_delta", "loss", "loss_delta", "kl", "output_sqnr_db", "weight_sqnr_db")
+
+
+def layers_table(layers: list[LayerInfo], reaches: dict[str, bool]) -> pd.DataFrame:
+    return pd.DataFrame([{"name": l.name, "type": l.type, "order": l.order, "weight_shape": l.weight_shape_str,
+                          "params": l.params, "macs": l.macs, "in_features": l.in_features,
+                          "out_features": l.out_features, "reaches_output": bool(reaches[l.name])} for l in layers])
+
+
+def sensitivity_table(layers: list[LayerInfo], formats: list[str], skip: dict[tuple[str, str], str],
+                      records: dict[tuple[str, str], dict], baseline: dict, weight_sqnr: dict[tuple[str, str], float]) -> pd.DataFrame:
+    """One row per layer x format, in execution order. Jobs not finished yet are ``pending``."""
+    rows = []
+    for l in layers:
+        for f in formats:
+            row = {"layer": l.name, "format": f, **{k: np.nan for k in SENS_NUMBERS}}
+            if (l.name, f) in skip:
+                row.update(status="skipped", reason=skip[(l.name, f)])
+            elif (l.name, f) not in records:
+                row.update(status="pending", reason="not measured yet")
+            else:
+                rec = records[(l.name, f)]
+                r = rec["result"]
+                row.update(status="ok", reason="", metric=r["metric"], metric_delta=r["metric"] - baseline["metric"],
+                           loss=r["loss"], loss_delta=r["loss"] - baseline["loss"], kl=r["kl"],
+                           output_sqnr_db=sqnr_db(rec["signal"], rec["noise"]), weight_sqnr_db=weight_sqnr[(l.name, f)])
+                row.update({k: v for k, v in r.items() if k not in ("metric", "loss", "kl")})  # extra metrics
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def policies_table(baseline: dict, policy_records: dict[str, dict], policies: dict[str, dict[str, str]],
+                   cost: pd.DataFrame, other_bytes: int, measured_on: str, kinds: dict[str, str]) -> pd.DataFrame:
+    """The baseline plus every measured whole-model policy (uniform formats, random mixes)."""
+    fp32 = policy_bytes(cost, {}, other_bytes)
+    rows = [{"name": "fp32", "kind": "baseline", "layers_json": "{}", "metric": baseline["metric"],
+             "loss": baseline["loss"], "bytes": fp32, "latency_ms": np.nan, "measured_on": measured_on,
+             "projected_metric": np.nan, "projected_band": np.nan}]
+    for name, pol in policies.items():
+        rec = policy_records.get(name)
+        if rec is None:
+            continue
+        r = rec["result"]
+        rows.append({"name": name, "kind": kinds.get(name, "uniform"), "layers_json": json.dumps(pol, sort_keys=True),
+                     "metric": r["metric"], "loss": r["loss"], "bytes": policy_bytes(cost, pol, other_bytes),
+                     "latency_ms": np.nan, "measured_on": measured_on, "projected_metric": np.nan, "projected_band": np.nan})
+    return pd.DataFrame(rows)
+
+
+def finite_or_none(x) -> float | None:
+    return float(x) if x is not None and math.isfinite(x) else None
