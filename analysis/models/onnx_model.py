@@ -1,0 +1,287 @@
+"""ONNX backend: any ``.onnx`` model analysed in onnxruntime.
+
+One "probe" graph serves every policy without rebuilding a session: each layer's weight
+becomes a graph input (fed either the FP32 weight or its fake-quantized copy), and each
+layer's input passes through ``QuantizeLinear -> DequantizeLinear`` with a calibrated
+scale and zero point, selected by a per-layer switch (``Where``). That is how the
+runtime quantizes an activation, so the sweep sees the rounding and clipping it will
+see. Layer inputs and outputs are also graph outputs, for statistics and output SQNR.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from onnx import TensorProto, helper
+
+from analysis.formats import QuantFormat, get_format
+from analysis.models.base import LayerInfo, ModelError
+from analysis.models.onnx_graph import (InputBinding, OnnxLayer, bind_input, downstream_tensors, find_layers,
+                                        initializer_array, load_onnx, shared_weights)
+from analysis.models.torch_model import ActQuant
+from analysis.primitives import fake_quantize_weight, group_size_error
+
+PROBE = "quantlens"
+FULL_FORWARD = "onnxruntime full-forward"
+
+
+def session_options(threads: int = 1, level=ort.GraphOptimizationLevel.ORT_ENABLE_BASIC) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = level
+    so.log_severity_level = 3  # no warnings about unused initializers on stderr
+    return so
+
+
+def probe_graph(model: onnx.ModelProto, layers: list[OnnxLayer]) -> tuple[onnx.ModelProto, dict[str, dict[str, str]]]:
+    """The probe model and, per layer, the names of its feeds (weight, switch, scale, zero)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    g = m.graph
+    feeds: dict[str, dict[str, str]] = {}
+    by_index = {l.index: (i, l) for i, l in enumerate(layers)}
+    nodes, used_weights = [], set()
+    for j, node in enumerate(g.node):
+        if j in by_index:
+            i, l = by_index[j]
+            f = {k: f"{PROBE}/{k}/{i}" for k in ("w", "on", "scale", "zero")}
+            qa, dqa, xa = f"{PROBE}/q/{i}", f"{PROBE}/dq/{i}", f"{PROBE}/x/{i}"
+            nodes += [helper.make_node("QuantizeLinear", [l.input, f["scale"], f["zero"]], [qa], name=f"{PROBE}/Q/{i}"),
+                      helper.make_node("DequantizeLinear", [qa, f["scale"], f["zero"]], [dqa], name=f"{PROBE}/DQ/{i}"),
+                      helper.make_node("Where", [f["on"], dqa, l.input], [xa], name=f"{PROBE}/Where/{i}")]
+            node.input[0], node.input[1] = xa, f["w"]
+            feeds[l.name] = f
+            w = initializer_array(model, l.weight)
+            g.input.extend([helper.make_tensor_value_info(f["w"], TensorProto.FLOAT, list(w.shape)),
+                            helper.make_tensor_value_info(f["on"], TensorProto.BOOL, []),
+                            helper.make_tensor_value_info(f["scale"], TensorProto.FLOAT, []),
+                            helper.make_tensor_value_info(f["zero"], TensorProto.UINT8, [])])
+        nodes.append(node)
+        used_weights.update(node.input)
+    del g.node[:]
+    g.node.extend(nodes)
+    fed = {l.weight for l in layers} - used_weights  # weights now fed as inputs
+    keep = [t for t in g.initializer if t.name not in fed]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    have = {o.name for o in g.output}
+    for l in layers:
+        for t in (l.input, l.output):
+            if t not in have:
+                g.output.append(helper.make_empty_tensor_value_info(t))
+                g.output[-1].type.tensor_type.elem_type = TensorProto.FLOAT
+                have.add(t)
+    return m, feeds
+
+
+class OnnxModel:
+    """An ONNX model in onnxruntime plus what the engine knows about its layers."""
+
+    kind = "onnx"
+
+    def __init__(self, model: onnx.ModelProto, binding: InputBinding, example: np.ndarray, *, name: str,
+                 source: str, sha256: str, notes: list[str] | None = None, threads: int = 1) -> None:
+        self.model = model
+        self.binding = binding
+        self.name, self.source, self.sha256 = name, source, sha256
+        self.notes = list(notes or [])
+        self.act_quant: dict[tuple[str, str], ActQuant] = {}
+        self._olayers = find_layers(model)
+        if not self._olayers:
+            raise ModelError(f"{source}: no quantizable layers (Conv, Gemm or MatMul with a constant weight)")
+        self.by_name = {l.name: l for l in self._olayers}
+        self.shared = shared_weights(self._olayers)
+        if self.shared:
+            self.notes.append("weights shared between layers: " + "; ".join(
+                f"{w} by {', '.join(n)}" for w, n in self.shared.items()))
+        self.output_name = model.graph.output[0].name
+        probe, self.feeds = probe_graph(model, self._olayers)
+        try:
+            self.session = ort.InferenceSession(probe.SerializeToString(), session_options(threads),
+                                                providers=["CPUExecutionProvider"])
+        except Exception as e:
+            raise ModelError(f"{source}: onnxruntime cannot load the model ({str(e).splitlines()[0][:200]})") from None
+        self._weights = {l.name: initializer_array(model, l.weight).astype(np.float32) for l in self._olayers}
+        self._fake: dict[tuple[str, str], np.ndarray] = {}
+        self._base_feed = {}
+        for l in self._olayers:
+            f = self.feeds[l.name]
+            self._base_feed.update({f["w"]: self._weights[l.name], f["on"]: np.array(False),
+                                    f["scale"]: np.array(1.0, np.float32), f["zero"]: np.array(0, np.uint8)})
+        self._layers = self._discover(example)
+
+    # ---- running -------------------------------------------------------------------------------
+    def _feed(self, policy: dict[str, str] | None) -> dict[str, np.ndarray]:
+        feed = dict(self._base_feed)
+        for name, fmt_name in (policy or {}).items():
+            fmt = get_format(fmt_name)
+            if fmt.is_float or self.skip_reason(name, fmt):
+                continue
+            f = self.feeds[name]
+            if fmt.weight is not None:
+                feed[f["w"]] = self._fake_stored(name, fmt)
+            if fmt.activation is not None:
+                aq = self.act_quant[(name, fmt.name)]
+                feed[f["on"]] = np.array(True)
+                feed[f["scale"]] = np.array(float(aq.scale), np.float32)
+                feed[f["zero"]] = np.array(int(aq.zero), np.uint8)
+        return feed
+
+    def run_outputs(self, x, names: list[str], policy: dict[str, str] | None = None) -> list[np.ndarray]:
+        """The named tensors for a batch (any size: fixed-batch models are fed in chunks)."""
+        x = x.numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+        feed = self._feed(policy)
+        parts: list[list[np.ndarray]] = [[] for _ in names]
+        for chunk, n in self.binding.chunks(x):
+            feed[self.binding.name] = chunk
+            for acc, y in zip(parts, self.session.run(names, feed)):
+                acc.append(y[:n] if self.binding.batch is not None else y)
+        return [np.concatenate(p) if len(p) > 1 else p[0] for p in parts]
+
+    def run(self, batch, policy: dict[str, str] | None = None) -> torch.Tensor:
+        y = self.run_outputs(batch, [self.output_name], policy)[0]
+        return torch.from_numpy(np.ascontiguousarray(y)).float()
+
+    # ---- layers --------------------------------------------------------------------------------
+    def _discover(self, example: np.ndarray) -> list[LayerInfo]:
+        names = [self.output_name] + [l.output for l in self._olayers]
+        try:
+            outs = self.run_outputs(example[:2], names)
+        except Exception as e:
+            raise ModelError(f"{self.source}: onnxruntime rejects the task's inputs of shape {tuple(example.shape[1:])} "
+                             f"({str(e).splitlines()[0][:200]})") from None
+        n = len(example[:2])
+        infos = []
+        for order, (l, y) in enumerate(zip(self._olayers, outs[1:])):
+            W = self.weight(l.name)
+            bias = initializer_array(self.model, l.bias).size if l.bias else 0
+            k = int(np.prod(W.shape[1:]))
+            per_sample = y.size // n if y.ndim > 1 else y.size
+            infos.append(LayerInfo(name=l.name, type=l.op, order=order, weight_shape=tuple(W.shape), has_bias=bool(l.bias),
+                                   params=W.numel() + bias, macs=int(per_sample * k), in_features=k,
+                                   out_features=int(W.shape[0])))
+        return infos
+
+    def layers(self) -> list[LayerInfo]:
+        return list(self._layers)
+
+    def layer(self, name: str) -> LayerInfo:
+        for info in self._layers:
+            if info.name == name:
+                return info
+        raise KeyError(f"unknown layer '{name}'")
+
+    def skip_reason(self, name: str, fmt: QuantFormat) -> str | None:
+        if fmt.weight is None:
+            return None
+        return group_size_error(self.layer(name).weight_shape, fmt.weight)
+
+    def weight(self, name: str) -> torch.Tensor:
+        """The layer's FP32 weight in (out, in, *kernel) layout."""
+        w = self._weights[name]
+        return torch.from_numpy(np.ascontiguousarray(w.T if self.by_name[name].transposed else w))
+
+    def fake_weight(self, name: str, fmt: QuantFormat) -> torch.Tensor:
+        return torch.from_numpy(self._fake_engine(name, fmt))
+
+    def _fake_engine(self, name: str, fmt: QuantFormat) -> np.ndarray:
+        key = (name, fmt.name)
+        if key not in self._fake:
+            self._fake[key] = fake_quantize_weight(self.weight(name), fmt.weight).float().numpy()
+        return self._fake[key]
+
+    def _fake_stored(self, name: str, fmt: QuantFormat) -> np.ndarray:
+        w = self._fake_engine(name, fmt)
+        return np.ascontiguousarray(w.T) if self.by_name[name].transposed else w
+
+    def other_bytes(self) -> int:
+        """Bytes of initializers outside the layers' weights and biases (shared ones counted once)."""
+        layer_tensors = {l.weight for l in self._olayers} | {l.bias for l in self._olayers if l.bias}
+        total = 0
+        for t in self.model.graph.initializer:
+            if t.name not in layer_tensors:
+                total += int(np.prod(t.dims)) * np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+        return total
+
+    def params(self) -> int:
+        return int(sum(int(np.prod(t.dims)) for t in self.model.graph.initializer
+                       if t.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16)))
+
+    def reaches_output(self) -> dict[str, bool]:
+        return {l.name: self.output_name in downstream_tensors(self.model, l.output) for l in self._olayers}
+
+    # ---- engine hooks --------------------------------------------------------------------------
+    def activation_stats(self, calib_batches):
+        """Streamed input/output ranges, then 2048-bin histograms, of every layer (two passes)."""
+        from analysis.primitives import HIST_BINS, RangeObserver, StreamingHistogram
+        from analysis.stats import ActivationStats
+
+        keys = [(l.name, t, getattr(l, "input" if t == "input" else "output")) for l in self._olayers
+                for t in ("input", "output")]
+        names = sorted({k[2] for k in keys})
+        ranges = {(n, t): RangeObserver() for n, t, _ in keys}
+        for x in calib_batches():
+            vals = dict(zip(names, self.run_outputs(x, names)))
+            for n, t, tensor in keys:
+                ranges[(n, t)].update(torch.from_numpy(vals[tensor]))
+        hists = {k: StreamingHistogram(r.lo, r.hi, HIST_BINS) for k, r in ranges.items()}
+        for x in calib_batches():
+            vals = dict(zip(names, self.run_outputs(x, names)))
+            for n, t, tensor in keys:
+                hists[(n, t)].update(torch.from_numpy(vals[tensor]))
+        return ActivationStats(ranges, hists)
+
+    def sweep(self, task, metric_name, jobs, policies, *, incremental=True, progress=None):
+        """Single-layer jobs and whole-model policies, each a full forward in onnxruntime."""
+        from analysis.sweep import JobResult, SweepError, SweepResult
+        from analysis.tasks import MetricState
+
+        reason = "onnxruntime runs whole graphs: every job is a full forward"
+        outputs = [self.output_name] + [l.output for l in self._olayers]
+        index = {l.name: i + 1 for i, l in enumerate(self._olayers)}
+        baseline = MetricState(metric_name)
+        results = {job: JobResult(MetricState(metric_name)) for job in jobs}
+        pol_states = {name: MetricState(metric_name) for name in policies}
+        t0, n_batches = time.perf_counter(), 0
+        for x, labels in task.eval_batches():
+            n_batches += 1
+            ref = self.run_outputs(x, outputs)
+            y_ref = torch.from_numpy(ref[0]).float()
+            if not torch.isfinite(y_ref).all():
+                raise SweepError("the FP32 model produced NaN or Inf on the evaluation data")
+            baseline.update(y_ref, y_ref, labels)
+            for layer, fmt in jobs:
+                y, out = self.run_outputs(x, [self.output_name, self.by_name[layer].output], {layer: fmt})
+                r = results[(layer, fmt)]
+                r.state.update(torch.from_numpy(y).float(), y_ref, labels)
+                r_out = ref[index[layer]].astype(np.float64)
+                r.signal += float((r_out ** 2).sum())
+                r.noise += float(((out.astype(np.float64) - r_out) ** 2).sum())
+                if progress:
+                    progress(1)
+            for name, policy in policies.items():
+                y = self.run_outputs(x, [self.output_name], policy)[0]
+                pol_states[name].update(torch.from_numpy(y).float(), y_ref, labels)
+                if progress:
+                    progress(1)
+        return SweepResult(FULL_FORWARD, reason, baseline, results, pol_states, self.reaches_output(),
+                           seconds=time.perf_counter() - t0, batches=n_batches)
+
+
+def load_onnx_model(path: str | Path, example: torch.Tensor, *, source_hint: str = "") -> OnnxModel:
+    """The ONNX adapter for a file, checked to accept ``example`` (a batch of task inputs).
+
+    Raises:
+        ModelError: unreadable file, missing external data, unsupported opset, an input the
+            task's data does not bind, or no quantizable layer. The message names the file.
+    """
+    path = Path(path)
+    model, sha, notes = load_onnx(path)
+    ex = example.numpy() if isinstance(example, torch.Tensor) else np.asarray(example)
+    binding = bind_input(model, tuple(ex.shape[1:]), f"{path} with {source_hint or 'the task'}")
+    return OnnxModel(model, binding, ex, name=path.stem, source=str(path), sha256=sha, notes=notes)
