@@ -9,6 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from analysis.cli_runtime import register as register_runtime_verbs
 from analysis.formats import OBSERVERS
 
 DEFAULT_DEMO_RUN = Path("runs") / "digits"
@@ -21,7 +22,7 @@ class UsageError(ValueError):
 def _add_analyze(sub) -> None:
     p = sub.add_parser("analyze", help="measure per-layer INT8/INT4 sensitivity and write a Run",
                        description="Quantize each layer in turn, measure the task metric, and write a Run folder.")
-    p.add_argument("model", help="demo:digits, or package.module:factory returning a torch.nn.Module")
+    p.add_argument("model", help="demo:digits, a .onnx file, or package.module:factory returning a torch.nn.Module")
     p.add_argument("--task", default=None, help="bundled task (digits) or an .npz with 'inputs' [and 'labels']; "
                                                 "default: the demo's own task")
     p.add_argument("--out", required=True, help="Run folder to create (absent or empty)")
@@ -131,6 +132,7 @@ def _cmd_dashboard(args) -> int:
 
 COMMANDS = {"analyze": (_add_analyze, _cmd_analyze), "demo": (_add_demo, _cmd_demo),
             "dashboard": (_add_dashboard, _cmd_dashboard)}
+register_runtime_verbs(COMMANDS)  # apply, verify (analysis/cli_runtime.py)
 
 
 def build_parser() -> argparse.ArgumentParser:
