@@ -98,6 +98,27 @@ def _formats(formats, observer: str, group_size: int | None):
     return fmts
 
 
+def random_mixed_policies(layers, fmts, skip: dict, k: int, seed: int, exclude=()) -> list[dict[str, str]]:
+    """Up to ``k`` distinct policies (none in ``exclude``) drawing each layer's format uniformly from
+    fp32 and the formats it can take; small models may have fewer distinct mixes than ``k``."""
+    rng = np.random.default_rng([seed, 7919])
+    out, seen = [], set(exclude)
+    for _ in range(k * 20):
+        if len(out) == k:
+            break
+        pol = {}
+        for l in layers:
+            options = ["fp32"] + [f.name for f in fmts if (l.name, f.name) not in skip]
+            choice = options[int(rng.integers(len(options)))]
+            if choice != "fp32":
+                pol[l.name] = choice
+        key = tuple(sorted(pol.items()))
+        if key not in seen and 0 < len(pol):
+            seen.add(key)
+            out.append(pol)
+    return out
+
+
 def _resume_check(out: Path, context_key: str) -> None:
     try:
         previous = load_run(out)
@@ -113,7 +134,7 @@ def analyze(model: str, task: str = "digits", out: str | Path = "runs/run", *, f
             metric: str | None = None, weights: str | None = None, incremental: bool = True,
             overwrite: bool = False, threads: int | None = None, progress: bool = True,
             executor: str = "serial", workers: int = 2, ray_address: str | None = None,
-            resume: bool = False, chunk_size: int = 8) -> "Run":
+            resume: bool = False, chunk_size: int = 8, random_policies: int = 8) -> "Run":
     """Measure every quantizable layer of ``model`` under each format on ``task``; write a Run.
 
     Args:
@@ -125,6 +146,7 @@ def analyze(model: str, task: str = "digits", out: str | Path = "runs/run", *, f
         incremental: recompute only downstream of each perturbed layer when the model traces.
         executor: serial | process | ray; workers: processes or Ray actors (each loads the model once).
         resume: finish an interrupted Run at ``out`` without recomputing finished jobs.
+        random_policies: K random mixed policies measured whole, to calibrate and validate projections.
 
     Returns:
         The Run as written (same as ``load_run(out)``).
@@ -160,8 +182,13 @@ def analyze(model: str, task: str = "digits", out: str | Path = "runs/run", *, f
     layer_jobs = [(l.name, f.name) for l in layers for f in fmts if (l.name, f.name) not in skip]
     policies = {f"all-{f.name}": {l.name: f.name for l in layers if (l.name, f.name) not in skip} for f in fmts}
     kinds = {name: "uniform" for name in policies}
+    uniform_keys = [tuple(sorted(p.items())) for p in policies.values()]
+    for i, pol in enumerate(random_mixed_policies(layers, fmts, skip, random_policies, seed, uniform_keys), start=1):
+        policies[f"random-{i}"] = pol
+        kinds[f"random-{i}"] = "random"
     context = {"model": tm.sha256, "data": t.sha256, "formats": [f.to_dict() for f in fmts], "metric": m.name,
-               "n_calib": len(t.calib_inputs), "batch_size": t.batch_size, "incremental": incremental}
+               "n_calib": len(t.calib_inputs), "batch_size": t.batch_size, "incremental": incremental,
+               "random_policies": random_policies, "seed": seed}
     context_key = job_key(context)
     jobs = plan_jobs(context, layer_jobs, policies)
     if resume:
@@ -220,8 +247,8 @@ def analyze(model: str, task: str = "digits", out: str | Path = "runs/run", *, f
     }
 
     def tables() -> dict[str, pd.DataFrame]:
-        by_layer = {(r["layer"], r["format"]): r for r in done.values() if r.get("layer") is not None}
-        by_policy = {r["policy_name"]: r for r in done.values() if r.get("layer") is None}
+        by_layer = {(j.layer, j.format): done[j.key] for j in jobs if j.is_layer and j.key in done}
+        by_policy = {j.policy_name: done[j.key] for j in jobs if not j.is_layer and j.key in done}
         return {"layers": layers_table(layers, reaches),
                 "sensitivity": sensitivity_table(layers, [f.name for f in fmts], skip, by_layer, baseline, wsqnr),
                 "histograms": histograms, "clipping": clipping, "cost": cost,

@@ -40,6 +40,8 @@ class Projection:
     size_ratio: float  # fp32 bytes / projected bytes
     latency_ms: float | None
     extrapolated: bool  # projected loss beyond the largest measured loss
+    nearest: str = ""  # calibrated projections: the closest measured whole-model policy
+    distance: float = 0.0  # share of layers whose format differs from that policy
 
 
 @dataclass(frozen=True)
@@ -175,6 +177,43 @@ class Projector:
         self.pts_loss, self.pts_metric = np.array(pts_loss), np.array(pts_metric)
         self.map = LossToMetric(self.pts_loss, self.pts_metric, self.higher_is_better)
         self.validations, self.band, self.band_method = self._validate()
+        # projection v2 where the sweep measured random mixed policies (see analysis.calibration)
+        self.calibration = self._calibrated(run, index)
+        self.penalty = self.loss_delta
+        if self.calibration is not None:
+            self.penalty = self.calibration.penalty
+            self.validations, self.band = self.calibration.validations, self.calibration.band
+            self.band_method = self.calibration.method()
+
+    def _calibrated(self, run: Run, index: dict[str, int]):
+        from analysis.calibration import MIN_POLICIES, Calibration, penalty_array
+
+        pol = run.policies
+        if "random" not in set(pol["kind"]):
+            return None
+        sens = run.sensitivity
+        ok = sens[(sens["status"] == "ok") & sens["format"].isin(POLICY_FORMATS)]
+        use_kl = "kl" in pol.columns and bool(np.isfinite(ok["kl"]).all()) and len(ok) > 0
+        measured = []
+        for r in pol.itertuples(index=False):
+            if r.kind == "baseline" or not np.isfinite(r.metric):
+                continue
+            pen = float(getattr(r, "kl", np.nan)) if use_kl else max(float(r.loss) - self.base_loss, 0.0)
+            codes = self._codes_of(r.layers_json, index)
+            if codes is not None and np.isfinite(pen):
+                measured.append((str(r.name), codes, float(r.metric), pen))
+        if len(measured) < MIN_POLICIES:
+            return None
+        penalty = penalty_array(ok, index, len(POLICY_FORMATS), FORMAT_CODE, use_kl)
+        single_pen = ok["kl"].to_numpy(float) if use_kl else np.clip(ok["loss_delta"].to_numpy(float), 0, None)
+        return Calibration(penalty, self.base_metric, single_pen, ok["metric"].to_numpy(float), measured,
+                           self.higher_is_better, "kl" if use_kl else "loss")
+
+    def metric_of_penalty(self, penalty_sum: float) -> float:
+        """Projected metric for a summed per-layer ``penalty`` (monotone: more penalty never helps)."""
+        if self.calibration is not None:
+            return self.calibration.map(penalty_sum)
+        return self.map(self.base_loss + penalty_sum)
 
     @staticmethod
     def _codes_of(layers_json: str, index: dict[str, int]) -> np.ndarray | None:
@@ -228,6 +267,14 @@ class Projector:
         codes = np.asarray(codes, dtype=np.intp)
         loss = self.loss(codes)
         size = self.size(codes)
+        if self.calibration is not None:
+            cal = self.calibration
+            total = cal.sum(codes)
+            nearest, distance = cal.nearest(codes)
+            return Projection(metric=cal.map(total), band=self.band, loss=loss, bytes=size,
+                              size_ratio=self.fp32_bytes / size if size else math.inf,
+                              latency_ms=self.latency_ms(codes), extrapolated=cal.map.a * total > cal.map.max_penalty + 1e-15,
+                              nearest=nearest, distance=distance)
         return Projection(metric=self.map(loss), band=self.band, loss=loss, bytes=size,
                           size_ratio=self.fp32_bytes / size if size else math.inf,
                           latency_ms=self.latency_ms(codes), extrapolated=loss > self.map.max_loss + 1e-12)

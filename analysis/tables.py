@@ -48,7 +48,7 @@ def policies_table(baseline: dict, policy_records: dict[str, dict], policies: di
     fp32 = policy_bytes(cost, {}, other_bytes)
     rows = [{"name": "fp32", "kind": "baseline", "layers_json": "{}", "metric": baseline["metric"],
              "loss": baseline["loss"], "bytes": fp32, "latency_ms": np.nan, "measured_on": measured_on,
-             "projected_metric": np.nan, "projected_band": np.nan}]
+             "projected_metric": np.nan, "projected_band": np.nan, "kl": 0.0}]
     for name, pol in policies.items():
         rec = policy_records.get(name)
         if rec is None:
@@ -56,7 +56,8 @@ def policies_table(baseline: dict, policy_records: dict[str, dict], policies: di
         r = rec["result"]
         rows.append({"name": name, "kind": kinds.get(name, "uniform"), "layers_json": json.dumps(pol, sort_keys=True),
                      "metric": r["metric"], "loss": r["loss"], "bytes": policy_bytes(cost, pol, other_bytes),
-                     "latency_ms": np.nan, "measured_on": measured_on, "projected_metric": np.nan, "projected_band": np.nan})
+                     "latency_ms": np.nan, "measured_on": measured_on, "projected_metric": np.nan, "projected_band": np.nan,
+                     "kl": r.get("kl", np.nan)})
     return pd.DataFrame(rows)
 
 
