@@ -59,9 +59,10 @@ def _scatter(lo: Loaded, p) -> go.Figure:
     pol = lo.run.policies
     pol = pol[pol["metric"].notna()]
     fig = go.Figure()
-    fig.add_scatter(x=pol["bytes"] / MB, y=pol["metric"], mode="markers+text", text=pol["name"],
+    labels = [n if k in ("baseline", "uniform") else "" for n, k in zip(pol["name"], pol["kind"])]
+    fig.add_scatter(x=pol["bytes"] / MB, y=pol["metric"], mode="markers+text", text=labels, hovertext=pol["name"],
                     textposition="top center", name="measured", marker=dict(size=11, color="#4C78A8"),
-                    cliponaxis=False, hovertemplate="%{text}<br>%{x:.3f} MB<br>%{y:.4f}<extra>measured</extra>")
+                    cliponaxis=False, hovertemplate="%{hovertext}<br>%{x:.3f} MB<br>%{y:.4f}<extra>measured</extra>")
     err = dict(type="data", array=[p.band], visible=True, thickness=2, width=8) if p.band is not None else None
     fig.add_scatter(x=[p.bytes / MB], y=[p.metric], mode="markers", name="current policy (projected)",
                     error_y=err, marker=dict(size=14, symbol="diamond", color="#E45756"),
@@ -86,7 +87,7 @@ def render() -> None:
     st.title(f"Overview — {lo.name}")
     _provenance(lo)
 
-    st.subheader("Measured: FP32 baseline and uniform formats")
+    st.subheader("Measured whole-model policies: the FP32 baseline, uniform formats and others")
     table = _measured_table(lo)
     st.dataframe(table, hide_index=True, width="stretch")
     for fmt, u in (lo.run.meta.get("uniform") or {}).items():

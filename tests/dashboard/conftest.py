@@ -3,16 +3,11 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
-from streamlit.testing.v1 import AppTest
+from apptest_support import make_app
 
 from analysis.synthetic import synthetic_run
-
-APP = str(Path(__file__).resolve().parents[2] / "dashboard" / "app.py")
-PAGES = {"overview": "views/overview.py", "layers": "views/layers.py", "activations": "views/activations.py",
-         "export": "views/export.py"}
 
 
 @pytest.fixture(scope="session")
@@ -44,18 +39,6 @@ def bad_dirs(tmp_path, syn_dir) -> dict[str, str]:
     shutil.copytree(syn_dir, corrupt)
     (corrupt / "sensitivity.parquet").write_bytes(b"PAR1 this is not parquet")
     return {"not_run": str(not_run), "schema": str(schema), "corrupt": str(corrupt)}
-
-
-def make_app(run_dirs: list[str], page: str = "overview", query: dict | None = None) -> AppTest:
-    """An AppTest on ``page`` with ``run_dirs`` open; already run once."""
-    at = AppTest.from_file(APP, default_timeout=60)
-    at.session_state["ql.run_dirs"] = [str(Path(d).resolve()) for d in run_dirs]
-    for k, v in (query or {}).items():
-        at.query_params[k] = v
-    at.run()
-    if page != "overview":
-        at.switch_page(PAGES[page]).run()
-    return at
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import pytest
 
 from analysis.policy import Policy, uniform
 from analysis.run import load_run
-from conftest import PAGES
+from apptest_support import PAGES
 
 
 def messages(at) -> str:

@@ -8,7 +8,7 @@ import pytest
 
 from analysis.policy import encode_codes
 from analysis.run import load_run
-from conftest import PAGES, make_app
+from apptest_support import PAGES, make_app
 
 
 def size_bytes(at) -> int:

@@ -1,9 +1,7 @@
 """A real dashboard server on a free port and Debian's Chromium driven by Playwright."""
 from __future__ import annotations
 
-import os
 import shutil
-from pathlib import Path
 
 import pytest
 
@@ -12,9 +10,6 @@ from dashboard.serve import start_server
 CHROMIUM = shutil.which("chromium")
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--no-first-run", "--disable-sync"]
-ROOT = Path(__file__).resolve().parents[2]
-ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
-SCREENSHOTS = ROOT / "docs" / "screenshots"
 
 
 def pytest_collection_modifyitems(items):
@@ -47,14 +42,3 @@ def dashboard(digits_run):
         proc.wait(timeout=15)
     except Exception:
         proc.kill()
-
-
-def save_screenshot(locator, name: str) -> Path:
-    """tests/e2e/artifacts/<name>.png, copied to docs/screenshots when QUANTLENS_SAVE_SCREENSHOTS=1."""
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    path = ARTIFACTS / f"{name}.png"
-    locator.screenshot(path=str(path))
-    if os.environ.get("QUANTLENS_SAVE_SCREENSHOTS") == "1":
-        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-        shutil.copy(path, SCREENSHOTS / path.name)
-    return path

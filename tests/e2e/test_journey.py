@@ -5,8 +5,9 @@ import json
 import re
 
 import pytest
+from playwright.sync_api import expect
 
-from conftest import save_screenshot  # tests/e2e/conftest.py
+from browser_support import save_screenshot
 
 pytestmark = pytest.mark.e2e
 TIMEOUT = 30_000  # ms
@@ -14,8 +15,10 @@ ROW_PX, LAYER_PX, FORMAT_PX = 35, 240, 90  # dashboard/views/layers.py
 
 
 def wait_ready(page) -> None:
+    """The page is drawn, the script has finished, and it raised nothing."""
     page.wait_for_selector('[data-testid="stMain"]', timeout=TIMEOUT)
     page.wait_for_function("() => !document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=TIMEOUT)
+    assert page.locator('[data-testid="stException"]').count() == 0, page.locator("body").inner_text()
 
 
 def size_bytes(page) -> int:
@@ -33,8 +36,9 @@ def table_formats(page, n_layers: int) -> dict[str, str]:
     return out
 
 
-def open_page(page, name: str) -> None:
+def open_page(page, name: str, heading: str) -> None:
     page.locator('[data-testid="stSidebarNav"] a', has_text=name).click()
+    expect(page.get_by_role("heading", name=heading, level=1)).to_be_visible(timeout=TIMEOUT)
     wait_ready(page)
 
 
@@ -47,9 +51,10 @@ def test_toggle_share_and_download(browser, dashboard, digits_run):
     layer = names[row]
     bt = run.bytes_table()
 
-    ctx = browser.new_context(viewport={"width": 1400, "height": 1700}, accept_downloads=True)
+    ctx = browser.new_context(viewport={"width": 1400, "height": 2400}, accept_downloads=True)
     page = ctx.new_page()
     page.goto(f"{dashboard}/layers")
+    expect(page.get_by_role("heading", name="Layers", level=1)).to_be_visible(timeout=TIMEOUT)
     wait_ready(page)
     assert table_formats(page, len(names)) == {n: "fp32" for n in names}
     before = size_bytes(page)
@@ -66,35 +71,36 @@ def test_toggle_share_and_download(browser, dashboard, digits_run):
     assert size_bytes(page) == want
     shown = table_formats(page, len(names))
     assert shown == {n: ("int4" if n == layer else "fp32") for n in names}
-    save_screenshot(page.get_by_test_id("stMain"), "layers")
+    save_screenshot(page.get_by_test_id("stMainBlockContainer"), "layers")
 
     # the policy file matches the table
-    open_page(page, "Export & share")
+    open_page(page, "Export & share", "Export & share")
     with page.expect_download(timeout=TIMEOUT) as dl:
         page.get_by_role("button", name="Download policy JSON").click()
     policy = json.loads(open(dl.value.path(), encoding="utf-8").read())
     assert policy["schema"] == "quantlens.policy/1" and policy["default"] == "fp32"
     assert policy["model"]["sha256"] == run.model_sha256
     assert policy["layers"] == shown
-    share = page.locator('[data-testid="stCode"]', has_text="http").inner_text().strip()
+    code = page.locator('[data-testid="stCode"]', has_text="http")
+    expect(code).to_contain_text("p=q1.", timeout=TIMEOUT)
+    share = code.inner_text().strip()
     assert share.startswith(dashboard) and "p=q1." in share
-    save_screenshot(page.get_by_test_id("stMain"), "export")
+    save_screenshot(page.get_by_test_id("stMainBlockContainer"), "export")
 
     # the share URL in a fresh browser context restores the same policy
-    fresh = browser.new_context(viewport={"width": 1400, "height": 1700}).new_page()
+    fresh = browser.new_context(viewport={"width": 1400, "height": 2400}).new_page()
     fresh.goto(share)
+    expect(fresh.get_by_role("heading", name="Layers", level=1)).to_be_visible(timeout=TIMEOUT)
     wait_ready(fresh)
     assert table_formats(fresh, len(names)) == shown
     assert size_bytes(fresh) == want
     fresh.context.close()
 
-    open_page(page, "Overview")
-    page.wait_for_selector(".js-plotly-plot", timeout=TIMEOUT)
-    assert "current policy (projected)" in page.locator(".js-plotly-plot").first.text_content()
-    save_screenshot(page.get_by_test_id("stMain"), "overview")
+    open_page(page, "Overview", f"Overview — {run.meta['model']['name']}")
+    expect(page.locator(".js-plotly-plot").first).to_contain_text("current policy (projected)", timeout=TIMEOUT)
+    save_screenshot(page.get_by_test_id("stMainBlockContainer"), "overview")
 
-    open_page(page, "Activations")
-    page.wait_for_selector(".js-plotly-plot", timeout=TIMEOUT)
-    assert "Weight" in page.locator(".js-plotly-plot").first.text_content()
-    save_screenshot(page.get_by_test_id("stMain"), "activations")
+    open_page(page, "Activations", "Activations")
+    expect(page.locator(".js-plotly-plot").first).to_contain_text("Weight", timeout=TIMEOUT)
+    save_screenshot(page.get_by_test_id("stMainBlockContainer"), "activations")
     ctx.close()
