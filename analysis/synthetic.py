@@ -70,8 +70,12 @@ def _metric_of_loss(loss: np.ndarray | float, base_loss: float, base_metric: flo
     return base_metric - 0.8 * (1 - np.exp(-(np.asarray(loss) - base_loss) / 0.9))
 
 
-def synthetic_run(path: str | os.PathLike, n_layers: int, seed: int = 0, *, overwrite: bool = False) -> Run:
+def synthetic_run(path: str | os.PathLike, n_layers: int, seed: int = 0, *, n_random: int = 8,
+                  overwrite: bool = False) -> Run:
     """Write a synthetic Run of ``n_layers`` layers at ``path`` and return it.
+
+    Besides the baseline and the uniform formats, ``n_random`` mixed policies are "measured"
+    (generated), as the engine's sweep measures random mixes to calibrate its projection.
 
     Example:
         >>> run = synthetic_run("/tmp/syn", 50, seed=1)  # doctest: +SKIP
@@ -143,25 +147,33 @@ def synthetic_run(path: str | os.PathLike, n_layers: int, seed: int = 0, *, over
     other_bytes = int(fp32_layers * 0.04) // 4 * 4
     names = [s[0] for s in shapes]
 
-    def measured(fmt: str) -> tuple[dict, float, float, int]:
-        allowed = int4_ok if fmt == "int4" else np.ones(n_layers, dtype=bool)
-        pol = {n: (fmt if allowed[i] else "fp32") for i, n in enumerate(names)}
-        loss = base_loss + 1.15 * float(delta[fmt][allowed].sum())  # layers interact: a little super-additive
+    def measured(pol: dict[str, str]) -> tuple[float, float, float, int]:
+        # layers interact: whole-model losses are a little super-additive in the single-layer ones
+        extra = sum(delta[f][i] for i, n in enumerate(names) if (f := pol[n]) != "fp32")
+        loss = base_loss + 1.15 * float(extra)
         metric = float(round_metric(_metric_of_loss(loss, base_loss, base_metric)))
         size = other_bytes + int(sum(_bytes(o, k)[pol[n]] for (n, _, o, k, _) in shapes))
-        return pol, loss, metric, size
+        return loss, metric, 0.8 * (loss - base_loss), size
 
-    uniform, policy_rows = {}, [{"name": "fp32", "kind": "baseline", "layers_json": "{}", "metric": base_metric,
-                                 "loss": base_loss, "bytes": other_bytes + fp32_layers, "latency_ms": np.nan,
-                                 "measured_on": SYNTHETIC_NOTE, "projected_metric": np.nan,
-                                 "projected_band": np.nan}]
+    def row(name: str, kind: str, pol: dict[str, str]) -> dict:
+        loss, metric, kl, size = measured(pol)
+        return {"name": name, "kind": kind, "layers_json": json.dumps(pol), "metric": metric, "loss": loss,
+                "bytes": size, "latency_ms": np.nan, "measured_on": SYNTHETIC_NOTE, "projected_metric": np.nan,
+                "projected_band": np.nan, "kl": kl}
+
+    policy_rows = [{**row("fp32", "baseline", {n: "fp32" for n in names}), "layers_json": "{}"}]
+    uniform = {}
     for fmt in ("int8", "int4"):
-        pol, loss, metric, size = measured(fmt)
-        uniform[fmt] = {"metric": metric, "loss": loss, "bytes": size,
+        allowed = int4_ok if fmt == "int4" else np.ones(n_layers, dtype=bool)
+        pol = {n: (fmt if allowed[i] else "fp32") for i, n in enumerate(names)}
+        policy_rows.append(row(f"uniform {fmt}", "uniform", pol))
+        r = policy_rows[-1]
+        uniform[fmt] = {"metric": r["metric"], "loss": r["loss"], "bytes": r["bytes"],
                         "skipped_layers": [n for n in names if pol[n] != fmt]}
-        policy_rows.append({"name": f"uniform {fmt}", "kind": "uniform", "layers_json": json.dumps(pol),
-                            "metric": metric, "loss": loss, "bytes": size, "latency_ms": np.nan,
-                            "measured_on": SYNTHETIC_NOTE, "projected_metric": np.nan, "projected_band": np.nan})
+    for j in range(n_random):
+        choice = rng.integers(0, 3, n_layers)
+        pol = {n: ("fp32", "int8", "int4" if int4_ok[i] else "fp32")[choice[i]] for i, n in enumerate(names)}
+        policy_rows.append(row(f"random-{j + 1}", "random", pol))
 
     sha = hashlib.sha256(f"synthetic:{n_layers}:{seed}".encode()).hexdigest()
     meta = {

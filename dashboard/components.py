@@ -82,6 +82,15 @@ def require_run() -> Loaded:
     return lo
 
 
+def projection_kind(loaded: Loaded) -> str:
+    """One sentence naming the projection the Run supports."""
+    if getattr(loaded.projector, "calibration", None) is not None:
+        return ("Projection v2, calibrated on the measured mixed policies: per-layer penalties summed, scaled by a "
+                "measured interaction factor and mapped to the metric.")
+    return ("Projection v1: additive in the measured per-layer loss changes, mapped to the metric through the "
+            "measured (loss, metric) points.")
+
+
 def _resolution(loaded: Loaded) -> str:
     n = loaded.run.meta.get("data", {}).get("n_eval")
     if loaded.run.meta["metric"].get("name") in ("accuracy", "agreement") and isinstance(n, int) and n > 0:
@@ -100,9 +109,8 @@ def headline(loaded: Loaded, p: Projection, codes: np.ndarray) -> None:
                 delta=fmt_metric(change, loaded, signed=True) + " vs FP32",
                 delta_color="normal" if loaded.run.higher_is_better else "inverse",
                 delta_arrow="auto" if change else "off",
-                help="Projection v1: additive in per-layer loss changes, mapped to the metric through the "
-                     "measured points. ± is the largest error on measured whole-model policies (Overview "
-                     "says which). " + _resolution(loaded)
+                help=projection_kind(loaded) + " ± is the largest leave-one-out error on the measured "
+                     "whole-model policies (the Overview lists them). " + _resolution(loaded)
                      + (" Beyond the measured loss range: extrapolated." if p.extrapolated else ""))
     c[1].metric("Projected size", fmt_mb(p.bytes), delta=f"{p.size_ratio:.2f}× smaller than FP32 · {p.bytes:,} B",
                 delta_color="off", delta_arrow="off", help="Exact: sum of per-layer bytes (weights, scales, zero points, bias) "
@@ -116,5 +124,11 @@ def headline(loaded: Loaded, p: Projection, codes: np.ndarray) -> None:
     c[3].metric("Layers quantized", f"{int(counts[1:].sum())} / {len(codes)}",
                 delta=" · ".join(f"{POLICY_FORMATS[i].upper()} {int(counts[i])}" for i in range(len(counts))),
                 delta_color="off", delta_arrow="off")
+    notes = []
+    nearest = getattr(p, "nearest", "")
+    if nearest:
+        notes.append(f"Closest measured policy: **{nearest}** (differs in {getattr(p, 'distance', 0.0):.0%} of layers).")
     if p.extrapolated:
-        st.caption("⚠ The projected loss is beyond every measured point: the metric is extrapolated.")
+        notes.append("⚠ Beyond every measured point: the metric is extrapolated.")
+    if notes:
+        st.caption(" ".join(notes))

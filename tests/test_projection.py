@@ -1,4 +1,7 @@
-"""Projection v1: exact sizes, additive loss, a monotone map through the baseline, an honest band."""
+"""Projection v1: exact sizes, additive loss, a monotone map through the baseline, an honest band.
+
+The fixtures write Runs without random mixed policies (``n_random=0``): with them the
+Projector switches to the calibrated projection, tested at the end of this file."""
 from __future__ import annotations
 
 import json
@@ -17,7 +20,7 @@ from analysis.synthetic import synthetic_run
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    return synthetic_run(tmp_path_factory.mktemp("proj") / "run", 60, seed=5)
+    return synthetic_run(tmp_path_factory.mktemp("proj") / "run", 60, seed=5, n_random=0)
 
 
 @pytest.fixture(scope="module")
@@ -62,14 +65,14 @@ def test_band_is_the_largest_held_out_error(pj):
 
 
 def test_no_measured_policy_means_unknown_band(run, tmp_path):
-    r2 = synthetic_run(tmp_path / "r2", 10, seed=1)
+    r2 = synthetic_run(tmp_path / "r2", 10, seed=1, n_random=0)
     replace_table(r2, "policies", r2.policies[r2.policies.kind == "baseline"])
     p = Projector(r2)
     assert p.band is None and "unknown" in p.band_method
 
 
 def test_latency_only_when_measured(tmp_path):
-    r = synthetic_run(tmp_path / "lat", 8, seed=2)
+    r = synthetic_run(tmp_path / "lat", 8, seed=2, n_random=0)
     cost = r.cost.copy()
     cost["latency_ms"] = np.where(cost["format"] == "fp32", 1.0, 0.75)
     replace_table(r, "cost", cost)
@@ -115,3 +118,13 @@ def test_size_on_1000_layers(tmp_path):
     p = Projector(r)
     codes = np.random.default_rng(0).integers(0, 2, 1000).astype(np.int8)
     assert p.project(codes).bytes == p.other_bytes + int(p.bytes[np.arange(1000), codes].sum())
+
+
+def test_measured_mixed_policies_switch_to_the_calibrated_projection(tmp_path):
+    r = synthetic_run(tmp_path / "mixed", 60, seed=5, n_random=8)
+    p = Projector(r)
+    assert p.calibration is not None and len(p.validations) == 10  # 2 uniform + 8 random
+    assert p.band == max(abs(v.error) for v in p.validations)
+    codes = np.zeros(60, dtype=np.int8)
+    assert p.project(codes).metric == pytest.approx(r.meta["baseline"]["metric"], abs=1e-9)
+    assert p.project(codes).bytes == r.meta["model"]["fp32_bytes"]

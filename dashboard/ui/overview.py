@@ -8,7 +8,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from dashboard import state
-from dashboard.components import fmt_mb, fmt_metric, headline, require_run
+from dashboard.components import fmt_mb, fmt_metric, headline, projection_kind, require_run
 from dashboard.data import MB, Loaded
 
 
@@ -103,12 +103,16 @@ def render() -> None:
     st.plotly_chart(_scatter(lo, proj), width="stretch")
 
     with st.expander("How the projection is computed and how far off it was", expanded=False):
-        st.markdown(
-            "**Projection v1.** Loss = baseline loss + the sum of the measured single-layer loss changes of the "
-            "quantized layers. The metric comes from that loss through a monotone (isotonic) map fitted through "
-            f"{len(lo.projector.pts_loss)} measured (loss, metric) points: the baseline, every single-layer job and "
-            "every measured whole-model policy. Size is exact (bytes per layer and format). "
-            f"**Band:** {lo.projector.band_method}.")
+        if getattr(lo.projector, "calibration", None) is not None:
+            st.markdown(f"**{projection_kind(lo)}** {lo.projector.band_method}. Size is exact (bytes per layer "
+                        "and format).")
+        else:
+            st.markdown(
+                "**Projection v1.** Loss = baseline loss + the sum of the measured single-layer loss changes of "
+                "the quantized layers. The metric comes from that loss through a monotone (isotonic) map fitted "
+                f"through {len(lo.projector.pts_loss)} measured (loss, metric) points: the baseline, every "
+                "single-layer job and every measured whole-model policy. Size is exact (bytes per layer and "
+                f"format). **Band:** {lo.projector.band_method}.")
         val = lo.projector.validations
         if val:
             st.dataframe(pd.DataFrame([{"policy": v.name, "measured": fmt_metric(v.measured_metric, lo),

@@ -148,3 +148,25 @@ def test_switch_between_open_runs_keeps_each_policy(app, syn_dir, other_dir):
     assert size_bytes(at) == load_run(other_dir).meta["model"]["fp32_bytes"]
     at.sidebar.selectbox[0].set_value(0).run()
     assert at.session_state[f"ql.codes::{p0}"][3] == 1
+
+
+@pytest.mark.parametrize("page", list(PAGES))
+def test_pages_on_the_demo_run(app, digits_run, page):
+    """The real demo Run (with measured mixed policies: the calibrated projection)."""
+    at = app([str(digits_run.path)], page)
+    assert not at.exception and not at.error
+    assert not any("Synthetic" in i.value for i in at.info)
+
+
+def test_toggle_on_the_demo_run(app, digits_run):
+    run = digits_run
+    sens = run.sensitivity
+    row = next(i for i, n in enumerate(run.layer_names)
+               if ((sens.layer == n) & (sens.format == "int4") & (sens.status == "ok")).any())
+    at = app([str(run.path)], "layers")
+    path = at.session_state["ql.run_dirs"][0]
+    before = size_bytes(at)
+    at = edit(at, path, row, "int4")
+    bt = run.bytes_table()
+    layer = run.layer_names[row]
+    assert size_bytes(at) - before == int(bt.loc[layer, "int4"] - bt.loc[layer, "fp32"])
