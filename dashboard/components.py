@@ -42,7 +42,8 @@ def sidebar() -> None:
             labels = []
             for p in dirs:
                 lo = open_run(p)
-                labels.append(f"{lo.name} — {Path(p).name}" if isinstance(lo, Loaded) else f"⚠ {Path(p).name} (cannot open)")
+                ok = isinstance(lo, Loaded)
+                labels.append(f"{lo.name} — {Path(p).name}" if ok else f"⚠ {Path(p).name} (cannot open)")
             idx = min(int(st.session_state.get(state.ACTIVE, 0)), len(dirs) - 1)
             choice = st.selectbox("Run", range(len(dirs)), index=idx, format_func=lambda i: labels[i],
                                   help="Runs given on the command line or opened below.")
@@ -113,7 +114,8 @@ def headline(loaded: Loaded, p: Projection, codes: np.ndarray) -> None:
                      "whole-model policies (the Overview lists them). " + _resolution(loaded)
                      + (" Beyond the measured loss range: extrapolated." if p.extrapolated else ""))
     c[1].metric("Projected size", fmt_mb(p.bytes), delta=f"{p.size_ratio:.2f}× smaller than FP32 · {p.bytes:,} B",
-                delta_color="off", delta_arrow="off", help="Exact: sum of per-layer bytes (weights, scales, zero points, bias) "
+                delta_color="off", delta_arrow="off",
+                help="Exact: sum of per-layer bytes (weights, scales, zero points, bias) "
                                         "plus the parameters outside quantizable layers.")
     if p.latency_ms is not None:
         c[2].metric("Projected latency", f"{p.latency_ms:.2f} ms",
@@ -127,7 +129,8 @@ def headline(loaded: Loaded, p: Projection, codes: np.ndarray) -> None:
     notes = []
     nearest = getattr(p, "nearest", "")
     if nearest:
-        notes.append(f"Closest measured policy: **{nearest}** (differs in {getattr(p, 'distance', 0.0):.0%} of layers).")
+        share = getattr(p, "distance", 0.0)
+        notes.append(f"Closest measured policy: **{nearest}** (differs in {share:.0%} of layers).")
     if p.extrapolated:
         notes.append("⚠ Beyond every measured point: the metric is extrapolated.")
     if notes:

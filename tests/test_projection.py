@@ -4,10 +4,8 @@ The fixtures write Runs without random mixed policies (``n_random=0``): with the
 Projector switches to the calibrated projection, tested at the end of this file."""
 from __future__ import annotations
 
-import json
 
 import numpy as np
-import pandas as pd
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st

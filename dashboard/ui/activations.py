@@ -101,7 +101,8 @@ def render() -> None:
     if len(rows):
         st.subheader("Clipping and SQNR (measured on the calibration data)")
         st.dataframe(pd.DataFrame({"tensor": rows["tensor"], "format": rows["format"].str.upper(),
-                                   "clip range": [f"[{a:.4g}, {b:.4g}]" for a, b in zip(rows["clip_lo"], rows["clip_hi"])],
+                                   "clip range": [f"[{a:.4g}, {b:.4g}]"
+                                                  for a, b in zip(rows["clip_lo"], rows["clip_hi"])],
                                    "clipped %": rows["clipped_fraction"] * 100, "SQNR (dB)": rows["sqnr_db"]}),
                      hide_index=True, column_config={"clipped %": st.column_config.NumberColumn(format="%.3f"),
                                                      "SQNR (dB)": st.column_config.NumberColumn(format="%.1f")})

@@ -8,7 +8,7 @@ import pytest
 
 from analysis.policy import encode_codes
 from analysis.run import load_run
-from apptest_support import PAGES, make_app
+from apptest_support import PAGES
 
 
 def size_bytes(at) -> int:
@@ -17,7 +17,8 @@ def size_bytes(at) -> int:
 
 
 def editor_key(at, path: str) -> str:
-    return f"ql.editor::{path}::{at.session_state['ql.epoch::' + path] if 'ql.epoch::' + path in at.session_state else 0}"
+    epoch = f"ql.epoch::{path}"
+    return f"ql.editor::{path}::{at.session_state[epoch] if epoch in at.session_state else 0}"
 
 
 def edit(at, path: str, row: int, fmt: str):
@@ -122,7 +123,8 @@ def test_url_restores_the_policy(app, syn_dir):
     assert at.session_state[f"ql.codes::{at.session_state['ql.run_dirs'][0]}"].tolist() == codes.tolist()
 
 
-@pytest.mark.parametrize("token, why", [("garbage", "not applied"), ("q1.000000000000.40.AAAAAAAAAAAAAA", "another model"),
+@pytest.mark.parametrize("token, why", [("garbage", "not applied"),
+                                        ("q1.000000000000.40.AAAAAAAAAAAAAA", "another model"),
                                         ("q1.000000000000.40.AAAA", "bytes of codes")])
 def test_bad_url_token_is_a_message(app, syn_dir, token, why):
     at = app([syn_dir], "overview", {"p": token})
