@@ -6,10 +6,12 @@ directory (Streamlit reads that file from the current directory only).
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -56,6 +58,12 @@ def serve(run_dirs: list[str], port: int | None = None, host: str = "127.0.0.1",
     port = port or free_port(host)
     print(f"QuantLens dashboard: {url_of(host, port)}  (Ctrl+C to stop)", flush=True)
     proc = subprocess.Popen(command(run_dirs, port, host, headless))
+
+    def _interrupt(signum, frame):  # a SIGTERM to this process stops the server too, not only Ctrl+C
+        raise KeyboardInterrupt
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if main else None
     try:
         return proc.wait()
     except KeyboardInterrupt:
@@ -65,6 +73,11 @@ def serve(run_dirs: list[str], port: int | None = None, host: str = "127.0.0.1",
         except subprocess.TimeoutExpired:
             proc.kill()
             return proc.wait()
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
+        if proc.poll() is None:
+            proc.kill()
 
 
 def start_server(run_dirs: list[str], port: int | None = None, host: str = "127.0.0.1",

@@ -1,9 +1,16 @@
 """serve(): the command line carries .streamlit/config.toml's settings, so any working directory works."""
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
 import tomllib
+import urllib.request
 from pathlib import Path
 
+from analysis.synthetic import synthetic_run
 from dashboard.serve import APP, SETTINGS, command, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,3 +36,32 @@ def test_command_line(tmp_path):
 
 def test_free_port():
     assert 0 < free_port() < 65536
+
+
+def test_serve_stops_its_server_on_sigterm(tmp_path):
+    """`quantlens dashboard` killed with SIGTERM leaves no server behind."""
+    run = synthetic_run(tmp_path / "run", 5, seed=0, n_random=0)
+    port = free_port()
+    code = f"from dashboard.serve import serve; raise SystemExit(serve([{str(run.path)!r}], port={port}))"
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            time.sleep(0.3)
+    else:
+        parent.kill()
+        raise AssertionError("the server did not come up")
+    assert parent.stdout.readline().decode().startswith(f"QuantLens dashboard: http://127.0.0.1:{port}")
+    os.kill(parent.pid, signal.SIGTERM)
+    parent.wait(timeout=20)
+    time.sleep(0.5)
+    try:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2)
+        up = True
+    except OSError:
+        up = False
+    assert not up, "the streamlit server outlived serve()"
