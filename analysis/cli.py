@@ -130,8 +130,37 @@ def _cmd_dashboard(args) -> int:
     return serve(runs, port=args.port, host=args.host)
 
 
+def _add_report(sub) -> None:
+    p = sub.add_parser("report", help="write a self-contained HTML report (or a Markdown summary) of a Run",
+                       description="One HTML file that opens offline: provenance, sensitivity, frontier, the chosen "
+                                   "policy with in-page toggles, histograms, the projection's validation.")
+    p.add_argument("run", help="Run folder")
+    p.add_argument("--policy", default=None, help="policy JSON to show (default: the best known policy)")
+    p.add_argument("--format", choices=("html", "md"), default="html", help="html (default) or md (pull-request summary)")
+    p.add_argument("--out", required=True, help="file to write")
+
+
+def _cmd_report(args) -> int:
+    from analysis.policy import PolicyError, from_json
+    from analysis.report import write_report
+    from analysis.run import load_run
+
+    run = load_run(args.run)
+    policy = None
+    if args.policy:
+        try:
+            policy = from_json(Path(args.policy).read_bytes())
+        except PolicyError as e:
+            raise PolicyError(f"{args.policy}: {e}") from None
+    source = Path(args.policy).name if args.policy else None
+    out = write_report(run, args.out, fmt=args.format, policy=policy, policy_source=source)
+    print(f"wrote {out} ({out.stat().st_size:,} bytes)")
+    return 0
+
+
 COMMANDS = {"analyze": (_add_analyze, _cmd_analyze), "demo": (_add_demo, _cmd_demo),
-            "dashboard": (_add_dashboard, _cmd_dashboard)}
+            "dashboard": (_add_dashboard, _cmd_dashboard),
+            "report": (_add_report, _cmd_report)}
 register_runtime_verbs(COMMANDS)  # apply, verify (analysis/cli_runtime.py)
 
 
