@@ -118,8 +118,14 @@ def headline(loaded: Loaded, p: Projection, codes: np.ndarray) -> None:
                 help="Exact: sum of per-layer bytes (weights, scales, zero points, bias) "
                                         "plus the parameters outside quantizable layers.")
     if p.latency_ms is not None:
-        c[2].metric("Projected latency", f"{p.latency_ms:.2f} ms",
-                    help="FP32 end-to-end latency plus the measured per-layer latency changes.")
+        lat = meta.get("latency") or {}
+        fp32_ms = float(lat.get("fp32_ms", p.latency_ms))
+        c[2].metric("Projected latency", f"{p.latency_ms:.2f} ms", delta=f"FP32 measured {fp32_ms:.2f} ms",
+                    delta_color="off", delta_arrow="off",
+                    help=f"Measured FP32 end-to-end latency ({lat.get('unit', 'ms')}, {lat.get('provider', '')} "
+                         f"onnxruntime {lat.get('onnxruntime', '')}, {lat.get('threads', '?')} thread(s)) plus the "
+                         "measured per-layer latency changes of the quantized layers. Timing on a shared machine "
+                         f"varies: FP32 spread (IQR) {float(lat.get('fp32_spread_ms', float('nan'))):.2f} ms.")
     else:
         c[2].metric("Latency", "not measured", help="This Run holds no per-layer latency measurement.")
     counts = np.bincount(np.asarray(codes, dtype=np.intp), minlength=len(POLICY_FORMATS))

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from analysis.policy import encode_codes
-from analysis.run import load_run
+from analysis.run import load_run, replace_table, update_meta
+from analysis.synthetic import synthetic_run
 from apptest_support import PAGES
 
 
@@ -172,3 +173,17 @@ def test_toggle_on_the_demo_run(app, digits_run):
     bt = run.bytes_table()
     layer = run.layer_names[row]
     assert size_bytes(at) - before == int(bt.loc[layer, "int4"] - bt.loc[layer, "fp32"])
+
+
+def test_latency_shows_when_measured(app, tmp_path):
+    run = synthetic_run(tmp_path / "lat", 10, seed=4, n_random=0)
+    cost = run.cost.copy()
+    cost["latency_ms"] = np.where(cost["format"] == "fp32", 0.5, np.where(cost["format"] == "int8", 0.25, 0.75))
+    replace_table(run, "cost", cost)
+    update_meta(run, latency={"fp32_ms": 7.0, "unit": "ms per batch of 32", "threads": 1})
+    at = app([str(run.path)], "layers")
+    lat = next(m for m in at.metric if m.label == "Projected latency")
+    assert lat.value == "7.00 ms"
+    at = edit(at, at.session_state["ql.run_dirs"][0], 2, "int8")
+    assert next(m for m in at.metric if m.label == "Projected latency").value == "6.75 ms"
+    assert {"ms fp32", "ms int8", "ms int4"} <= set(at.data_editor[0].value.columns)
