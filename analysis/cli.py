@@ -158,9 +158,25 @@ def _cmd_report(args) -> int:
     return 0
 
 
+def _add_bundle(sub) -> None:
+    p = sub.add_parser("bundle", help="zip a Run into one .qlrun file to share",
+                       description="A zip of run.json and the tables (no model weights unless --with-model).")
+    p.add_argument("run", help="Run folder")
+    p.add_argument("--out", required=True, help="bundle file to write (e.g. run.qlrun)")
+    p.add_argument("--with-model", action="store_true", help="include the model file (.onnx / .safetensors)")
+
+
+def _cmd_bundle(args) -> int:
+    from analysis.bundle import write_bundle
+
+    out = write_bundle(args.run, args.out, with_model=args.with_model)
+    print(f"wrote {out} ({out.stat().st_size:,} bytes)")
+    return 0
+
+
 COMMANDS = {"analyze": (_add_analyze, _cmd_analyze), "demo": (_add_demo, _cmd_demo),
             "dashboard": (_add_dashboard, _cmd_dashboard),
-            "report": (_add_report, _cmd_report)}
+            "report": (_add_report, _cmd_report), "bundle": (_add_bundle, _cmd_bundle)}
 register_runtime_verbs(COMMANDS)  # apply, verify (analysis/cli_runtime.py)
 
 
