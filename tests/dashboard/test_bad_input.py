@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
 from analysis.policy import Policy, uniform
-from analysis.run import load_run
+from analysis.run import load_run, replace_table, update_meta
+from analysis.synthetic import synthetic_run
 from apptest_support import PAGES
 
 
@@ -30,7 +32,6 @@ def test_broken_run_is_a_message(app, bad_dirs, kind, words, page):
 
 
 def test_run_missing_a_field_is_a_message(app, tmp_path, syn_dir):
-    import shutil
     broken = tmp_path / "nobaseline_loss"
     shutil.copytree(syn_dir, broken)
     meta = json.loads((broken / "run.json").read_text())
@@ -95,3 +96,24 @@ def test_unreadable_policy_file_is_a_message(app, syn_dir, content, words):
     at = upload(app([syn_dir], "export"), "bad.json", content)
     assert not at.exception
     assert at.error and words in at.error[0].value and "bad.json" in at.error[0].value
+
+
+def test_partial_run_opens_with_a_warning(app, tmp_path):
+    run = synthetic_run(tmp_path / "partial", 12, seed=2, n_random=0)
+    sens = run.sensitivity.copy()
+    pending = sens.index[-6:]
+    sens.loc[pending, ["status", "reason"]] = ["pending", "not measured yet"]
+    sens.loc[pending, ["metric", "metric_delta", "loss", "loss_delta", "kl"]] = float("nan")
+    replace_table(run, "sensitivity", sens)
+    update_meta(run, status="partial")
+    for page in PAGES:
+        at = app([str(run.path)], page)
+        assert not at.exception and not at.error
+        assert any("partial" in w.value for w in at.warning)
+    at = app([str(run.path)], "layers")
+    at.selectbox(key="ql.bulk_fmt").set_value("int8")
+    at.button(key="ql.bulk_set").click().run()
+    codes = at.session_state[f"ql.codes::{at.session_state['ql.run_dirs'][0]}"]
+    pending_layers = set(sens.loc[pending].query("format == 'int8'")["layer"])
+    names = run.layer_names
+    assert {names[i] for i in range(len(names)) if codes[i] == 0} == pending_layers
