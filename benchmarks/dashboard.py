@@ -87,8 +87,10 @@ def main() -> int:
             proj_us.append((time.perf_counter() - t) * 1e6)
 
     med = statistics.median(rerun_ms)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"QuantLens dashboard benchmark — synthetic Run, {args.layers} layers (built in {build_s:.1f} s); "
-          f"{os.cpu_count()} logical CPUs; Python {sys.version.split()[0]}")
+          f"{os.cpu_count()} logical CPUs, load average {load:.1f} (other work on the machine slows every figure); "
+          f"Python {sys.version.split()[0]}")
     print(f"  cold Layers page load (AppTest):              {cold_ms:8.1f} ms")
     print(f"  rerun after one toggle (AppTest, whole page): median {med:6.1f} ms, "
           f"p90 {np.percentile(rerun_ms, 90):6.1f} ms over {len(rerun_ms)} toggles")
