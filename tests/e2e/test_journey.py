@@ -4,14 +4,16 @@ from __future__ import annotations
 import json
 import re
 
+import numpy as np
 import pytest
 from playwright.sync_api import expect
 
+from analysis.policy import encode_codes
 from browser_support import save_screenshot
+from dashboard.ui.layers import FORMAT_PX, LAYER_PX, ROW_PX  # where the format cells sit in the grid
 
 pytestmark = pytest.mark.e2e
 TIMEOUT = 30_000  # ms
-ROW_PX, LAYER_PX, FORMAT_PX = 35, 240, 90  # dashboard/views/layers.py
 
 
 def wait_ready(page) -> None:
@@ -71,6 +73,10 @@ def test_toggle_share_and_download(browser, dashboard, digits_run):
     assert size_bytes(page) == want
     shown = table_formats(page, len(names))
     assert shown == {n: ("int4" if n == layer else "fp32") for n in names}
+    codes = np.zeros(len(names), dtype=np.int8)
+    codes[row] = 2
+    token = encode_codes(codes, run.model_sha256)
+    page.wait_for_function("(t) => location.search.includes(t)", arg=token, timeout=TIMEOUT)  # the address bar
     save_screenshot(page.get_by_test_id("stMainBlockContainer"), "layers")
 
     # the policy file matches the table
@@ -84,7 +90,7 @@ def test_toggle_share_and_download(browser, dashboard, digits_run):
     code = page.locator('[data-testid="stCode"]', has_text="http")
     expect(code).to_contain_text("p=q1.", timeout=TIMEOUT)
     share = code.inner_text().strip()
-    assert share.startswith(dashboard) and "p=q1." in share
+    assert share.startswith(dashboard) and share.endswith(f"p={token}")
     save_screenshot(page.get_by_test_id("stMainBlockContainer"), "export")
 
     # the share URL in a fresh browser context restores the same policy
