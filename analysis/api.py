@@ -134,7 +134,7 @@ def analyze(model: str, task: str = "digits", out: str | Path = "runs/run", *, f
             metric: str | None = None, weights: str | None = None, incremental: bool = True,
             overwrite: bool = False, threads: int | None = None, progress: bool = True,
             executor: str = "serial", workers: int = 2, ray_address: str | None = None,
-            resume: bool = False, chunk_size: int = 8, random_policies: int = 8) -> "Run":
+            resume: bool = False, chunk_size: int = 8, random_policies: int = 8, latency: bool = True) -> "Run":
     """Measure every quantizable layer of ``model`` under each format on ``task``; write a Run.
 
     Args:
@@ -147,6 +147,7 @@ def analyze(model: str, task: str = "digits", out: str | Path = "runs/run", *, f
         executor: serial | process | ray; workers: processes or Ray actors (each loads the model once).
         resume: finish an interrupted Run at ``out`` without recomputing finished jobs.
         random_policies: K random mixed policies measured whole, to calibrate and validate projections.
+        latency: also measure per-layer and end-to-end latency in onnxruntime (``analysis.latency``).
 
     Returns:
         The Run as written (same as ``load_run(out)``).
@@ -320,4 +321,24 @@ def analyze(model: str, task: str = "digits", out: str | Path = "runs/run", *, f
         if created_here and not done:
             shutil.rmtree(out, ignore_errors=True)  # bad input found mid-way: leave nothing half-written
         raise
-    return load_run(out)
+    run = load_run(out)
+    if latency:
+        _measure_latency(run, threads or 1, progress)
+        run = load_run(out)
+    return run
+
+
+def _measure_latency(run, threads: int, progress: bool) -> None:
+    """Latency is a second, separate measurement: if the runtime cannot take this model, the
+    sensitivity Run stands and run.json says why latency is missing."""
+    from analysis.latency import measure_latency
+
+    say = (lambda s: print(f"latency: {s}", file=sys.stderr)) if progress else None
+    try:
+        measure_latency(run, threads=threads, progress=say)
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:  # noqa: BLE001 - any runtime failure is reported, not fatal
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+        update_meta(run, latency={"error": reason})
+        print(f"note: latency not measured ({reason})", file=sys.stderr)

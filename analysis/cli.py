@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from analysis.cli_runtime import register as register_runtime_verbs
+from analysis.cli_search import register as register_search_verb
 from analysis.formats import OBSERVERS
 
 DEFAULT_DEMO_RUN = Path("runs") / "digits"
@@ -41,6 +42,9 @@ def _add_analyze(sub) -> None:
                    help="where jobs run: this process, a local process pool, or Ray (default serial)")
     p.add_argument("--workers", type=int, default=2, help="processes or Ray actors for --executor process|ray (default 2)")
     p.add_argument("--ray-address", default=None, help="Ray cluster address (default: start a local cluster)")
+    p.add_argument("--random-policies", type=int, default=8,
+                   help="random mixed policies measured whole, to calibrate and validate projections (default 8)")
+    p.add_argument("--no-latency", action="store_true", help="skip the onnxruntime latency measurement")
     p.add_argument("--chunk-size", type=int, default=8, help="jobs per unit of work and of persistence (default 8)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -59,7 +63,8 @@ def _cmd_analyze(args) -> int:
                   observer=args.observer, group_size=args.group_size, metric=args.metric, weights=args.weights,
                   incremental=not args.no_incremental, overwrite=args.overwrite, threads=args.threads,
                   progress=not args.quiet, executor=args.executor, workers=args.workers,
-                  ray_address=args.ray_address, resume=args.resume, chunk_size=args.chunk_size)
+                  ray_address=args.ray_address, resume=args.resume, chunk_size=args.chunk_size,
+                  random_policies=args.random_policies, latency=not args.no_latency)
     print(summary(run))
     print(f"wrote {run.path}")
     return 0
@@ -178,6 +183,7 @@ COMMANDS = {"analyze": (_add_analyze, _cmd_analyze), "demo": (_add_demo, _cmd_de
             "dashboard": (_add_dashboard, _cmd_dashboard),
             "report": (_add_report, _cmd_report), "bundle": (_add_bundle, _cmd_bundle)}
 register_runtime_verbs(COMMANDS)  # apply, verify (analysis/cli_runtime.py)
+register_search_verb(COMMANDS)  # search (analysis/cli_search.py)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -126,7 +126,9 @@ def run_ray(spec: WorkerSpec, chunks: list[list[Job]], workers: int, on_records:
         import ray
     except ImportError:
         raise ValueError("--executor ray: Ray is not installed (pip install 'quantlens[ray]')") from None
-    from ray.exceptions import RayActorError, WorkerCrashedError
+    from ray.exceptions import OutOfMemoryError, RayActorError, WorkerCrashedError
+
+    dead_worker = (RayActorError, WorkerCrashedError, OutOfMemoryError)  # a worker that died: retry its chunk
 
     started_here = not ray.is_initialized()
     if started_here:
@@ -147,7 +149,7 @@ def run_ray(spec: WorkerSpec, chunks: list[list[Job]], workers: int, on_records:
             actor, chunk = pending.pop(ref)
             try:
                 on_records(ray.get(ref))
-            except (RayActorError, WorkerCrashedError):
+            except dead_worker:
                 failures += 1
                 if failures > RETRIES:
                     raise ExecutorError(f"Ray workers died {failures} times; finished jobs are saved, resume with --resume") from None

@@ -62,8 +62,10 @@ def _stats(values_ms: Sequence[float]) -> tuple[float, float]:
 
 def timed_runs(models: dict, feed: dict[str, np.ndarray], *, threads: int = 1, repeats: int = 30,
                warmup: int = 3) -> dict[str, np.ndarray]:
-    """Wall times (ms) of ``repeats`` runs per model, timed round-robin in one loop."""
-    sessions = {k: session(m, threads) for k, m in models.items()}
+    """Wall times (ms) of ``repeats`` runs per model, timed round-robin in one loop.
+
+    ``models`` values are ONNX models or ready ``InferenceSession``s (reused, e.g. the FP32 one)."""
+    sessions = {k: m if isinstance(m, ort.InferenceSession) else session(m, threads) for k, m in models.items()}
     for s in sessions.values():
         for _ in range(warmup):
             s.run(None, feed)
@@ -126,7 +128,8 @@ def uniform_policy(run: Run, fmt: str) -> dict[str, str]:
 
 
 def measure_latency(run: Run | str | os.PathLike, *, repeats: int = 50, warmup: int = 3, batch: int = 32,
-                    threads: int = 1, progress: Callable[[str], None] | None = None) -> dict:
+                    threads: int = 1, progress: Callable[[str], None] | None = None,
+                    time_budget_s: float = 60.0) -> dict:
     """Measure per-layer and end-to-end latency of a Run's model in onnxruntime; store them in the Run.
 
     Fills the ``cost`` table's ``latency_ms`` / ``latency_spread_ms`` / ``latency_source`` for every
@@ -137,6 +140,8 @@ def measure_latency(run: Run | str | os.PathLike, *, repeats: int = 50, warmup: 
         run: a Run or its folder. Its model and task data must be at hand (see ``analysis.runtime_model``).
         repeats, warmup: timed and untimed runs per model; batch: evaluation samples per run.
         threads: onnxruntime intra-op threads (1 is fastest for small models on shared cores).
+        time_budget_s: rough bound on the time spent timing single-layer models; large models get
+            fewer paired repeats (at least 5), small ones the full ``repeats``.
         progress: optional callable receiving one line per step.
 
     Returns:
@@ -158,16 +163,26 @@ def measure_latency(run: Run | str | os.PathLike, *, repeats: int = 50, warmup: 
         built[fmt] = quantize_model(rm.model, rm.layers, rm.onnx_policy(uniform_policy(run, fmt)), rm.binding,
                                     task.calib_inputs)
         models[f"all-{fmt}"] = built[fmt].model
+    say(f"timing {len(models)} whole models round-robin")
+    times = timed_runs(models, feed, threads=threads, repeats=repeats, warmup=warmup)
+    del models
     sens = run.sensitivity
     jobs = [(str(r.layer), str(r.format)) for r in sens[sens["status"] == "ok"].itertuples()
             if str(r.layer) in rm.to_onnx]
-    say(f"building {len(jobs)} single-layer models")
+    # one quantized model at a time, timed in pairs against the same FP32 session: memory stays at two
+    # models whatever the layer count, and the per-layer timing effort is bounded by time_budget_s
+    fp32_session = session(rm.model, threads)
+    one_ms = float(np.median(times["fp32"]))
+    pair_repeats = int(np.clip(time_budget_s * 1e3 / (2 * one_ms * max(len(jobs), 1)), min(5, repeats), repeats))
+    kernel_of: dict[str, str] = {}
+    say(f"timing {len(jobs)} single-layer models against fp32 ({pair_repeats} paired repeats each)")
     for layer, fmt in jobs:
         q = quantize_model(rm.model, rm.layers, {rm.to_onnx[layer]: fmt}, rm.binding, task.calib_inputs)
-        built[f"{layer}|{fmt}"] = q
-        models[f"{layer}|{fmt}"] = q.model
-    say(f"timing {len(models)} models round-robin")
-    times = timed_runs(models, feed, threads=threads, repeats=repeats, warmup=warmup)
+        pair = timed_runs({"fp32": fp32_session, "q": q.model}, feed, threads=threads, repeats=pair_repeats,
+                          warmup=min(warmup, 2))
+        times[f"{layer}|{fmt}"] = pair["q"] - pair["fp32"]
+        kernel_of[f"{layer}|{fmt}"] = q.kernels.get(rm.to_onnx[layer], "?")
+        del q
     say("profiling fp32 kernels")
     fp32_layer = layer_times(rm, None, node_times(rm.model, feed, threads=threads, repeats=repeats, warmup=warmup))
 
@@ -185,10 +200,10 @@ def measure_latency(run: Run | str | os.PathLike, *, repeats: int = 50, warmup: 
             cost.at[i, "latency_ms"], cost.at[i, "latency_spread_ms"] = base, base_spread
             cost.at[i, "latency_source"] = f"onnxruntime {version} CPU node profile: {kernel}, {where}"
         elif f"{layer}|{fmt}" in times:
-            delta, spread = _stats(times[f"{layer}|{fmt}"] - times["fp32"])
+            delta, spread = _stats(times[f"{layer}|{fmt}"])
             cost.at[i, "latency_ms"], cost.at[i, "latency_spread_ms"] = base + delta, spread
             cost.at[i, "latency_source"] = (f"onnxruntime {version} CPU end-to-end delta vs fp32: "
-                                            f"{built[f'{layer}|{fmt}'].kernels.get(onnx_name, '?')}, {where}")
+                                            f"{kernel_of[f'{layer}|{fmt}']}, {where}")
     fp32_ms, fp32_spread = _stats(times["fp32"])
     uniform = {}
     for fmt in run.formats:
@@ -200,9 +215,10 @@ def measure_latency(run: Run | str | os.PathLike, *, repeats: int = 50, warmup: 
         "threads": threads, "provider": PROVIDER, "onnxruntime": version, "batch": int(len(x)),
         "repeats": repeats, "warmup": warmup, "unit": f"ms per batch of {len(x)}", "spread": "interquartile range",
         "graph_optimization": "ORT_ENABLE_ALL",
-        "method": "end to end: session.run wall time, all models timed round-robin; per layer x format: FP32 kernel "
-                  "time (node profile, ORT_DISABLE_ALL) + median paired end-to-end difference between the model "
-                  "with only that layer quantized and FP32",
+        "method": "end to end: session.run wall time, fp32 and uniform models timed round-robin; per layer x "
+                  "format: FP32 kernel time (node profile, ORT_DISABLE_ALL) + median paired end-to-end difference "
+                  "between the model with only that layer quantized and FP32, timed in alternation",
+        "pair_repeats": pair_repeats,
         "model": "exported from torch with torch.onnx" if rm.exported else "the Run's ONNX file",
     }
     pol = run.policies.copy()

@@ -17,7 +17,8 @@ SENS_NUMBERS = ("metric", "metric_delta", "loss", "loss_delta", "kl", "output_sq
 def layers_table(layers: list[LayerInfo], reaches: dict[str, bool]) -> pd.DataFrame:
     return pd.DataFrame([{"name": l.name, "type": l.type, "order": l.order, "weight_shape": l.weight_shape_str,
                           "params": l.params, "macs": l.macs, "in_features": l.in_features,
-                          "out_features": l.out_features, "reaches_output": bool(reaches[l.name])} for l in layers])
+                          "out_features": l.out_features, "reaches_output": bool(reaches[l.name]),
+                          "input_group": l.input_group or l.name} for l in layers])
 
 
 def sensitivity_table(layers: list[LayerInfo], formats: list[str], skip: dict[tuple[str, str], str],

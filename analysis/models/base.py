@@ -22,6 +22,7 @@ class LayerInfo:
     macs: int  # multiply-accumulates per sample on the task's input shape
     in_features: int  # K: inputs per output element (conv: in/groups * kernel)
     out_features: int
+    input_group: str = ""  # layers reading the same tensor share a group (named after its first reader)
 
     @property
     def weight_shape_str(self) -> str:

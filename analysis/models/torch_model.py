@@ -80,6 +80,8 @@ class TorchModel:
 
     def _discover(self, example: torch.Tensor) -> list[LayerInfo]:
         seen: dict[str, LayerInfo] = {}
+        readers: dict[tuple, str] = {}  # identity of an input tensor -> first layer that read it
+        alive: list = []  # hold every input so no later tensor can reuse its address during discovery
         hooks = []
 
         def hook(name):
@@ -87,10 +89,14 @@ class TorchModel:
                 if name in seen or not isinstance(out, torch.Tensor):
                     return
                 W = mod.weight
+                x = inputs[0]
+                alive.append(x)
+                ident = (x.data_ptr(), tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else (id(x),)
+                group = readers.setdefault(ident, name)
                 seen[name] = LayerInfo(
                     name=name, type=type(mod).__name__, order=len(seen), weight_shape=tuple(W.shape),
                     has_bias=mod.bias is not None, params=W.numel() + (mod.bias.numel() if mod.bias is not None else 0),
-                    macs=_macs(mod, out), in_features=W[0].numel(), out_features=W.shape[0])
+                    macs=_macs(mod, out), in_features=W[0].numel(), out_features=W.shape[0], input_group=group)
             return fn
 
         for name, mod in self.modules.items():
