@@ -139,3 +139,51 @@ def sensitivity_figure(path: str, stamp: tuple[float, ...]):
 
 def stamp_of(path: str) -> tuple[float, ...]:
     return _stamp(path)
+
+
+@st.cache_resource(show_spinner=False, max_entries=8)
+def report_html(path: str, stamp: tuple[float, ...], token: str) -> str:
+    """The self-contained HTML report of a Run with the policy of URL ``token`` as its chosen policy."""
+    from analysis.policy import decode_url_token, policy_from_codes
+    from analysis.report import render_html
+
+    run = _load(path, stamp).run
+    return render_html(run, policy_from_codes(run, decode_url_token(token, run).codes), "the dashboard's policy")
+
+
+@st.cache_resource(show_spinner=False, max_entries=8)
+def bundle_bytes(path: str, stamp: tuple[float, ...]) -> bytes:
+    """The Run as a ``.qlrun`` bundle (no model weights)."""
+    import tempfile
+
+    from analysis.bundle import write_bundle
+
+    with tempfile.TemporaryDirectory(prefix="quantlens-bundle-") as tmp:
+        return write_bundle(path, Path(tmp) / "run.qlrun").read_bytes()
+
+
+def open_uploaded_bundle(data: bytes, name: str) -> str:
+    """Extract an uploaded bundle into a fresh temporary folder; returns the Run folder.
+
+    Raises:
+        BundleError: the bundle is refused (the message says why).
+    """
+    import re
+    import tempfile
+
+    from analysis.bundle import open_bundle
+
+    stem = re.sub(r"[^A-Za-z0-9._-]", "_", Path(name).stem)[:64] or "bundle"
+    return str(open_bundle(data, Path(tempfile.mkdtemp(prefix="quantlens-bundles-")) / stem).path)
+
+
+@st.cache_resource(show_spinner="Finding the Pareto frontier…", max_entries=16)
+def frontier_frame(path: str, stamp: tuple[float, ...]) -> pd.DataFrame:
+    """Projected size/metric Pareto frontier of a Run (empty when the search finds none)."""
+    from analysis.search import SearchError, pareto_frontier
+
+    try:
+        front = pareto_frontier(_load(path, stamp).projector, axis="size")
+    except SearchError:
+        front = []
+    return pd.DataFrame({"bytes": [r.projection.bytes for r in front], "metric": [r.projection.metric for r in front]})

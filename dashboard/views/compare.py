@@ -1,0 +1,161 @@
+"""Compare page: two open Runs side by side — uniform results, per-layer sensitivity, frontiers.
+
+Layers are matched by name; layers only one Run has are listed, not dropped.
+Open two Runs with ``quantlens dashboard RUN_A RUN_B`` (or a folder / bundle in the sidebar / Export page).
+"""
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+
+from analysis.policy import POLICY_FORMATS
+from dashboard import state
+from dashboard.components import fmt_metric
+from dashboard.data import Loaded, frontier_frame, open_run, stamp_of
+
+COLORS = ("#4C78A8", "#E45756")
+
+
+def _label(path: str) -> str:
+    lo = open_run(path)
+    return f"{lo.name} — {Path(path).name}" if isinstance(lo, Loaded) else f"⚠ {Path(path).name} (cannot open)"
+
+
+def _pick(dirs: list[str]) -> tuple[str, str]:
+    active = min(int(st.session_state.get(state.ACTIVE, 0)), len(dirs) - 1)
+    other = next(i for i in range(len(dirs)) if i != active)
+    labels = {i: _label(p) for i, p in enumerate(dirs)}
+    a, b = st.columns(2)
+    ia = a.selectbox("Run A", list(labels), index=active, format_func=labels.get, key="ql.compare_a")
+    ib = b.selectbox("Run B", list(labels), index=other, format_func=labels.get, key="ql.compare_b")
+    return dirs[ia], dirs[ib]
+
+
+def _format_order(fmt: str) -> tuple[int, str]:
+    return (POLICY_FORMATS.index(fmt) if fmt in POLICY_FORMATS else len(POLICY_FORMATS), fmt)
+
+
+def _uniform(lo: Loaded) -> pd.DataFrame:
+    m = lo.run.meta
+    rows = [("fp32", m["baseline"]["metric"], m["baseline"].get("bytes", m["model"].get("fp32_bytes")))]
+    uni = m.get("uniform") or {}
+    rows += [(f"all-{f}", uni[f].get("metric"), uni[f].get("bytes")) for f in sorted(uni, key=_format_order)]
+    return pd.DataFrame(rows, columns=["policy", "metric", "bytes"]).set_index("policy")
+
+
+def _uniform_table(a: Loaded, b: Loaded) -> pd.DataFrame:
+    ua, ub = _uniform(a), _uniform(b)
+    t = ua.add_suffix(" A").join(ub.add_suffix(" B"), how="outer").reindex(list(dict.fromkeys([*ua.index, *ub.index])))
+    return pd.DataFrame({"policy": t.index,
+                         f"{a.run.meta['metric']['name']} A": [fmt_metric(x, a) for x in t["metric A"]],
+                         f"{b.run.meta['metric']['name']} B": [fmt_metric(x, b) for x in t["metric B"]],
+                         "size A (MB)": t["bytes A"] / 1e6, "size B (MB)": t["bytes B"] / 1e6})
+
+
+def _sensitivity(a: Loaded, b: Loaded) -> tuple[pd.DataFrame, list[str], list[str]]:
+    """Δloss per layer and format for both Runs, matched by name (A's order, then B-only layers)."""
+    na, nb = a.projector.names, b.projector.names
+    only_a, only_b = [n for n in na if n not in set(nb)], [n for n in nb if n not in set(na)]
+    out = pd.DataFrame({"layer": [*na, *only_b]})
+    out["in"] = ["A" if n in only_a else "B" if n in only_b else "both" for n in out["layer"]]
+    for tag, lo in (("A", a), ("B", b)):
+        df = lo.layers.set_index("layer")
+        for fmt in sorted(set(a.run.formats) | set(b.run.formats), reverse=True):
+            col = f"Δloss {fmt}"
+            if col in df:
+                out[f"{col} {tag}"] = df[col].reindex(out["layer"]).to_numpy()
+    return out, only_a, only_b
+
+
+def _sensitivity_chart(table: pd.DataFrame, fmt: str) -> go.Figure:
+    both = table[table["in"] == "both"]
+    names = [html.escape(n) for n in both["layer"]]  # plotly reads tags in text
+    small = len(names) <= 40
+    fig = go.Figure()
+    for tag, color in zip("AB", COLORS):
+        col = f"Δloss {fmt} {tag}"
+        if col in both:
+            fig.add_bar(x=list(range(len(both))), y=both[col], name=f"Run {tag}", marker_color=color, hovertext=names,
+                        hovertemplate="%{hovertext}: %{y:.4g}<extra>Run " + tag + "</extra>")
+    fig.update_layout(barmode="group", height=320, margin=dict(l=10, r=10, t=40, b=10),
+                      title=f"Loss change with only that layer at {fmt.upper()} (layers in both Runs)",
+                      xaxis=dict(title="layer (Run A's execution order)", tickmode="array" if small else "auto",
+                                 tickvals=list(range(len(names))) if small else None, ticktext=names if small else None),
+                      yaxis=dict(title="Δ loss"),
+                      legend=dict(orientation="h", y=1.12, x=1, xanchor="right"))
+    return fig
+
+
+def _frontier_chart(a: Loaded, b: Loaded) -> go.Figure:
+    fig = go.Figure()
+    for tag, lo, color in (("A", a, COLORS[0]), ("B", b, COLORS[1])):
+        fr = frontier_frame(lo.path, stamp_of(lo.path))
+        fig.add_scatter(x=fr["bytes"] / 1e6, y=fr["metric"], mode="lines+markers", name=f"Run {tag} frontier (projected)",
+                        line=dict(color=color, shape="hv"))
+        pol = lo.run.policies
+        fig.add_scatter(x=pol["bytes"] / 1e6, y=pol["metric"], mode="markers", name=f"Run {tag} measured",
+                        marker=dict(color=color, size=9, symbol="circle-open"), hovertext=[html.escape(str(n)) for n in pol["name"]],
+                        hovertemplate="%{hovertext}: %{x:.3f} MB, %{y:.4f}<extra>Run " + tag + "</extra>")
+    fig.update_layout(height=380, margin=dict(l=10, r=10, t=40, b=10), title="Size vs metric: Pareto frontiers",
+                      xaxis=dict(title="size (MB)"), yaxis=dict(title="metric"),
+                      legend=dict(orientation="h", y=1.14, x=1, xanchor="right"))
+    return fig
+
+
+def _names(names: list[str], limit: int = 20) -> str:
+    return ", ".join(f"`{n}`" for n in names[:limit]) + (f" … and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def render() -> None:
+    st.title("Compare Runs")
+    dirs = state.run_dirs()
+    if len(dirs) < 2:
+        st.info("Open a second Run to compare: `quantlens dashboard RUN_A RUN_B`, a folder in the sidebar, "
+                "or a bundle on the Export & share page.")
+        st.stop()
+    pa, pb = _pick(dirs)
+    a, b = open_run(pa), open_run(pb)
+    for tag, lo in (("A", a), ("B", b)):
+        if not isinstance(lo, Loaded):
+            st.error(f"Run {tag} cannot be opened: {lo}")
+            st.stop()
+    if pa == pb:
+        st.warning("Run A and Run B are the same Run.")
+    cols = st.columns(2)
+    for col, tag, lo in ((cols[0], "A", a), (cols[1], "B", b)):
+        m = lo.run.meta
+        col.markdown(f"**Run {tag}** · {lo.name} · {len(lo.projector.names)} layers · status **{lo.run.status}**"
+                     + (" · *synthetic*" if lo.synthetic else ""))
+        col.caption(f"model sha256 `{lo.run.model_sha256[:12]}…` · task {m.get('data', {}).get('task')} · "
+                    f"metric {m['metric']['name']} · formats {', '.join(lo.run.formats)}")
+    if a.run.meta["metric"]["name"] != b.run.meta["metric"]["name"]:
+        st.warning(f"Run A measures {a.run.meta['metric']['name']}, Run B {b.run.meta['metric']['name']}: "
+                   "their metrics are not on one scale.")
+
+    st.subheader("Uniform formats (measured)")
+    st.dataframe(_uniform_table(a, b), hide_index=True, width="stretch",
+                 column_config={c: st.column_config.NumberColumn(format="%.3f") for c in ("size A (MB)", "size B (MB)")})
+
+    st.subheader("Per-layer sensitivity")
+    table, only_a, only_b = _sensitivity(a, b)
+    common = len(table) - len(only_a) - len(only_b)
+    st.caption(f"{common} layer(s) in both Runs, matched by name.")
+    if only_a:
+        st.caption(f"Only in Run A ({len(only_a)}): {_names(only_a)}")
+    if only_b:
+        st.caption(f"Only in Run B ({len(only_b)}): {_names(only_b)}")
+    formats = [f for f in ("int8", "int4") if f"Δloss {f} A" in table or f"Δloss {f} B" in table]
+    if common and formats:
+        fmt = st.radio("Format", formats, horizontal=True, key="ql.compare_fmt")
+        st.plotly_chart(_sensitivity_chart(table, fmt), key="ql.compare_sens")
+    st.dataframe(table, hide_index=True, width="stretch", height=min(400, 36 + 35 * len(table)))
+
+    st.subheader("Frontiers")
+    st.plotly_chart(_frontier_chart(a, b), key="ql.compare_frontier")
+
+
+render()

@@ -1,0 +1,70 @@
+"""Compare page: two Runs side by side; layers matched by name; one Run, a broken Run, the same Run twice."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from streamlit.testing.v1 import AppTest
+
+from apptest_support import APP
+
+PAGE = "views/compare.py"
+
+
+def compare_app(run_dirs: list[str], a: int | None = None, b: int | None = None) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.session_state["ql.run_dirs"] = [str(Path(d).resolve()) for d in run_dirs]
+    if a is not None:
+        at.session_state["ql.compare_a"], at.session_state["ql.compare_b"] = a, b
+    at.run()
+    return at.switch_page(PAGE).run()
+
+
+def texts(at) -> str:
+    return "\n".join(e.value for e in [*at.caption, *at.markdown, *at.warning, *at.info, *at.error])
+
+
+def test_two_runs_side_by_side(syn_dir, other_dir):
+    at = compare_app([syn_dir, other_dir])
+    assert not at.exception and not at.error
+    assert at.title[0].value == "Compare Runs"
+    tables = at.dataframe
+    uniform, layers = tables[0].value, tables[1].value
+    assert list(uniform["policy"]) == ["fp32", "all-int8", "all-int4"]
+    assert uniform["size A (MB)"].notna().all() and uniform["size B (MB)"].notna().all()
+    assert len(layers) == 40  # syn40's layers; syn12's are a subset of them by name
+    assert (layers["in"] == "both").sum() == 12 and (layers["in"] == "A").sum() == 28
+    assert layers.loc[layers["in"] == "A", "Δloss int8 B"].isna().all()
+    body = texts(at)
+    assert "12 layer(s) in both Runs" in body and "Only in Run A (28)" in body and "Only in Run B" not in body
+    assert len(at.get("plotly_chart")) == 2  # sensitivity and frontiers
+
+
+def test_swapped_runs_list_layers_only_in_b(syn_dir, other_dir):
+    at = compare_app([syn_dir, other_dir], a=1, b=0)
+    assert not at.exception
+    assert "Only in Run B (28)" in texts(at)
+
+
+def test_one_run_asks_for_a_second(syn_dir):
+    at = compare_app([syn_dir])
+    assert not at.exception
+    assert any("Open a second Run" in i.value for i in at.info)
+
+
+def test_same_run_twice_and_broken_run(syn_dir, bad_dirs):
+    at = compare_app([syn_dir, bad_dirs["corrupt"]], a=0, b=0)
+    assert not at.exception
+    assert any("same Run" in w.value for w in at.warning)
+    at = compare_app([syn_dir, bad_dirs["corrupt"]], a=0, b=1)
+    assert not at.exception
+    assert any("Run B cannot be opened" in e.value for e in at.error)
+
+
+def test_export_page_offers_report_and_bundle(syn_dir):
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.session_state["ql.run_dirs"] = [str(Path(syn_dir).resolve())]
+    at.run()
+    at.switch_page("views/export.py").run()
+    assert not at.exception
+    labels = [b.proto.label for b in at.get("download_button")]
+    assert "Download report (HTML)" in labels and "Download Run bundle (.qlrun)" in labels
