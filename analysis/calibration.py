@@ -42,9 +42,9 @@ class PenaltyMap:
                  policy_pens: np.ndarray, higher_is_better: bool) -> None:
         from analysis.projection import LossToMetric
 
-        ratios = policy_pens / policy_sums
-        ok = np.isfinite(ratios) & (policy_sums > 0)
-        self.a = float(np.median(ratios[ok])) if ok.any() else 1.0
+        ok = (policy_sums > 0) & np.isfinite(policy_pens)
+        ratios = policy_pens[ok] / policy_sums[ok]
+        self.a = float(np.median(ratios)) if ok.any() else 1.0
         self.g = LossToMetric(pen_points, metric_points, higher_is_better)  # baseline first: anchored
         self.max_penalty = self.g.max_loss
 
