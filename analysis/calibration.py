@@ -95,11 +95,13 @@ class Calibration:
 
     def nearest(self, codes: np.ndarray) -> tuple[str, float]:
         """The measured policy closest to ``codes`` and the share of layers that differ from it."""
-        if not self.codes:
-            return "", 1.0
-        diffs = [float(np.mean(np.asarray(codes) != c)) for c in self.codes]
-        k = int(np.argmin(diffs))
-        return self.names[k], diffs[k]
+        codes = np.asarray(codes)
+        best = ("fp32", float(np.mean(codes != 0)))  # the baseline is measured too
+        for name, c in zip(self.names, self.codes):
+            d = float(np.mean(codes != c))
+            if d < best[1]:
+                best = (name, d)
+        return best
 
     def method(self) -> str:
         what = "KL divergence to the FP32 outputs" if self.kind == "kl" else "loss increase"
