@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -59,8 +60,37 @@ def sidebar() -> None:
                 st.rerun()
         lo = state.active()
         if isinstance(lo, Loaded):
+            prog = lo.run.meta.get("progress") if lo.run.status != "complete" else None
+            jobs = f" ({prog.get('done')}/{prog.get('total')} jobs)" if isinstance(prog, dict) else ""
             st.caption(f"Model sha256 `{lo.run.model_sha256[:12]}…` · {len(lo.projector.names)} layers · "
-                       f"status **{lo.run.status}**")
+                       f"status **{lo.run.status}**{jobs}")
+
+
+def _age(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
+def partial_banner(lo: Loaded) -> None:
+    """A Run whose sweep has not finished: how far it got, when it last wrote, and how to finish it."""
+    meta = lo.run.meta
+    prog = meta.get("progress") if isinstance(meta.get("progress"), dict) else {}
+    done, total = prog.get("done"), prog.get("total")
+    if isinstance(done, int) and isinstance(total, int) and total > 0:
+        where = f"**{done} of {total}** sweep jobs finished ({done / total:.0%})"
+    else:
+        where = "the sweep did not record its progress"
+    try:
+        age = f"; it last wrote {_age(max(time.time() - (Path(lo.path) / 'run.json').stat().st_mtime, 0))} ago"
+    except OSError:
+        age = ""
+    model, task = meta.get("model", {}).get("name", "MODEL"), meta.get("data", {}).get("spec") or "TASK"
+    st.warning(f"This Run is **{lo.run.status}**: {where}{age}. The sweep may still be running (reload the page to "
+               f"see more), or it stopped: finish it with `quantlens analyze {model} --task {task} --out "
+               f"{lo.path} --resume` and the options it was started with. Layers the sweep has not reached are "
+               "marked NOT MEASURED YET in the Layers table and stay FP32: an empty sensitivity is unknown, not "
+               "safe.", icon=":material/hourglass_empty:")
 
 
 def require_run() -> Loaded:
@@ -78,7 +108,7 @@ def require_run() -> Loaded:
         st.info("**Synthetic Run** — generated numbers for testing the dashboard; nothing here was measured.",
                 icon=":material/science:")
     if lo.run.status != "complete":
-        st.warning(f"This Run is **{lo.run.status}**: the sweep did not finish; missing layers stay FP32.")
+        partial_banner(lo)
     state.show_notices()
     return lo
 

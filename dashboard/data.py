@@ -77,9 +77,17 @@ def _layer_frame(run: Run, pj: Projector) -> pd.DataFrame:
                 df[f"ms {fmt}"] = pj.latency[:, FORMAT_CODE[fmt]]
     notes = []
     reaches = lay["reaches_output"].fillna(True).astype(bool).to_numpy()
+    pending: dict[str, list[str]] = {}
+    for layer, fmt in sens.loc[sens["status"] == "pending", ["layer", "format"]].itertuples(index=False):
+        pending.setdefault(layer, []).append(fmt)
     for i in range(len(names)):
         parts = [] if reaches[i] else ["does not reach the output: sensitivity is 0 by construction, not a sign of safety"]
-        parts += [f"no {POLICY_FORMATS[f]}: {pj.reasons[(i, f)]}" for f in (1, 2) if (i, f) in pj.reasons]
+        waiting = pending.get(names[i], [])
+        if waiting:  # an empty Δ cell of an unfinished sweep must not read as "harmless"
+            which = "" if len(waiting) == len(run.formats) else " at " + ", ".join(f.upper() for f in waiting)
+            parts.append(f"NOT MEASURED YET{which}: the sweep has not reached it; kept FP32 until it does")
+        parts += [f"no {POLICY_FORMATS[f]}: {pj.reasons[(i, f)]}" for f in (1, 2)
+                  if (i, f) in pj.reasons and POLICY_FORMATS[f] not in waiting]
         notes.append("; ".join(parts))
     df["note"] = notes
     return df

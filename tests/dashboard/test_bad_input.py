@@ -105,12 +105,17 @@ def test_partial_run_opens_with_a_warning(app, tmp_path):
     sens.loc[pending, ["status", "reason"]] = ["pending", "not measured yet"]
     sens.loc[pending, ["metric", "metric_delta", "loss", "loss_delta", "kl"]] = float("nan")
     replace_table(run, "sensitivity", sens)
-    update_meta(run, status="partial")
+    update_meta(run, status="partial", progress={"done": 18, "total": 24})
     for page in PAGES:
         at = app([str(run.path)], page)
         assert not at.exception and not at.error
-        assert any("partial" in w.value for w in at.warning)
+        banner = next(w.value for w in at.warning if "partial" in w.value)
+        assert "18 of 24" in banner and "--resume" in banner and str(run.path) in banner
     at = app([str(run.path)], "layers")
+    notes = at.data_editor[0].value.set_index("layer")["note"]
+    waiting = set(sens.loc[pending, "layer"])
+    assert all(notes[n].startswith("NOT MEASURED YET") for n in waiting)  # never shown as safe
+    assert not any("NOT MEASURED" in notes[n] for n in run.layer_names if n not in waiting)
     at.selectbox(key="ql.bulk_fmt").set_value("int8")
     at.button(key="ql.bulk_set").click().run()
     codes = at.session_state[f"ql.codes::{at.session_state['ql.run_dirs'][0]}"]
