@@ -185,13 +185,66 @@ def open_uploaded_bundle(data: bytes, name: str) -> str:
     return str(open_bundle(data, Path(tempfile.mkdtemp(prefix="quantlens-bundles-")) / stem).path)
 
 
-@st.cache_resource(show_spinner="Finding the Pareto frontier…", max_entries=16)
-def frontier_frame(path: str, stamp: tuple[float, ...]) -> pd.DataFrame:
-    """Projected size/metric Pareto frontier of a Run (empty when the search finds none)."""
+@st.cache_resource(show_spinner=False, max_entries=16)
+def coupled(path: str, stamp: tuple[float, ...]) -> list[list[int]]:
+    """Layer indices that read one tensor and so share a format (as ``quantlens search`` honours them)."""
+    from analysis.cli_search import coupled_groups
+
+    return coupled_groups(_load(path, stamp).run)
+
+
+@st.cache_resource(show_spinner="Finding the Pareto frontier (up to 40 exact solves)…", max_entries=16)
+def frontier_frame(path: str, stamp: tuple[float, ...], axis: str = "size") -> pd.DataFrame:
+    """Projected Pareto frontier of a Run, metric vs ``axis`` ("size" | "latency"); coupled groups honoured.
+
+    Columns ``bytes``, ``latency_ms``, ``metric``, ``band``, ``codes`` (one array per point); empty when the
+    search finds none or the Run lacks what the axis needs (measured latency).
+    """
     from analysis.search import SearchError, pareto_frontier
 
     try:
-        front = pareto_frontier(_load(path, stamp).projector, axis="size")
+        front = pareto_frontier(_load(path, stamp).projector, axis=axis, groups=coupled(path, stamp) or None)
     except SearchError:
         front = []
-    return pd.DataFrame({"bytes": [r.projection.bytes for r in front], "metric": [r.projection.metric for r in front]})
+    return pd.DataFrame({"bytes": [r.projection.bytes for r in front], "metric": [r.projection.metric for r in front],
+                         "latency_ms": [np.nan if r.projection.latency_ms is None else r.projection.latency_ms
+                                        for r in front],
+                         "band": [np.nan if r.projection.band is None else r.projection.band for r in front],
+                         "codes": [r.codes for r in front]})
+
+
+def _file_stamp(spec: object) -> int:
+    try:
+        return os.stat(str(spec)).st_mtime_ns if spec else -1
+    except (OSError, ValueError):
+        return -1
+
+
+def verify_blocker(loaded: Loaded) -> str | None:
+    """Why the Run's policy cannot be verified here (model or data not at hand, or changed), or None."""
+    if loaded.synthetic:
+        return "a synthetic Run has no model to run: its numbers are generated, not measured."
+    m, d = loaded.run.meta.get("model", {}), loaded.run.meta.get("data", {})
+    files = tuple(_file_stamp(x) for x in (m.get("source"), m.get("weights"), d.get("source")))
+    return _model_check(loaded.path, _stamp(loaded.path)[0], files, loaded.run)
+
+
+@st.cache_resource(show_spinner="Checking that the Run's model and data are at hand…", max_entries=16)
+def _model_check(path: str, meta_stamp: float, files: tuple[int, ...], _run: Run) -> str | None:
+    """The engine's own resolution (``resolve_task`` + ``resolve_model``, sha256 checked), once per Run version
+    and model / data file version: it may export a torch model, too slow to repeat on every render."""
+    from analysis.runtime_model import resolve_model, resolve_task
+
+    try:
+        resolve_model(_run, resolve_task(_run))
+    except (ValueError, OSError, ImportError) as e:
+        return str(e) or type(e).__name__
+    return None
+
+
+@st.cache_resource(show_spinner=False)
+def verify_jobs():
+    """Verify jobs of this server process, one per Run at a time (a verify rewrites the Run's policies table)."""
+    from dashboard.jobs import VerifyJobs
+
+    return VerifyJobs()

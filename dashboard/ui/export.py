@@ -11,13 +11,14 @@ from analysis.policy import POLICY_FORMATS, PolicyError, from_json, match_policy
 from dashboard import state
 from dashboard.components import fmt_band, fmt_mb, fmt_metric, require_run
 from dashboard.data import Loaded, open_run
+from dashboard.ui import verify
 
 UPLOAD_SEEN = "ql.upload_seen"
 
 
 def _share_url(lo: Loaded) -> str:
     base = st.context.url or ""
-    for page in ("/export", "/overview", "/layers", "/activations"):
+    for page in ("/export", "/overview", "/layers", "/search", "/activations", "/compare"):
         if base.endswith(page):
             base = base[: -len(page)]
     return f"{base.rstrip('/')}/layers{state.share_query(lo)}"
@@ -58,6 +59,7 @@ def render() -> None:
                                                       for i in range(len(counts)))
                 + f" · projected {lo.run.meta['metric']['name']} {fmt_metric(proj.metric, lo)}{band}"
                 + f" · {fmt_mb(proj.bytes)} ({proj.size_ratio:.2f}× smaller than FP32)")
+    verify.render(lo)
 
     st.subheader("Policy file")
     st.download_button("Download policy JSON", policy.to_json(), file_name=f"policy-{Path(lo.path).name}.json",

@@ -9,7 +9,8 @@ import streamlit as st
 
 from dashboard import state
 from dashboard.components import fmt_mb, fmt_metric, headline, projection_kind, require_run
-from dashboard.data import MB, Loaded
+from dashboard.data import Loaded
+from dashboard.ui.charts import metric_figure
 
 
 def _provenance(lo: Loaded) -> None:
@@ -56,29 +57,8 @@ def _measured_table(lo: Loaded) -> pd.DataFrame:
 
 
 def _scatter(lo: Loaded, p) -> go.Figure:
-    pol = lo.run.policies
-    pol = pol[pol["metric"].notna()]
-    fig = go.Figure()
-    labels = [n if k in ("baseline", "uniform") else "" for n, k in zip(pol["name"], pol["kind"])]
-    fig.add_scatter(x=pol["bytes"] / MB, y=pol["metric"], mode="markers+text", text=labels, hovertext=pol["name"],
-                    textposition="top center", name="measured", marker=dict(size=11, color="#4C78A8"),
-                    cliponaxis=False, hovertemplate="%{hovertext}<br>%{x:.3f} MB<br>%{y:.4f}<extra>measured</extra>")
-    err = dict(type="data", array=[p.band], visible=True, thickness=2, width=8) if p.band is not None else None
-    fig.add_scatter(x=[p.bytes / MB], y=[p.metric], mode="markers", name="current policy (projected)",
-                    error_y=err, marker=dict(size=14, symbol="diamond", color="#E45756"),
-                    hovertemplate="current policy<br>%{x:.3f} MB<br>%{y:.4f}<extra>projected</extra>")
-    ys = [*pol["metric"].astype(float), p.metric]
-    band = p.band or 0.0
-    lo_y, hi_y = min(ys) - band, max(ys) + band
-    pad = max((hi_y - lo_y) * 0.15, abs(hi_y) * 0.005, 1e-6)  # a flat set of points still gets a visible axis
-    pct = lo.run.meta["metric"].get("name") in ("accuracy", "agreement")
-    fig.update_layout(height=400, margin=dict(l=10, r=10, t=40, b=10), xaxis_title="size (MB)",
-                      yaxis=dict(title=lo.run.meta["metric"]["name"], range=[lo_y - pad, hi_y + pad],
-                                 tickformat=".2%" if pct else None),
-                      legend=dict(orientation="h", y=-0.2),
-                      title="Size vs metric: measured policies and the current policy (projected ± band)")
-    return fig
-
+    return metric_figure(lo, p, "size",
+                         title="Size vs metric: measured policies and the current policy (projected ± band)")
 
 
 def render() -> None:

@@ -6,7 +6,8 @@ from pathlib import Path
 from streamlit.testing.v1 import AppTest
 
 APP = str(Path(__file__).resolve().parents[2] / "dashboard" / "app.py")
-PAGES = {"overview": "views/overview.py", "layers": "views/layers.py", "activations": "views/activations.py",
+PAGES = {"overview": "views/overview.py", "layers": "views/layers.py", "search": "views/search.py",
+         "activations": "views/activations.py",
          "export": "views/export.py"}
 
 

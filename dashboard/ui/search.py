@@ -1,0 +1,141 @@
+"""Search: the best policy under a budget (exact, ``analysis.search``), applied to the table; Pareto frontiers.
+
+A page of its own rather than a panel on Layers: the Layers page is the toggle path, which must
+stay cheap, while a search and a frontier (up to 40 exact solves) are occasional, heavier work.
+"""
+from __future__ import annotations
+
+import numpy as np
+import streamlit as st
+
+from analysis.search import SearchError, best_policy
+from dashboard import state
+from dashboard.components import fmt_band, fmt_mb, fmt_metric, headline, require_run
+from dashboard.data import MB, Loaded, coupled, frontier_frame, stamp_of
+from dashboard.ui.charts import measured_points, metric_figure
+
+LAST = "ql.search_last"  # (Run path, message kind, text): the outcome of the last search, shown after it
+
+
+def frontier_key(lo: Loaded) -> str:
+    return f"ql.frontier_on::{lo.path}"
+
+
+def _pct(lo: Loaded) -> bool:
+    return lo.run.meta["metric"].get("name") in ("accuracy", "agreement")
+
+
+def _drop_label(lo: Loaded) -> str:
+    name = lo.run.meta["metric"]["name"]
+    if _pct(lo):
+        return f"Max {name} drop from FP32 (percentage points; 1 = 0.01 {name})"
+    worse = "drop" if lo.run.higher_is_better else "rise"
+    return f"Max {name} {worse} from FP32 ({name} units)"
+
+
+def _budget_form(lo: Loaded) -> None:
+    pj = lo.projector
+    smallest = pj.other_bytes + int(np.where(pj.allowed, pj.bytes, np.iinfo(np.int64).max).min(axis=1).sum())
+    lat = lo.run.meta.get("latency") or {}
+    groups = coupled(lo.path, stamp_of(lo.path))
+    with st.form("ql.search_form", border=True):
+        st.markdown("**Budget** — fill in one or more. With a size or latency budget the search maximises the "
+                    "projected metric; with only a max drop it minimises size (or latency).")
+        a, b, c = st.columns(3)
+        size = a.number_input("Max size (MB)", min_value=0.0, value=None, step=0.01, format="%.3f", key="ql.s_size",
+                              help=f"FP32 is {fmt_mb(pj.fp32_bytes)}; the smallest policy this Run allows is "
+                                   f"{fmt_mb(smallest)}. 1 MB = 10^6 bytes.")
+        latency = None
+        if lo.has_latency:
+            latency = b.number_input(f"Max latency ({lat.get('unit', 'ms')})", min_value=0.0, value=None, step=0.1,
+                                     format="%.3f", key="ql.s_latency",
+                                     help=f"Projected from the measured per-layer latency; FP32 measured "
+                                          f"{float(lat.get('fp32_ms', float('nan'))):.3f} ms.")
+        else:
+            b.caption("Latency: not measured in this Run, so no latency budget.")
+        drop = c.number_input(_drop_label(lo), min_value=0.0, value=None, step=0.1 if _pct(lo) else 0.001,
+                              format="%.2f" if _pct(lo) else "%.4f", key="ql.s_drop")
+        minimize = "size"
+        if lo.has_latency:
+            minimize = st.radio("With only a max drop, minimise", ["size", "latency"], horizontal=True,
+                                key="ql.s_minimize")
+        use_groups = True
+        if groups:
+            use_groups = st.checkbox(f"Layers that read one tensor share a format ({len(groups)} group(s))",
+                                     value=True, key="ql.s_groups",
+                                     help="A runtime quantizes a shared input once; `quantlens search` honours "
+                                          "these groups unless told --no-groups.")
+        go = st.form_submit_button("Find the best policy and apply it", type="primary")
+    if not go:
+        return
+    if size is None and latency is None and drop is None:
+        st.session_state[LAST] = (lo.path, "error", "Give a budget: a max size, a max latency or a max drop.")
+        return
+    try:
+        res = best_policy(pj, max_bytes=None if size is None else size * MB, max_latency_ms=latency,
+                          max_drop=None if drop is None else (drop / 100 if _pct(lo) else drop), minimize=minimize,
+                          groups=groups if use_groups and groups else None)
+    except SearchError as e:
+        st.session_state[LAST] = (lo.path, "error", f"No policy found: {e}. Loosen the budget.")
+        return
+    notes = state.set_codes(lo, res.codes)
+    pr = res.projection
+    counts = np.bincount(res.codes.astype(np.intp), minlength=3)
+    goal = {"metric": "best projected metric", "size": "smallest size", "latency": "lowest latency"}[res.objective]
+    text = (f"Applied the policy with the {goal} under the budget: INT8 {int(counts[1])}, INT4 {int(counts[2])}, "
+            f"FP32 {int(counts[0])} layers · projected {lo.run.meta['metric']['name']} {fmt_metric(pr.metric, lo)} "
+            f"({fmt_band(pr.band, lo)}) · {fmt_mb(pr.bytes)}"
+            + (f" · {pr.latency_ms:.3f} ms" if pr.latency_ms is not None else "")
+            + ". The Layers table and the link follow; verify it on Export & share.")
+    st.session_state[LAST] = (lo.path, "success", text)
+    if pr.extrapolated:
+        state.notice("The suggested policy lies beyond every measured point: its metric is extrapolated. "
+                     "Verify it before trusting the number.")
+    for msg in notes:
+        state.notice(msg)
+
+
+def _frontiers(lo: Loaded, codes: np.ndarray) -> None:
+    st.subheader("Pareto frontiers")
+    p = lo.projector.project(codes)
+    on = bool(st.session_state.get(frontier_key(lo)))
+    if not on:
+        st.caption(f"The frontier takes up to 40 exact solves on {len(codes)} layers; it is computed on demand and "
+                   "kept for this Run version. The measured points and the current policy are drawn already.")
+        st.button("Compute the Pareto frontier", key="ql.frontier_go", icon=":material/timeline:",
+                  on_click=st.session_state.__setitem__, args=(frontier_key(lo), True))
+    stamp = stamp_of(lo.path)
+    axes = ["size", "latency"] if lo.has_latency else ["size"]
+    cols = st.columns(len(axes))
+    for col, axis in zip(cols, axes):
+        front = frontier_frame(lo.path, stamp, axis) if on else None
+        with col:
+            st.plotly_chart(metric_figure(lo, p, axis, front), key=f"ql.search_chart_{axis}", width="stretch")
+            _, missing = measured_points(lo, axis)
+            if axis == "latency" and missing:
+                st.caption(f"{missing} measured polic{'y has' if missing == 1 else 'ies have'} no measured "
+                           "latency and are not drawn here.")
+            if on and front is not None and not len(front):
+                st.caption("No frontier: the search found no policy on this axis.")
+    if not lo.has_latency:
+        st.caption("No latency chart: this Run holds no measured latency (analyse without --no-latency).")
+    st.caption("Frontier and diamond: projected (the diamond's bar is the projection's error band). Circles and "
+               "stars: measured — fake-quant policies from the sweep, stars verified as real quantized models in "
+               "onnxruntime.")
+
+
+def render() -> None:
+    """The page body (the script in dashboard/views/ calls it)."""
+    lo = require_run()
+    st.title("Search")
+    st.caption("The exact optimum of the projection (a mixed-integer program, as `quantlens search`): "
+               "applied to the current policy, so the Layers table, the headline and the link follow.")
+    _budget_form(lo)
+    last = st.session_state.pop(LAST, None)
+    if last and last[0] == lo.path:
+        (st.error if last[1] == "error" else st.success)(last[2])
+    state.show_notices()
+    codes = state.codes(lo)
+    headline(lo, lo.projector.project(codes), codes)
+    st.page_link("views/layers.py", label="See and edit it layer by layer", icon=":material/tune:")
+    _frontiers(lo, codes)

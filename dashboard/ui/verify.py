@@ -1,0 +1,119 @@
+"""Verify: build the current policy as a real quantized ONNX model and measure it in onnxruntime, in the background.
+
+``analysis.verify.verify_policy`` runs in a thread (``dashboard.jobs``); a fragment polls it while it
+runs, so the rest of the page (and every toggle) stays as fast as without it. The measured row lands
+in the Run's policies table on disk; the Run's cache key follows the file, so every chart reloads it.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from analysis.policy import FORMAT_CODE, policy_from_codes
+from dashboard import state
+from dashboard.components import fmt_band, fmt_mb, fmt_metric
+from dashboard.data import Loaded, open_run, verify_blocker, verify_jobs
+
+WATCH = "ql.verify_watch"  # id of a job this session saw running: when it ends, the whole page reruns once
+POLL_S = 0.5
+
+
+def _codes_of(layers_json: str, index: dict[str, int]) -> np.ndarray | None:
+    try:
+        layers = json.loads(layers_json) if layers_json else {}
+    except (TypeError, json.JSONDecodeError):
+        return None
+    codes = np.zeros(len(index), dtype=np.int8)
+    for name, fmt in layers.items():
+        if name not in index or fmt not in FORMAT_CODE:
+            return None
+        codes[index[name]] = FORMAT_CODE[fmt]
+    return codes
+
+
+def measured_rows(lo: Loaded, codes: np.ndarray) -> pd.DataFrame:
+    """Rows of the Run's policies table that measured exactly this policy (any kind, baseline included)."""
+    index = {n: i for i, n in enumerate(lo.projector.names)}
+    pol = lo.run.policies
+    keep = [i for i, lj in enumerate(pol["layers_json"])
+            if (c := _codes_of(lj, index)) is not None and np.array_equal(c, codes)]
+    return pol.iloc[keep]
+
+
+def _comparison(lo: Loaded, codes: np.ndarray) -> None:
+    p = lo.projector.project(codes)
+    rows = [{"": "projected (now)", lo.run.meta["metric"]["name"]: f"{fmt_metric(p.metric, lo)} ({fmt_band(p.band, lo)})",
+             "size": fmt_mb(p.bytes), "latency": "—" if p.latency_ms is None else f"{p.latency_ms:.3f} ms",
+             "measured on": "projection from the per-layer measurements", "|measured − projected|": ""}]
+    for r in measured_rows(lo, codes).itertuples(index=False):
+        err = abs(float(r.metric) - p.metric)
+        inside = "" if p.band is None else (" — inside the band" if err <= p.band + 1e-12 else " — outside the band")
+        rows.append({"": f"measured: {r.name}", lo.run.meta["metric"]["name"]: fmt_metric(float(r.metric), lo),
+                     "size": fmt_mb(float(r.bytes)),
+                     "latency": f"{r.latency_ms:.3f} ms" if math.isfinite(r.latency_ms) else "not measured",
+                     "measured on": str(r.measured_on),
+                     "|measured − projected|": fmt_metric(err, lo, signed=True).lstrip("+") + inside})
+    st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
+    if len(rows) == 1:
+        st.caption("No measurement of exactly this policy yet.")
+
+
+def _job_panel(path: str) -> None:
+    job = verify_jobs().get(path)
+    if job is None:
+        return
+    if not job.done:
+        steps = " → ".join(job.steps) or "starting"
+        st.info(f"Verifying in onnxruntime… {job.seconds:.0f} s · {steps}", icon=":material/hourglass_top:")
+        return
+    if st.session_state.get(WATCH) == job.id:  # it ended while this session watched: redraw everything once
+        del st.session_state[WATCH]
+        st.rerun()
+    if job.error:
+        st.error(f"Verify failed after {job.seconds:.1f} s: {job.error}")
+        return
+    r = job.result or {}
+    lo = open_run(path)
+    same = isinstance(lo, Loaded) and np.array_equal(job.codes, state.codes(lo))
+    st.success(f"Verified in {job.seconds:.1f} s as **{r.get('name')}**: measured "
+               f"{fmt_metric(float(r['metric']), lo) if isinstance(lo, Loaded) else r['metric']} on "
+               f"{r.get('measured_on')}; ONNX file {fmt_mb(float(r.get('file_bytes', 0)))}; latency "
+               f"{float(r.get('latency_ms', float('nan'))):.3f} ms (FP32 {float(r.get('fp32_latency_ms', float('nan'))):.3f} ms"
+               f" in the same run)." + ("" if same else " That was another policy than the current one."))
+    kernels = r.get("kernels") or {}
+    if kernels or r.get("notes"):
+        with st.expander("Kernels and notes of the verified model", expanded=False):
+            if kernels:
+                st.dataframe(pd.DataFrame({"layer": list(kernels), "kernel": list(kernels.values())}), hide_index=True)
+            for n in r.get("notes") or []:
+                st.caption(n)
+
+
+def render(lo: Loaded) -> None:
+    """The Verify section: the button (or why it is off), the running job, and measured beside projected."""
+    st.subheader("Verify (measure in onnxruntime)")
+    codes = state.codes(lo)
+    jobs = verify_jobs()
+    job = jobs.get(lo.path)
+    running = job is not None and not job.done
+    reason = verify_blocker(lo)
+    clicked = st.button("Verify (measure in onnxruntime)", key="ql.verify", icon=":material/verified:",
+                        disabled=reason is not None or running,
+                        help=reason or "Builds the current policy as a quantized ONNX model, measures its metric on "
+                                       "the task's evaluation data and its latency, and stores the result in the Run.")
+    if reason is not None:
+        st.info(f"Verify is off: {reason}", icon=":material/block:")
+    if clicked and reason is None and not running:
+        try:
+            job = jobs.start(lo.path, codes, policy_from_codes(lo.run, codes))
+        except RuntimeError as e:
+            st.warning(str(e))
+        running = job is not None and not job.done
+    if running:
+        st.session_state[WATCH] = job.id
+    st.fragment(_job_panel, run_every=POLL_S if running else None)(lo.path)
+    _comparison(lo, codes)

@@ -1,0 +1,122 @@
+"""Search applies the optimum to the current policy; Verify measures it in onnxruntime in the background."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from analysis.policy import decode_url_token
+from analysis.projection import Projector
+from analysis.run import load_run
+from analysis.search import best_policy
+from dashboard.data import verify_jobs
+
+
+def size_bytes(at) -> int:
+    m = next(m for m in at.metric if m.label == "Projected size")
+    return int(re.search(r"([\d,]+) B", m.proto.delta).group(1).replace(",", ""))
+
+
+def codes_of(at) -> np.ndarray:
+    return at.session_state[f"ql.codes::{at.session_state['ql.run_dirs'][0]}"]
+
+
+def search(at, **budget):
+    for k, v in budget.items():
+        at.number_input(key=f"ql.s_{k}").set_value(v)
+    at.button(key="FormSubmitter:ql.search_form-Find the best policy and apply it").click()
+    return at.run()
+
+
+def test_search_applies_the_policy_and_the_headline_follows(app, syn_dir):
+    run = load_run(syn_dir)
+    pj = Projector(run)
+    budget_mb = (pj.fp32_bytes * 0.45) / 1e6
+    want = best_policy(pj, max_bytes=budget_mb * 1e6)
+    at = search(app([syn_dir], "search"), size=budget_mb)
+    assert not at.exception and not at.error
+    assert any("Applied the policy" in s.value for s in at.success)
+    assert np.array_equal(codes_of(at), want.codes)
+    assert size_bytes(at) == want.projection.bytes < pj.fp32_bytes
+    token = at.query_params["p"]
+    token = token if isinstance(token, str) else token[0]
+    assert np.array_equal(decode_url_token(token, run).codes, want.codes)  # the link follows
+    at.switch_page("views/layers.py").run()  # and so does the table
+    assert not at.exception and size_bytes(at) == want.projection.bytes
+    assert (at.data_editor[0].value["format"] != "fp32").sum() == int((want.codes != 0).sum())
+
+
+def test_max_drop_is_in_percentage_points(app, syn_dir):
+    want = best_policy(Projector(load_run(syn_dir)), max_drop=0.01, minimize="size")
+    at = search(app([syn_dir], "search"), drop=1.0)
+    assert not at.exception and not at.error
+    assert np.array_equal(codes_of(at), want.codes)
+
+
+@pytest.mark.parametrize("budget", [{"size": 0.0001}, {}])
+def test_infeasible_or_missing_budget_is_a_message(app, syn_dir, budget):
+    at = search(app([syn_dir], "search"), **budget)
+    assert not at.exception
+    assert at.error and ("No policy found" in at.error[0].value or "Give a budget" in at.error[0].value)
+    assert not codes_of(at).any()  # the policy is left as it was
+
+
+@pytest.fixture
+def digits_copy(digits_run, tmp_path) -> str:
+    """A private copy of the demo Run: a verify rewrites the Run's policies table."""
+    dst = tmp_path / "digits"
+    shutil.copytree(digits_run.path, dst, ignore=shutil.ignore_patterns("jobs"))
+    return str(dst)
+
+
+def test_verify_measures_and_stores_the_current_policy(app, digits_copy):
+    at = app([digits_copy], "search")
+    at.button(key="ql.frontier_go").click().run()  # the frontier, both axes (the demo Run has latency)
+    assert not at.exception and not at.error
+    assert at.session_state[f"ql.frontier_on::{at.session_state['ql.run_dirs'][0]}"]
+    assert not [b for b in at.button if b.key == "ql.frontier_go"]  # computed once asked, then the button goes
+    at = search(at, drop=2.0)
+    target = codes_of(at).copy()
+    assert target.any()
+    at.switch_page("views/export.py").run()
+    button = at.button(key="ql.verify")
+    assert not button.disabled
+    button.click().run()
+    assert not at.exception
+    path = at.session_state["ql.run_dirs"][0]
+    assert verify_jobs().get(path).wait(120)
+    at.run()
+    assert not at.exception and not at.error
+    assert any("Verified in" in s.value for s in at.success)
+    pol = load_run(digits_copy).policies
+    row = pol[pol["kind"] == "user"].iloc[-1]
+    assert np.isfinite(row["metric"]) and np.isfinite(row["latency_ms"]) and row["measured_on"].startswith("onnxruntime")
+    table = next(d.value for d in at.dataframe if "|measured − projected|" in d.value.columns)
+    assert f"measured: {row['name']}" in table.iloc[:, 0].tolist()  # measured beside projected, from the Run on disk
+    at.switch_page("views/search.py").run()
+    assert not at.exception and not at.error
+
+
+@pytest.mark.parametrize("how, words", [("sha", "no longer matches"), ("data", "not at hand")])
+def test_verify_is_off_with_the_reason_when_the_model_is_not_at_hand(app, digits_copy, how, words):
+    meta_path = Path(digits_copy) / "run.json"
+    meta = json.loads(meta_path.read_text())
+    if how == "sha":
+        meta["model"]["sha256"] = "0" * 64
+    else:
+        meta["data"].update(task="from-a-laptop", source="/nowhere/data.npz")
+    meta_path.write_text(json.dumps(meta))
+    at = app([digits_copy], "export")
+    assert not at.exception
+    assert at.button(key="ql.verify").disabled
+    assert any("Verify is off" in i.value and words in i.value for i in at.info)
+
+
+def test_verify_is_off_on_a_synthetic_run(app, syn_dir):
+    at = app([syn_dir], "export")
+    assert at.button(key="ql.verify").disabled
+    assert any("synthetic Run has no model" in i.value for i in at.info)
