@@ -196,7 +196,9 @@ class Projector:
         use_kl = "kl" in pol.columns and bool(np.isfinite(ok["kl"]).all()) and len(ok) > 0
         measured = []
         for r in pol.itertuples(index=False):
-            if r.kind == "baseline" or not np.isfinite(r.metric):
+            # calibrate on what the sweep measured the same way as the per-layer jobs (torch fake-quant);
+            # verified runtime rows are compared with the projection, they do not move it
+            if r.kind not in ("uniform", "random") or not np.isfinite(r.metric):
                 continue
             pen = float(getattr(r, "kl", np.nan)) if use_kl else max(float(r.loss) - self.base_loss, 0.0)
             codes = self._codes_of(r.layers_json, index)
