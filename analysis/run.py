@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 
 SCHEMA = "quantlens.run/1"
 SUPPORTED_SCHEMAS = (SCHEMA,)
+MAX_META_BYTES = 16 << 20  # run.json of a 10,000-layer Run is well under 1 MiB
 
 TABLE_COLUMNS: dict[str, list[str]] = {
     "layers": ["name", "type", "order", "weight_shape", "params", "macs", "in_features",
@@ -87,7 +88,8 @@ class Run:
 
 def _write_table(df: pd.DataFrame, path: Path) -> None:
     table = pa.Table.from_pandas(df.reset_index(drop=True), preserve_index=False)
-    pq.write_table(table, path, compression="zstd")
+    with open(path, "wb") as f:  # a file object: pyarrow cannot encode non-UTF-8 path names itself
+        pq.write_table(table, f, compression="zstd")
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -168,10 +170,40 @@ def load_run(path: str | os.PathLike) -> Run:
     meta_path = path / "run.json"
     if not meta_path.is_file():
         raise RunError(f"{path}: not a Run (no run.json)")
+    if meta_path.stat().st_size > MAX_META_BYTES:
+        raise RunError(f"{meta_path}: {meta_path.stat().st_size:,} bytes, more than a run.json holds "
+                       f"(limit {MAX_META_BYTES:,})")
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise RunError(f"{meta_path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise RunError(f"{meta_path}: not valid JSON (nested too deeply)") from None
+    _check_meta(meta, meta_path)
+    tables = {}
+    for name, cols in TABLE_COLUMNS.items():
+        file = path / f"{name}.parquet"
+        if not file.is_file():
+            raise RunError(f"{file}: missing")
+        try:
+            with open(file, "rb") as f:
+                df = pq.read_table(f).to_pandas()
+        except Exception as e:  # pyarrow raises several types for corrupt files
+            raise RunError(f"{file}: unreadable Parquet ({type(e).__name__}: {e})") from None
+        missing = [c for c in cols if c not in df.columns]
+        if missing:
+            raise RunError(f"{file}: column(s) {', '.join(missing)} missing")
+        tables[name] = df
+    _check_tables(tables, meta, path)
+    return Run(path, meta, tables)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _check_meta(meta, meta_path: Path) -> None:
+    """The fields every reader relies on, with their types; the message names the field."""
     if not isinstance(meta, dict):
         raise RunError(f"{meta_path}: expected a JSON object")
     schema = meta.get("schema")
@@ -180,17 +212,63 @@ def load_run(path: str | os.PathLike) -> Run:
     for key in ("model", "metric", "formats", "baseline"):
         if key not in meta:
             raise RunError(f"{meta_path}: field '{key}' is missing")
-    tables = {}
-    for name, cols in TABLE_COLUMNS.items():
-        file = path / f"{name}.parquet"
-        if not file.is_file():
-            raise RunError(f"{file}: missing")
-        try:
-            df = pq.read_table(file).to_pandas()
-        except Exception as e:  # pyarrow raises several types for corrupt files
-            raise RunError(f"{file}: unreadable Parquet ({type(e).__name__}: {e})") from None
-        missing = [c for c in cols if c not in df.columns]
-        if missing:
-            raise RunError(f"{file}: column(s) {', '.join(missing)} missing")
-        tables[name] = df
-    return Run(path, meta, tables)
+    checks = [
+        ("model", isinstance(meta["model"], dict), "an object"),
+        ("model.sha256", isinstance(meta["model"], dict) and isinstance(meta["model"].get("sha256"), str), "a string"),
+        ("metric", isinstance(meta["metric"], dict), "an object"),
+        ("metric.name", isinstance(meta["metric"], dict) and isinstance(meta["metric"].get("name"), str), "a string"),
+        ("metric.higher_is_better", isinstance(meta["metric"], dict)
+         and isinstance(meta["metric"].get("higher_is_better"), bool), "true or false"),
+        ("formats", isinstance(meta["formats"], list) and all(isinstance(f, str) for f in meta["formats"])
+         and len(set(meta["formats"])) == len(meta["formats"]), "a list of distinct format names"),
+        ("baseline", isinstance(meta["baseline"], dict), "an object"),
+        ("baseline.metric", isinstance(meta["baseline"], dict) and _is_number(meta["baseline"].get("metric")), "a number"),
+        ("baseline.loss", isinstance(meta["baseline"], dict) and _is_number(meta["baseline"].get("loss")), "a number"),
+        ("status", meta.get("status", "complete") in ("partial", "complete"), "'partial' or 'complete'"),
+    ]
+    for field_name, ok, expected in checks:
+        if not ok:
+            raise RunError(f"{meta_path}: field '{field_name}' must be {expected}")
+
+
+NUMERIC_COLUMNS = {"layers": ("order",), "cost": ("bytes",), "sensitivity": ("metric", "loss", "loss_delta", "kl")}
+
+
+def _check_tables(tables: dict[str, pd.DataFrame], meta: dict, path: Path) -> None:
+    """Tables that disagree with each other or with run.json are refused, naming the table and field:
+    downstream numbers (projections, sizes, the URL codec) would silently be wrong otherwise."""
+    for name, cols in NUMERIC_COLUMNS.items():
+        for c in cols:
+            if not (pd.api.types.is_numeric_dtype(tables[name][c]) and not pd.api.types.is_bool_dtype(tables[name][c])):
+                raise RunError(f"{path / f'{name}.parquet'}: column '{c}' must be numeric")
+    layers = tables["layers"]
+    names = layers["name"]
+    if not all(isinstance(n, str) for n in names):
+        raise RunError(f"{path / 'layers.parquet'}: column 'name' must hold strings")
+    if names.duplicated().any():
+        raise RunError(f"{path / 'layers.parquet'}: layer {names[names.duplicated()].iloc[0]!r} appears twice")
+    known, formats = set(names), list(meta["formats"])
+    allowed = {"sensitivity": set(formats), "clipping": set(formats), "cost": {"fp32", *formats}}
+    for name in ("sensitivity", "histograms", "clipping", "cost"):
+        t = tables[name]
+        unknown = sorted({str(x) for x in t["layer"] if x not in known})
+        if unknown:
+            raise RunError(f"{path / f'{name}.parquet'}: column 'layer' names layer(s) not in layers.parquet: "
+                           + ", ".join(unknown[:5]))
+        if name in allowed:
+            bad = sorted({str(x) for x in t["format"] if x not in allowed[name]})
+            if bad:
+                raise RunError(f"{path / f'{name}.parquet'}: column 'format' holds {', '.join(bad[:5])}, "
+                               f"not in run.json field 'formats' ({', '.join(formats)})")
+    for name in ("sensitivity", "cost"):
+        keys = tables[name][["layer", "format"]]
+        if keys.duplicated().any():
+            layer, fmt = keys[keys.duplicated()].iloc[0]
+            raise RunError(f"{path / f'{name}.parquet'}: two rows for layer {layer!r} at format {fmt!r}")
+    sens = tables["sensitivity"]
+    have = set(zip(sens["layer"], sens["format"]))
+    for n in names:
+        for f in formats:
+            if (n, f) not in have:
+                raise RunError(f"{path / 'sensitivity.parquet'}: no row for layer {n!r} at format {f!r} "
+                               f"(run.json field 'formats' lists it)")
