@@ -36,6 +36,7 @@ POLICY_FORMATS: tuple[str, ...] = ("fp32", "int8", "int4")  # index = 2-bit code
 FORMAT_CODE: dict[str, int] = {f: i for i, f in enumerate(POLICY_FORMATS)}
 URL_VERSION = "q1"
 URL_SHA_DIGITS = 12
+MAX_POLICY_BYTES = 8 << 20  # a 100,000-layer policy is about 4 MiB
 
 
 class PolicyError(ValueError):
@@ -91,7 +92,7 @@ def parse_policy(obj: Any) -> Policy:
     if not isinstance(sha, str) or not sha:
         raise PolicyError("field 'model.sha256' must be a non-empty string")
     default = obj.get("default", "fp32")
-    if default not in FORMAT_CODE:
+    if not isinstance(default, str) or default not in FORMAT_CODE:
         raise PolicyError(f"field 'default' is {default!r}; known formats: {', '.join(POLICY_FORMATS)}")
     layers = obj.get("layers", {})
     if not isinstance(layers, dict):
@@ -108,10 +109,14 @@ def from_json(text: str | bytes) -> Policy:
     Raises:
         PolicyError: not JSON, or a field is missing or malformed.
     """
+    if len(text) > MAX_POLICY_BYTES:
+        raise PolicyError(f"policy: {len(text):,} bytes, more than a policy holds (limit {MAX_POLICY_BYTES:,})")
     try:
         obj = json.loads(text)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise PolicyError(f"policy: not valid JSON ({e})") from None
+    except RecursionError:  # the decoder recurses once per level; a policy nests two levels deep
+        raise PolicyError('policy: JSON nested too deeply (a policy is {"layers": {name: format}})') from None
     return parse_policy(obj)
 
 
@@ -265,7 +270,7 @@ def decode_codes(token: str) -> UrlToken:
     version, sha, n_text, body = parts
     if version != URL_VERSION:
         raise PolicyError(f"policy token: version {version!r}; this version reads {URL_VERSION!r}")
-    if not n_text.isdigit():
+    if not (n_text.isascii() and n_text.isdigit()):
         raise PolicyError(f"policy token: layer count {n_text!r} is not a number")
     n = int(n_text)
     try:
