@@ -72,6 +72,11 @@ class _Acc:
     signal: float = 0.0  # summed squares of the layer's FP32 output
     noise: float = 0.0  # summed squares of (quantized - FP32) layer output
     seconds: float = 0.0
+    nonfinite: int = 0  # samples whose output holds NaN or Inf (e.g. an exp that overflows once quantized)
+
+
+def _nonfinite_samples(y: torch.Tensor) -> int:
+    return int((~torch.isfinite(y.reshape(y.shape[0], -1))).any(1).sum())
 
 
 def _as_tensor(y, where: str) -> torch.Tensor:
@@ -193,11 +198,13 @@ class SweepRunner:
                         with self.model.quantized(dict(job.policy)):
                             y = self.model.module(x)
                     acc.state.update(_as_tensor(y, "model output"), y_ref, labels)
+                    acc.nonfinite += _nonfinite_samples(y)
                     acc.seconds += time.perf_counter() - t0
                     if progress:
                         progress(1)
         return [{**job.to_dict(), "result": accs[job.key].state.result(), "signal": accs[job.key].signal,
-                 "noise": accs[job.key].noise, "seconds": round(accs[job.key].seconds, 4), "path": self.path}
+                 "noise": accs[job.key].noise, "seconds": round(accs[job.key].seconds, 4), "path": self.path,
+                 "nonfinite": accs[job.key].nonfinite}
                 for job in jobs]
 
 

@@ -12,6 +12,19 @@ from analysis.models.base import LayerInfo
 from analysis.primitives import sqnr_db
 
 SENS_NUMBERS = ("metric", "metric_delta", "loss", "loss_delta", "kl", "output_sqnr_db", "weight_sqnr_db")
+NONFINITE = "nonfinite"  # sensitivity status of a job whose quantized output held NaN or Inf
+
+
+def nonfinite_reason(rec: dict) -> str | None:
+    """Why a job's numbers are not usable, or None: its output held NaN/Inf (counted by the sweep, or seen
+    as a non-finite loss where a backend does not count). A metric such as accuracy still comes out as a
+    number then (argmax of NaN), so it is recorded as NaN rather than trusted."""
+    n = int(rec.get("nonfinite") or 0)
+    loss = rec["result"].get("loss")
+    if n == 0 and (loss is None or math.isfinite(loss)):
+        return None
+    where = f"on {n} sample(s)" if n else "(non-finite loss)"
+    return f"the quantized model's output held NaN or Inf {where}"
 
 
 def layers_table(layers: list[LayerInfo], reaches: dict[str, bool]) -> pd.DataFrame:
@@ -39,6 +52,8 @@ def sensitivity_table(layers: list[LayerInfo], formats: list[str], skip: dict[tu
                            loss=r["loss"], loss_delta=r["loss"] - baseline["loss"], kl=r["kl"],
                            output_sqnr_db=sqnr_db(rec["signal"], rec["noise"]), weight_sqnr_db=weight_sqnr[(l.name, f)])
                 row.update({k: v for k, v in r.items() if k not in ("metric", "loss", "kl")})  # extra metrics
+                if (why := nonfinite_reason(rec)) is not None:
+                    row.update(status=NONFINITE, reason=why, metric=np.nan, metric_delta=np.nan)
             rows.append(row)
     return pd.DataFrame(rows)
 
@@ -56,7 +71,7 @@ def policies_table(baseline: dict, policy_records: dict[str, dict], policies: di
             continue
         r = rec["result"]
         rows.append({"name": name, "kind": kinds.get(name, "uniform"), "layers_json": json.dumps(pol, sort_keys=True),
-                     "metric": r["metric"], "loss": r["loss"], "bytes": policy_bytes(cost, pol, other_bytes),
+                     "metric": np.nan if nonfinite_reason(rec) else r["metric"], "loss": r["loss"], "bytes": policy_bytes(cost, pol, other_bytes),
                      "latency_ms": np.nan, "measured_on": measured_on, "projected_metric": np.nan, "projected_band": np.nan,
                      "kl": r.get("kl", np.nan)})
     return pd.DataFrame(rows)
