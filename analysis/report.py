@@ -360,8 +360,8 @@ def write_report(run: Run, out: str | os.PathLike, *, fmt: str = "html", policy:
         raise ReportError(f"{out.parent}: folder does not exist")
     text = (render_html if fmt == "html" else render_markdown)(run, policy, policy_source)
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+    try:  # a non-UTF-8 file name in the Run's provenance is written as a \udcXX escape, not refused
+        with os.fdopen(fd, "w", encoding="utf-8", errors="backslashreplace") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
