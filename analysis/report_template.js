@@ -10,7 +10,7 @@
 //            continued with tail_slope beyond the last knot ("extrapolated")
 //   bytes  = other_bytes + sum_i bytes[i][code_i]
 //   ms     = fp32_latency_ms + sum over quantized i of (latency[i][c] - latency[i][0]), or null
-//   nearest: the measured whole-model policy with the fewest layers in another format
+//   nearest: the measured whole-model policy (FP32 included) with the fewest layers in another format
 function qlCurve(m, s) {
   const x = m.knots_x, y = m.knots_y, n = x.length;
   if (s > x[n - 1]) return y[n - 1] + m.tail_slope * (s - x[n - 1]);
@@ -32,11 +32,16 @@ function qlProject(m, codes) {
     }
   }
   const s = m.offset + m.scale * pen, total = m.other_bytes + bytes;
+  // as Calibration.nearest: the FP32 baseline first, then the first measured policy that is strictly closer
   let nearest = "", distance = 0;
-  m.measured.forEach((p, k) => {
-    const d = p.codes.reduce((n, c, i) => n + (c !== codes[i]), 0) / codes.length;
-    if (k === 0 || d < distance) { nearest = p.name; distance = d; }
-  });
+  if (m.measured.length) {
+    nearest = "fp32";
+    distance = codes.reduce((n, c) => n + (c !== 0), 0) / codes.length;
+    m.measured.forEach((p) => {
+      const d = p.codes.reduce((n, c, i) => n + (c !== codes[i]), 0) / codes.length;
+      if (d < distance) { nearest = p.name; distance = d; }
+    });
+  }
   return {metric: qlCurve(m, s), band: m.band, s: s, bytes: total,
           size_ratio: total ? m.fp32_bytes / total : Infinity,
           latency_ms: latOk ? m.fp32_latency_ms + dlat : null,
