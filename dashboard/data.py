@@ -6,6 +6,8 @@ a cost proportional to the Run on every toggle.
 """
 from __future__ import annotations
 
+import html
+
 import json
 import os
 from dataclasses import dataclass, field
@@ -66,6 +68,9 @@ def _layer_frame(run: Run, pj: Projector) -> pd.DataFrame:
         s = sens[sens["format"] == fmt].set_index("layer").reindex(names)
         df[f"Δmetric {fmt}"] = s["metric_delta"].to_numpy(dtype=float)
         df[f"Δloss {fmt}"] = s["loss_delta"].to_numpy(dtype=float)
+        code = FORMAT_CODE.get(fmt)
+        if code is not None:  # what the projection adds up: KL to FP32 (or the loss increase), never negative
+            df[f"sensitivity {fmt}"] = np.where(pj.allowed[:, code], pj.penalty[:, code], np.nan)
         df[f"SQNR {fmt} (dB)"] = s["output_sqnr_db"].to_numpy(dtype=float)
     for fmt in POLICY_FORMATS:
         if fmt == "fp32" or fmt in run.formats:
@@ -125,24 +130,34 @@ def sensitivity_figure(path: str, stamp: tuple[float, ...]):
 
     loaded = _load(path, stamp)
     df = loaded.layers
-    names = df["layer"].tolist()
+    names = [html.escape(str(n)) for n in df["layer"]]  # plotly renders some tags in hover and tick text
     # numeric x and plain-list names: Streamlit copies the figure on every render, and object arrays copy slowly
     x = np.arange(len(df))
     fig = go.Figure()
     colors = {"int8": "#4C78A8", "int4": "#E45756"}
     for fmt in loaded.run.formats:
-        col = f"Δloss {fmt}"
+        col = f"sensitivity {fmt}"
         if col in df:
             fig.add_bar(x=x, y=df[col].to_numpy(dtype=float), name=fmt.upper(), marker_color=colors.get(fmt),
                         hovertext=names, hovertemplate="%{hovertext}: %{y:.4g}<extra>" + fmt.upper() + "</extra>")
     small = len(df) <= 60
     fig.update_layout(barmode="group", height=320, margin=dict(l=10, r=10, t=30, b=10),
-                      title="Loss change with only that layer quantized (measured), execution order",
+                      title=f"Sensitivity with only that layer quantized (measured {_penalty_name(loaded)}), "
+                            "execution order",
                       xaxis=dict(title="layer (execution order)", tickmode="array" if small else "auto",
                                  tickvals=x.tolist() if small else None, ticktext=names if small else None),
-                      yaxis=dict(title=f"Δ {loaded.run.meta['metric'].get('loss', 'loss')}"),
+                      yaxis=dict(title=_penalty_name(loaded)),
                       legend=dict(orientation="h", y=1.12, x=1, xanchor="right"))
     return fig
+
+
+def _penalty_name(loaded) -> str:
+    cal = loaded.projector.calibration
+    if cal is not None and cal.kind == "kl":
+        return "KL divergence to FP32 outputs"
+    if cal is not None:
+        return f"{loaded.run.meta['metric'].get('loss', 'loss')} increase"
+    return f"Δ {loaded.run.meta['metric'].get('loss', 'loss')}"
 
 
 def stamp_of(path: str) -> tuple[float, ...]:

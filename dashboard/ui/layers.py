@@ -14,8 +14,8 @@ from dashboard.data import Loaded, sensitivity_figure, stamp_of
 
 SORTS = {
     "execution order": None,
-    "most sensitive at INT4 (loss change)": ("Δloss int4", False),
-    "most sensitive at INT8 (loss change)": ("Δloss int8", False),
+    "most sensitive at INT4": ("sensitivity int4", False),
+    "most sensitive at INT8": ("sensitivity int8", False),
     "largest (parameters)": ("params", False),
     "name": ("layer", True),
 }
@@ -98,8 +98,8 @@ def _bulk_actions(lo: Loaded, codes: np.ndarray, shown: np.ndarray) -> np.ndarra
         rest = b.selectbox("…and the rest at", lo.run.formats, key="ql.bulk_rest", format_func=str.upper)
         if c.button("Apply", key="ql.bulk_topn", width="stretch"):
             f = FORMAT_CODE[rest]
-            # rank by the measured loss change at the target format; unavailable layers stay FP32 anyway
-            delta = np.where(lo.projector.allowed[:, f], lo.projector.loss_delta[:, f], -np.inf)
+            # rank by the projection's own per-layer penalty at the target format; unavailable layers stay FP32
+            delta = np.where(lo.projector.allowed[:, f], lo.projector.penalty[:, f], -np.inf)
             new = np.full(len(codes), f, dtype=np.int8)
             new[np.argsort(-delta, kind="stable")[: int(n)]] = 0
         if st.button("Reset all to FP32", key="ql.bulk_reset"):
@@ -150,6 +150,10 @@ def policy_editor() -> None:
     for col in view.columns:
         if col.startswith(("Δmetric", "Δloss")):
             cfg[col] = st.column_config.NumberColumn(col, format="%.4f", help="measured: only this layer quantized")
+        elif col.startswith("sensitivity"):
+            cfg[col] = st.column_config.NumberColumn(col, format="%.2e", help=(
+                "measured with only this layer quantized: the per-layer penalty the projection sums "
+                "(KL divergence to the FP32 outputs, or the loss increase); never negative"))
         elif col.startswith(("SQNR", "KB", "ms ")):
             cfg[col] = st.column_config.NumberColumn(col, format="%.1f")
     st.caption(f"{len(view)} of {len(codes)} layers shown. Change a layer's **format** cell; the numbers above "

@@ -104,12 +104,15 @@ def test_filter_and_sort_keep_edits_on_the_right_layer(app, syn_dir):
     run = load_run(syn_dir)
     at = app([syn_dir], "layers")
     path = at.session_state["ql.run_dirs"][0]
-    at.selectbox(key="ql.sort").set_value("most sensitive at INT8 (loss change)").run()
+    at.selectbox(key="ql.sort").set_value("most sensitive at INT8").run()
     at.multiselect(key="ql.filter_types").set_value(["Linear"]).run()
     assert not at.exception
-    lin = run.layers[run.layers.type == "Linear"]["name"]
-    sens = run.sensitivity[(run.sensitivity.format == "int8")].set_index("layer").loc[lin]
-    first = sens["loss_delta"].idxmax()
+    from analysis.projection import Projector
+
+    pj = Projector(run)
+    lin = set(run.layers[run.layers.type == "Linear"]["name"])
+    penalty = {n: pj.penalty[i, 1] for i, n in enumerate(pj.names) if n in lin and pj.allowed[i, 1]}
+    first = max(penalty, key=penalty.get)  # the sort ranks by the projection's per-layer penalty
     at = edit(at, path, 0, "int8")
     codes = at.session_state[f"ql.codes::{path}"]
     assert np.count_nonzero(codes) == 1 and codes[run.layer_names.index(first)] == 1
