@@ -3,6 +3,8 @@
 A metric is accumulated batch by batch from the model's outputs, the FP32 reference
 outputs of the same batch, and the labels (when there are any). Each metric carries a
 continuous loss beside it, because accuracy on a few hundred samples moves in steps.
+A metric may also need the whole evaluation set at once (nearest-neighbour retrieval
+among all embeddings): its state keeps the outputs and adds set-level values at ``result()``.
 """
 from __future__ import annotations
 
@@ -32,11 +34,13 @@ def _kl_to_reference(y: torch.Tensor, y_ref: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class MetricState:
-    """Running sums for one evaluation; ``result()`` gives metric, loss and KL."""
+    """Running sums for one evaluation; ``result()`` gives metric, loss and KL (plus a
+    set-level metric's own values, e.g. ``retrieval_agreement``)."""
 
     metric_name: str
     n: int = 0
     sums: dict = field(default_factory=lambda: {"metric": 0.0, "loss": 0.0, "kl": 0.0})
+    outputs: list = field(default_factory=list)  # (y, y_ref) per batch, for set-level metrics only
 
     def update(self, y: torch.Tensor, y_ref: torch.Tensor, labels: torch.Tensor | None) -> None:
         m = METRICS[self.metric_name]
@@ -45,10 +49,17 @@ class MetricState:
         self.sums["metric"] += float(metric.sum())
         self.sums["loss"] += float(loss.sum())
         self.sums["kl"] += float(kl.sum()) if kl is not None else float("nan")
+        if m.name in _SET_LEVEL:
+            self.outputs.append((_flat(y).float(), _flat(y_ref).float()))
 
     def result(self) -> dict[str, float]:
         n = max(self.n, 1)
-        return {k: v / n for k, v in self.sums.items()}
+        out = {k: v / n for k, v in self.sums.items()}
+        if self.metric_name in _SET_LEVEL and self.outputs:
+            y = torch.cat([a for a, _ in self.outputs])
+            y_ref = torch.cat([b for _, b in self.outputs])
+            out.update(_SET_LEVEL[self.metric_name](y, y_ref))
+        return out
 
 
 @dataclass(frozen=True)
@@ -79,12 +90,45 @@ def _cosine(y, y_ref, labels):
     return cos, nmse, None
 
 
-_PER_SAMPLE = {"accuracy": _accuracy, "agreement": _agreement, "cosine": _cosine}
+RETRIEVAL_TEMPERATURE = 0.05  # all-MiniLM-L6-v2 was trained with similarity scale 20
+
+
+def _retrieval(y: torch.Tensor, y_ref: torch.Tensor) -> dict[str, float]:
+    """Nearest-neighbour retrieval over the whole evaluation set, compared with FP32.
+
+    Each text queries all the others by cosine similarity. ``retrieval_agreement`` is the
+    fraction whose nearest neighbour is the same as under FP32; ``kl`` (its continuous
+    loss) is the mean KL(FP32 || quantized) of the neighbour distributions
+    softmax(similarity / 0.05), self excluded.
+    """
+    if len(y) < 3:
+        return {"retrieval_agreement": float("nan")}
+    a, b = F.normalize(y.double(), dim=1), F.normalize(y_ref.double(), dim=1)
+    eye = torch.eye(len(a), dtype=torch.bool)
+    s, s_ref = (a @ a.T).masked_fill(eye, -torch.inf), (b @ b.T).masked_fill(eye, -torch.inf)
+    agree = (s.argmax(1) == s_ref.argmax(1)).double().mean()
+    log_q = F.log_softmax(s / RETRIEVAL_TEMPERATURE, dim=1).masked_fill(eye, 0.0)
+    log_p = F.log_softmax(s_ref / RETRIEVAL_TEMPERATURE, dim=1).masked_fill(eye, 0.0)
+    kl = (log_p.exp() * (log_p - log_q)).sum(1).mean()
+    return {"kl": float(kl), "retrieval_agreement": float(agree)}
+
+
+def _embedding(y, y_ref, labels):
+    cos, nmse, _ = _cosine(y, y_ref, labels)
+    return cos, nmse, None  # kl comes from the whole set (``_retrieval``)
+
+
+_PER_SAMPLE = {"accuracy": _accuracy, "agreement": _agreement, "cosine": _cosine, "embedding": _embedding}
+_SET_LEVEL = {"embedding": _retrieval}
 
 METRICS: dict[str, Metric] = {
     "accuracy": Metric("accuracy", True, "cross_entropy", True, "top-1 accuracy against the labels"),
     "agreement": Metric("agreement", True, "kl_to_fp32", False, "top-1 agreement with the FP32 model"),
     "cosine": Metric("cosine", True, "nmse_to_fp32", False, "mean cosine similarity of outputs to the FP32 model"),
+    "embedding": Metric("embedding", True, "nmse_to_fp32", False,
+                        "mean cosine similarity of embeddings to FP32; beside it nearest-neighbour retrieval "
+                        "agreement with FP32 over the evaluation set (retrieval_agreement) and the KL of "
+                        "neighbour distributions softmax(similarity/0.05) (kl)"),
 }
 
 
@@ -97,7 +141,8 @@ def get_metric(name: str) -> Metric:
 
 @dataclass
 class Task:
-    """Data and metric of one analysis. Inputs are float32 arrays with the batch first."""
+    """Data and metric of one analysis. Inputs are arrays with the batch first: float32,
+    or int64 token ids right-padded with ``pad_id``."""
 
     name: str
     source: str
@@ -106,6 +151,14 @@ class Task:
     eval_labels: np.ndarray | None
     metric: str | None = None  # None: chosen from the model's output once it is known
     batch_size: int = 128
+    pad_id: int | None = None  # token ids: each batch is cut to its longest sequence
+
+    def _trim(self, x: np.ndarray) -> np.ndarray:
+        """Drop the padding columns every sequence of the batch has (a masked model's output is unchanged)."""
+        if self.pad_id is None or x.ndim != 2:
+            return x
+        used = (x != self.pad_id).any(0).nonzero()[0]
+        return x[:, :used[-1] + 1] if len(used) else x[:, :1]
 
     @property
     def sha256(self) -> str:
@@ -136,13 +189,13 @@ class Task:
     def eval_batches(self):
         """(inputs, labels or None) as torch tensors, in fixed order."""
         for s in range(0, len(self.eval_inputs), self.batch_size):
-            x = torch.from_numpy(self.eval_inputs[s:s + self.batch_size])
+            x = torch.from_numpy(self._trim(self.eval_inputs[s:s + self.batch_size]))
             y = None if self.eval_labels is None else torch.from_numpy(self.eval_labels[s:s + self.batch_size])
             yield x, y
 
     def calib_batches(self):
         for s in range(0, len(self.calib_inputs), self.batch_size):
-            yield torch.from_numpy(self.calib_inputs[s:s + self.batch_size])
+            yield torch.from_numpy(self._trim(self.calib_inputs[s:s + self.batch_size]))
 
 
 def digits_task() -> Task:
@@ -153,7 +206,17 @@ def digits_task() -> Task:
                 d["calib_inputs"], d["eval_inputs"], d["eval_labels"], metric="accuracy")
 
 
-BUNDLED_TASKS = {"digits": digits_task}
+def minilm_task() -> Task:
+    from analysis.minilm import MINILM_SPLITS, PAD_ID, minilm_arrays
+
+    d = minilm_arrays()
+    return Task("minilm", f"Python Language Reference paragraphs (pydoc_data.topics, PSF licence), "
+                f"{MINILM_SPLITS['calib']} calibration + {MINILM_SPLITS['eval']} evaluation snippets "
+                f"of <= 128 tokens; datasets/minilm/README.md",
+                d["calib_inputs"], d["eval_inputs"], None, metric="embedding", batch_size=32, pad_id=PAD_ID)
+
+
+BUNDLED_TASKS = {"digits": digits_task, "minilm": minilm_task}
 
 
 def _check_finite(a: np.ndarray, where: str) -> None:

@@ -15,7 +15,7 @@ from torch import nn
 from analysis.models.base import ModelError
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".safetensors")
-DEMO_TASKS = {"demo:digits": "digits"}  # each demo model with its own task
+DEMO_TASKS = {"demo:digits": "digits", "demo:minilm": "minilm"}  # each demo model with its own task
 
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -69,7 +69,7 @@ def load_torch_model(spec: str, weights: str | Path | None = None) -> tuple[nn.M
     """``(module, name, source)`` for a MODEL argument.
 
     Args:
-        spec: ``demo:digits`` or ``package.module:factory`` (a function returning a module).
+        spec: ``demo:digits``, ``demo:minilm`` or ``package.module:factory`` (a function returning a module).
         weights: optional state dict applied to the factory's module (strict).
     """
     if spec.startswith("demo:"):
@@ -77,6 +77,10 @@ def load_torch_model(spec: str, weights: str | Path | None = None) -> tuple[nn.M
             from analysis.demos import DIGITS_WEIGHTS, digits_model
 
             return digits_model(), spec, str(DIGITS_WEIGHTS.relative_to(DIGITS_WEIGHTS.parents[2]))
+        if spec == "demo:minilm":
+            from analysis.minilm import minilm_model, weights_source
+
+            return minilm_model(), spec, weights_source()
         raise ModelError(f"unknown demo model '{spec}'; known: {', '.join(DEMO_TASKS)}")
     path = Path(spec)
     if path.suffix.lower() in CHECKPOINT_SUFFIXES:
