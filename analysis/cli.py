@@ -90,30 +90,70 @@ def summary(run) -> str:
     return "\n".join(lines)
 
 
+DEMOS = {"digits": ("demo:digits", "digits"), "minilm": ("demo:minilm", "minilm")}  # Run name -> model, task
+
+
 def _add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="analyse the bundled model (if not done yet) and serve the dashboard on it")
+    p = sub.add_parser("demo", help="analyse the bundled demo models (if not done yet) and serve the dashboard on them",
+                       description="Without a name: the digits CNN (analysed in seconds if missing) plus the MiniLM "
+                                   "Run if it was computed before. 'minilm' or 'all' computes the MiniLM Run on "
+                                   "first use (a few minutes, with a progress bar; an interrupted one resumes).")
+    p.add_argument("which", nargs="?", choices=("digits", "minilm", "all"), default=None,
+                   help="digits (a CNN on 8x8 digits), minilm (all-MiniLM-L6-v2 sentence embeddings) or all")
     p.add_argument("--runs", default="runs", help="folder for demo Runs (default: runs)")
     p.add_argument("--port", type=int, default=None)
-    p.add_argument("--no-serve", action="store_true", help="only make sure the demo Run exists and print its summary")
+    p.add_argument("--no-serve", action="store_true", help="only make sure the demo Runs exist and print their summaries")
 
 
-def _cmd_demo(args) -> int:
+def _demo_run(name: str, runs: Path):
+    """The demo's Run under ``runs``: found, resumed if it was interrupted, or analysed now."""
     from analysis.api import analyze
     from analysis.run import RunError, load_run
 
-    out = Path(args.runs) / "digits"
+    model, task = DEMOS[name]
+    out = runs / name
     try:
         run = load_run(out)
-        print(f"demo Run found at {out}")
     except RunError:
-        print(f"analysing demo:digits into {out} ...", file=sys.stderr)
-        run = analyze("demo:digits", "digits", out, threads=1, overwrite=out.exists())
-    print(summary(run))
+        run = None
+    if run is not None and run.meta.get("status") == "complete":
+        print(f"demo Run found at {out}")
+        return run
+    if run is not None:
+        print(f"resuming the interrupted {model} Run at {out} ...", file=sys.stderr)
+        return analyze(model, task, out, threads=1, resume=True)
+    print(f"analysing {model} into {out} ...", file=sys.stderr)
+    return analyze(model, task, out, threads=1, overwrite=out.exists())
+
+
+def _complete(folder: Path) -> bool:
+    from analysis.run import RunError, load_run
+
+    try:
+        return load_run(folder).meta.get("status") == "complete"
+    except RunError:
+        return False
+
+
+def _cmd_demo(args) -> int:
+    runs = Path(args.runs)
+    if args.which is None:  # fast first start: digits now, MiniLM only once it has been computed
+        names = ["digits"] + (["minilm"] if _complete(runs / "minilm") else [])
+    else:
+        names = list(DEMOS) if args.which == "all" else [args.which]
+    done = []
+    for name in names:
+        run = _demo_run(name, runs)
+        print(summary(run))
+        done.append(str(run.path))
+    if args.which is None and "minilm" not in names:
+        print("the MiniLM sentence-embedding demo is not computed yet (or was interrupted): "
+              "`quantlens demo minilm` computes or resumes it (a few minutes on 2 cores)", file=sys.stderr)
     if args.no_serve:
         return 0
     from dashboard.serve import serve
 
-    return serve([str(out)], port=args.port)
+    return serve(done, port=args.port)
 
 
 def _add_dashboard(sub) -> None:

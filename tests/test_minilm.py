@@ -120,3 +120,24 @@ def test_analyze_writes_retrieval_agreement_and_flags_the_unused_pooler(small_np
     assert not run.layers.set_index("name").loc["pooler.dense", "reaches_output"]
     assert sens.loc[("pooler.dense", "int4"), "metric_delta"] == 0.0
     assert run.meta["uniform"]["int8"]["metric"] > run.meta["uniform"]["int4"]["metric"]
+
+
+def test_demo_without_a_name_serves_digits_and_offers_minilm(tmp_path, capsys, monkeypatch):
+    import analysis.api
+    import analysis.cli
+    from analysis.cli import main
+
+    calls = []
+    monkeypatch.setattr(analysis.cli, "summary", lambda run: "")
+    monkeypatch.setattr(analysis.api, "analyze", lambda model, task, out, **kw: calls.append(model) or _fake_run(out))
+    assert main(["demo", "--no-serve", "--runs", str(tmp_path)]) == 0
+    assert calls == ["demo:digits"] and "quantlens demo minilm" in capsys.readouterr().err
+    calls.clear()
+    assert main(["demo", "minilm", "--no-serve", "--runs", str(tmp_path)]) == 0
+    assert calls == ["demo:minilm"]
+
+
+def _fake_run(out):
+    from analysis.synthetic import synthetic_run
+
+    return synthetic_run(out, n_layers=4)
