@@ -193,7 +193,10 @@ class Projector:
             return None
         sens = run.sensitivity
         ok = sens[(sens["status"] == "ok") & sens["format"].isin(POLICY_FORMATS)]
-        use_kl = "kl" in pol.columns and bool(np.isfinite(ok["kl"]).all()) and len(ok) > 0
+        # KL to the FP32 outputs for class scores; for embeddings and other outputs the loss (e.g. the
+        # normalised squared error, which 1 - cosine tracks) adds up across layers more faithfully
+        classifier = run.meta.get("metric", {}).get("name") in ("accuracy", "agreement")
+        use_kl = classifier and "kl" in pol.columns and bool(np.isfinite(ok["kl"]).all()) and len(ok) > 0
         measured = []
         for r in pol.itertuples(index=False):
             # calibrate on what the sweep measured the same way as the per-layer jobs (torch fake-quant);
