@@ -190,10 +190,11 @@ def minilm_tokenizer(max_length: int = MAX_LENGTH):
     return tok
 
 
-def encode(texts: list[str], max_length: int = MAX_LENGTH) -> np.ndarray:
-    """int64 token ids (N, L), right-padded with 0 to the longest text (L <= max_length)."""
+def encode(texts: list[str], max_length: int = MAX_LENGTH, *, pad_to: int | None = None) -> np.ndarray:
+    """int64 token ids (N, L), right-padded with 0 to ``pad_to`` or else to the longest text
+    (texts are truncated to ``max_length`` tokens)."""
     encs = minilm_tokenizer(max_length).encode_batch(list(texts))
-    out = np.full((len(encs), max(len(e.ids) for e in encs)), PAD_ID, dtype=np.int64)
+    out = np.full((len(encs), pad_to or max(len(e.ids) for e in encs)), PAD_ID, dtype=np.int64)
     for i, e in enumerate(encs):
         out[i, :len(e.ids)] = e.ids
     return out
@@ -210,11 +211,12 @@ def minilm_arrays(n_calib: int = MINILM_SPLITS["calib"], n_eval: int = MINILM_SP
     The evaluation split is sorted by length (stable), so batches cut to their longest text
     carry little padding; retrieval over the set does not depend on its order. Calibration
     keeps the snippets' shuffled order, so its batches hold padding as served batches do and
-    ``--calib N`` takes a random N.
+    ``--calib N`` takes a random N. Both are padded to ``MAX_LENGTH``: one sample shape for
+    every consumer of the task (an exported ONNX graph binds it).
     """
     texts = snippets()
     if n_calib + n_eval > len(texts):
         raise ValueError(f"{n_calib} + {n_eval} snippets asked for; {SNIPPETS} has {len(texts)}")
-    ids = encode(texts[n_calib:n_calib + n_eval])
-    return {"calib_inputs": encode(texts[:n_calib]),
+    ids = encode(texts[n_calib:n_calib + n_eval], pad_to=MAX_LENGTH)
+    return {"calib_inputs": encode(texts[:n_calib], pad_to=MAX_LENGTH),
             "eval_inputs": ids[np.argsort((ids != PAD_ID).sum(1), kind="stable")]}

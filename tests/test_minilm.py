@@ -42,6 +42,7 @@ def test_task_splits_are_fixed_disjoint_and_batches_cut_to_their_longest_text(mo
     t = load_task("minilm")
     assert (len(t.calib_inputs), len(t.eval_inputs)) == (MINILM_SPLITS["calib"], MINILM_SPLITS["eval"])
     assert t.metric == "embedding" and t.eval_inputs.dtype == np.int64
+    assert t.calib_inputs.shape[1] == t.eval_inputs.shape[1] == MAX_LENGTH  # an ONNX export binds one shape
     assert t.sha256 == load_task("minilm").sha256
     calib_rows = {tuple(r[r != PAD_ID]) for r in t.calib_inputs}
     assert not calib_rows & {tuple(r[r != PAD_ID]) for r in t.eval_inputs}
