@@ -52,14 +52,16 @@ class RuntimeModel:
 
 
 def export_torch(module: torch.nn.Module, example: torch.Tensor) -> onnx.ModelProto:
-    """FP32 ONNX of a torch module, batch dimension dynamic, weights inline (no external data)."""
+    """FP32 ONNX of a torch module, batch (and token-sequence) dimension dynamic, weights inline."""
     buf = io.BytesIO()
+    # token ids (N, L): the sequence length varies between batches too
+    in_axes = {0: "batch", 1: "sequence"} if example.dim() == 2 and not example.is_floating_point() else {0: "batch"}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:  # the TorchScript exporter needs no extra packages and keeps parameter names
             torch.onnx.export(module.eval(), (example,), buf, dynamo=False, opset_version=EXPORT_OPSET,
                               input_names=["input"], output_names=["output"],
-                              dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
+                              dynamic_axes={"input": in_axes, "output": {0: "batch"}})
         except Exception as legacy_error:
             buf = io.BytesIO()
             try:
