@@ -73,7 +73,8 @@ def policies_table(baseline: dict, policy_records: dict[str, dict], policies: di
         rows.append({"name": name, "kind": kinds.get(name, "uniform"), "layers_json": json.dumps(pol, sort_keys=True),
                      "metric": np.nan if nonfinite_reason(rec) else r["metric"], "loss": r["loss"], "bytes": policy_bytes(cost, pol, other_bytes),
                      "latency_ms": np.nan, "measured_on": measured_on, "projected_metric": np.nan, "projected_band": np.nan,
-                     "kl": r.get("kl", np.nan)})
+                     "kl": r.get("kl", np.nan),
+                     **{k: v for k, v in r.items() if k not in ("metric", "loss", "kl")}})  # extra metrics
     return pd.DataFrame(rows)
 
 
