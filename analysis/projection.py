@@ -171,7 +171,7 @@ class Projector:
             pts_metric.append(float(r.metric))
             if r.kind == "baseline":
                 continue
-            codes = self._codes_of(r.layers_json, index)
+            codes = self.codes_of(r.layers_json, index)
             if codes is not None:
                 self.measured_policies.append((str(r.name), codes, float(r.metric), float(r.loss)))
         self.pts_loss, self.pts_metric = np.array(pts_loss), np.array(pts_metric)
@@ -204,7 +204,7 @@ class Projector:
             if r.kind not in ("uniform", "random") or not np.isfinite(r.metric):
                 continue
             pen = float(getattr(r, "kl", np.nan)) if use_kl else max(float(r.loss) - self.base_loss, 0.0)
-            codes = self._codes_of(r.layers_json, index)
+            codes = self.codes_of(r.layers_json, index)
             if codes is not None and np.isfinite(pen):
                 measured.append((str(r.name), codes, float(r.metric), pen))
         if len(measured) < MIN_POLICIES:
@@ -221,7 +221,8 @@ class Projector:
         return self.map(self.base_loss + penalty_sum)
 
     @staticmethod
-    def _codes_of(layers_json: str, index: dict[str, int]) -> np.ndarray | None:
+    def codes_of(layers_json: str, index: dict[str, int]) -> np.ndarray | None:
+        """Format codes (execution order) of a policies-table row, or None if it names an unknown layer or format."""
         try:
             layers = json.loads(layers_json) if layers_json else {}
         except (TypeError, json.JSONDecodeError):

@@ -6,14 +6,14 @@ in the Run's policies table on disk; the Run's cache key follows the file, so ev
 """
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
 import pandas as pd
 import streamlit as st
 
-from analysis.policy import FORMAT_CODE, policy_from_codes
+from analysis.policy import policy_from_codes
+from analysis.projection import Projector
 from dashboard import state
 from dashboard.components import fmt_band, fmt_mb, fmt_metric
 from dashboard.data import Loaded, open_run, verify_blocker, verify_jobs
@@ -22,25 +22,12 @@ WATCH = "ql.verify_watch"  # id of a job this session saw running: when it ends,
 POLL_S = 0.5
 
 
-def _codes_of(layers_json: str, index: dict[str, int]) -> np.ndarray | None:
-    try:
-        layers = json.loads(layers_json) if layers_json else {}
-    except (TypeError, json.JSONDecodeError):
-        return None
-    codes = np.zeros(len(index), dtype=np.int8)
-    for name, fmt in layers.items():
-        if name not in index or fmt not in FORMAT_CODE:
-            return None
-        codes[index[name]] = FORMAT_CODE[fmt]
-    return codes
-
-
 def measured_rows(lo: Loaded, codes: np.ndarray) -> pd.DataFrame:
     """Rows of the Run's policies table that measured exactly this policy (any kind, baseline included)."""
     index = {n: i for i, n in enumerate(lo.projector.names)}
     pol = lo.run.policies
     keep = [i for i, lj in enumerate(pol["layers_json"])
-            if (c := _codes_of(lj, index)) is not None and np.array_equal(c, codes)]
+            if (c := Projector.codes_of(lj, index)) is not None and np.array_equal(c, codes)]
     return pol.iloc[keep]
 
 
