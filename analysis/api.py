@@ -19,6 +19,7 @@ import platform
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -27,7 +28,7 @@ import pandas as pd
 import torch
 
 from analysis.cost import cost_table, policy_bytes
-from analysis.executors import EXECUTORS, WorkerSpec, chunked, run_chunks
+from analysis.executors import EXECUTORS, WorkerSpec, act_quant_rows, chunked, open_pool
 from analysis.formats import FP32, get_format, with_group_size, with_observer
 from analysis.jobstore import JobStore
 from analysis.models.loading import load_model
@@ -175,10 +176,166 @@ def analyze(model: str, task: str = "digits", out: str | Path = "runs/run", *, f
     with torch.no_grad():
         y = tm.run(example)
     m = t.resolve_metric(tuple(y.shape))
-    layers = tm.layers()
+    plan = _plan(tm, t, m.name, fmts, incremental=incremental, random_policies=random_policies, seed=seed)
+    if resume:
+        _resume_check(out, plan.context_key)
 
-    stats = tm.activation_stats(t.calib_batches)
-    calibrate(tm, stats, fmts)
+    t0 = time.perf_counter()
+    probe = plan.layer_jobs[len(plan.layer_jobs) // 2][0] if plan.layer_jobs else None
+    runner = SweepRunner(tm, t, m.name, incremental=incremental, probe=probe) if isinstance(tm, TorchModel) else None
+    if runner is None and executor != "serial":
+        raise AnalysisError(f"--executor {executor}: only torch models run in parallel workers; use serial")
+    store = JobStore(out / "jobs")
+    done: dict[str, dict] = {}
+    if resume:
+        store.clean_temporaries()
+        done.update(store.load({j.key for j in plan.jobs}))
+    todo = [j for j in plan.jobs if j.key not in done]
+    n_batches = math.ceil(len(t.eval_inputs) / t.batch_size)
+    bar = pool = None
+    if runner is not None and todo:
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(plan.jobs) * n_batches, initial=(len(plan.jobs) - len(todo)) * n_batches,
+                       desc="sweep", unit="job-batch", file=sys.stderr, leave=False)
+        spec = lambda: WorkerSpec(  # noqa: E731 - built only for pool executors
+            model=model, weights=weights, task=task, task_metric=metric, calib=calib, seed=seed, metric_name=m.name,
+            model_sha256=tm.sha256, formats=[f.to_dict() for f in fmts], incremental=runner.graph is not None,
+            threads=threads or 1)
+        # Workers start loading now and take the weight-only jobs while this process calibrates.
+        pool = open_pool(executor, runner, spec, workers=workers, ray_address=ray_address,
+                         progress=bar.update if bar is not None and executor == "serial" else None)
+    created_here = not resume
+    try:
+        size = chunk_size if executor == "serial" else max(1, min(chunk_size, math.ceil(len(todo) / (workers * 3))))
+        uses_ranges = {f.name for f in fmts if f.activation is not None}
+        later = [j for j in todo if j.format in uses_ranges or any(fn in uses_ranges for _, fn in j.policy or ())]
+        if pool is not None:
+            for chunk in chunked([j for j in todo if j not in later], size):
+                pool.submit(chunk, [])
+        stats = tm.activation_stats(t.calib_batches)
+        calibrate(tm, stats, fmts)
+        if pool is not None:
+            ranges = act_quant_rows(tm)
+            for chunk in chunked(later, size):
+                pool.submit(chunk, ranges)
+
+        layers, skip = plan.layers, plan.skip
+        wsqnr = {(l.name, f.name): weight_sqnr(tm.weight(l.name), tm.fake_weight(l.name, f)) if f.weight else math.inf
+                 for l in layers for f in fmts if (l.name, f.name) not in skip}
+        histograms, clipping = statistics_tables(tm, stats, fmts)
+        cost = cost_table(layers, [FP32, *fmts], skip)
+        other = tm.other_bytes()
+        measured_on = f"{tm.kind} fake-quant, {len(t.eval_inputs)} eval samples"
+        if runner is not None:
+            baseline, reaches, path, path_reason = runner.baseline(), runner.reaches_output(), runner.path, runner.path_reason
+        else:  # backends without chunked jobs measure everything in one call
+            legacy = tm.sweep(t, m.name, plan.layer_jobs, plan.policies, incremental=incremental)
+            baseline, reaches, path, path_reason = legacy.baseline.result(), legacy.reaches_output, legacy.path, legacy.path_reason
+            for j in plan.jobs:
+                r = legacy.jobs[(j.layer, j.format)] if j.is_layer else None
+                done[j.key] = ({**j.to_dict(), "result": r.state.result(), "signal": r.signal, "noise": r.noise} if r
+                               else {**j.to_dict(), "result": legacy.policies[j.policy_name].result()})
+
+        def tables() -> dict[str, pd.DataFrame]:
+            by_layer = {(j.layer, j.format): done[j.key] for j in plan.jobs if j.is_layer and j.key in done}
+            by_policy = {j.policy_name: done[j.key] for j in plan.jobs if not j.is_layer and j.key in done}
+            return {"layers": layers_table(layers, reaches),
+                    "sensitivity": sensitivity_table(layers, [f.name for f in fmts], skip, by_layer, baseline, wsqnr),
+                    "histograms": histograms, "clipping": clipping, "cost": cost,
+                    "policies": policies_table(baseline, by_policy, plan.policies, cost, other, measured_on, plan.kinds)}
+
+        fp32_bytes = policy_bytes(cost, {}, other)
+        meta = {
+            "status": "partial",
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "model": {"name": tm.name, "kind": tm.kind, "source": tm.source, "sha256": tm.sha256, "params": tm.params(),
+                      "fp32_bytes": fp32_bytes, "other_bytes": other, "n_layers": len(layers),
+                      "weights": str(weights) if weights else None},
+            "data": {"task": t.name, "spec": task, "source": t.source, "sha256": t.sha256,
+                     "n_calib": int(len(t.calib_inputs)), "n_eval": int(len(t.eval_inputs)),
+                     "input_shape": list(t.eval_inputs.shape[1:]), "labels": t.eval_labels is not None,
+                     "calib_arg": calib, "metric_arg": metric},
+            "metric": {"name": m.name, "higher_is_better": m.higher_is_better, "loss": m.loss, "description": m.description},
+            "formats": [f.name for f in fmts],
+            "format_specs": {f.name: f.to_dict() for f in [FP32, *fmts]},
+            "observer": observer,
+            "baseline": {"metric": baseline["metric"], "loss": baseline["loss"], "bytes": fp32_bytes},
+            "uniform": {},
+            "sweep": {"path": path, "path_reason": path_reason, "jobs": len(plan.jobs), "skipped": len(skip),
+                      "executor": executor, "workers": workers if executor != "serial" else 1, "chunk_size": chunk_size,
+                      "incremental_requested": incremental, "context_key": plan.context_key},
+            "progress": {"done": 0, "total": len(plan.jobs)},
+            "versions": versions(),
+            "seed": seed,
+            "cpu": cpu_info(),
+        }
+        if resume:
+            run = load_run(out)
+        else:
+            run = write_run(out, meta, tables(), overwrite=overwrite)
+        run.meta.update({k: v for k, v in meta.items() if k not in ("created",)})
+
+        if pool is not None:
+            for records in pool.results():
+                for r in records:
+                    store.save(r)
+                    done[r["key"]] = r
+                if bar is not None and executor != "serial":
+                    bar.update(len(records) * n_batches)
+                t_ = tables()
+                for name in ("sensitivity", "policies"):
+                    replace_table(run, name, t_[name])
+                update_meta(run, progress={"done": len(done), "total": len(plan.jobs)})
+        final = tables()
+        uniform_meta = {}
+        pol = final["policies"].set_index("name")
+        for f in fmts:
+            row = pol.loc[f"all-{f.name}"]
+            rec = done[next(j.key for j in plan.jobs if j.policy_name == f"all-{f.name}")]["result"]
+            uniform_meta[f.name] = {"metric": float(row["metric"]), "loss": float(row["loss"]),
+                                    "kl": finite_or_none(rec.get("kl")), "bytes": int(row["bytes"]),
+                                    "skipped_layers": sorted(l for (l, fn) in skip if fn == f.name)}
+        sweep_meta = {**meta["sweep"], "seconds": round(time.perf_counter() - t0, 3), "resumed": resume}
+        for name in ("sensitivity", "policies"):
+            replace_table(run, name, final[name])
+        update_meta(run, status="complete", uniform=uniform_meta, sweep=sweep_meta,
+                    progress={"done": len(done), "total": len(plan.jobs)})
+    except KeyboardInterrupt:
+        raise
+    except ValueError:
+        if created_here and not done:
+            shutil.rmtree(out, ignore_errors=True)  # bad input found mid-way: leave nothing half-written
+        raise
+    finally:
+        if pool is not None:
+            pool.close()
+        if bar is not None:
+            bar.close()
+    run = load_run(out)
+    if latency:
+        _measure_latency(run, threads or 1, progress)
+        run = load_run(out)
+    return run
+
+
+@dataclass
+class SweepPlan:
+    """What a sweep will measure, and the content address of its settings."""
+
+    layers: list
+    skip: dict[tuple[str, str], str]
+    layer_jobs: list[tuple[str, str]]
+    policies: dict[str, dict[str, str]]
+    kinds: dict[str, str]
+    context_key: str
+    jobs: list
+
+
+def _plan(tm, t, metric_name: str, fmts, *, incremental: bool, random_policies: int, seed: int) -> SweepPlan:
+    """Every layer x format a layer can take, the uniform policies and K random mixes, as keyed jobs."""
+    layers = tm.layers()
     skip = {(l.name, f.name): r for l in layers for f in fmts if (r := tm.skip_reason(l.name, f))}
     layer_jobs = [(l.name, f.name) for l in layers for f in fmts if (l.name, f.name) not in skip]
     policies = {f"all-{f.name}": {l.name: f.name for l in layers if (l.name, f.name) not in skip} for f in fmts}
@@ -187,145 +344,10 @@ def analyze(model: str, task: str = "digits", out: str | Path = "runs/run", *, f
     for i, pol in enumerate(random_mixed_policies(layers, fmts, skip, random_policies, seed, uniform_keys), start=1):
         policies[f"random-{i}"] = pol
         kinds[f"random-{i}"] = "random"
-    context = {"model": tm.sha256, "data": t.sha256, "formats": [f.to_dict() for f in fmts], "metric": m.name,
+    context = {"model": tm.sha256, "data": t.sha256, "formats": [f.to_dict() for f in fmts], "metric": metric_name,
                "n_calib": len(t.calib_inputs), "batch_size": t.batch_size, "incremental": incremental,
                "random_policies": random_policies, "seed": seed}
-    context_key = job_key(context)
-    jobs = plan_jobs(context, layer_jobs, policies)
-    if resume:
-        _resume_check(out, context_key)
-
-    t0 = time.perf_counter()
-    probe = layer_jobs[len(layer_jobs) // 2] if layer_jobs else None
-    runner = SweepRunner(tm, t, m.name, incremental=incremental, probe=probe) if isinstance(tm, TorchModel) else None
-    if runner is None and executor != "serial":
-        raise AnalysisError(f"--executor {executor}: only torch models run in parallel workers; use serial")
-    wsqnr = {(l.name, f.name): weight_sqnr(tm.weight(l.name), tm.fake_weight(l.name, f)) if f.weight else math.inf
-             for l in layers for f in fmts if (l.name, f.name) not in skip}
-    histograms, clipping = statistics_tables(tm, stats, fmts)
-    cost = cost_table(layers, [FP32, *fmts], skip)
-    other = tm.other_bytes()
-    fp32_bytes = policy_bytes(cost, {}, other)
-    measured_on = f"{tm.kind} fake-quant, {len(t.eval_inputs)} eval samples"
-
-    store = JobStore(out / "jobs")
-    done: dict[str, dict] = {}
-    legacy = None
-    if runner is not None:
-        baseline, reaches, path, path_reason = runner.baseline(), runner.reaches_output(), runner.path, runner.path_reason
-    else:  # backends without chunked jobs measure everything in one call
-        legacy = tm.sweep(t, m.name, layer_jobs, policies, incremental=incremental)
-        baseline, reaches, path, path_reason = legacy.baseline.result(), legacy.reaches_output, legacy.path, legacy.path_reason
-        for j in jobs:
-            if j.is_layer:
-                r = legacy.jobs[(j.layer, j.format)]
-                done[j.key] = {**j.to_dict(), "result": r.state.result(), "signal": r.signal, "noise": r.noise}
-            else:
-                done[j.key] = {**j.to_dict(), "result": legacy.policies[j.policy_name].result()}
-
-    meta = {
-        "status": "partial",
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "model": {"name": tm.name, "kind": tm.kind, "source": tm.source, "sha256": tm.sha256, "params": tm.params(),
-                  "fp32_bytes": fp32_bytes, "other_bytes": other, "n_layers": len(layers),
-                  "weights": str(weights) if weights else None},
-        "data": {"task": t.name, "spec": task, "source": t.source, "sha256": t.sha256, "n_calib": int(len(t.calib_inputs)),
-                 "n_eval": int(len(t.eval_inputs)), "input_shape": list(t.eval_inputs.shape[1:]),
-                 "labels": t.eval_labels is not None, "calib_arg": calib, "metric_arg": metric},
-        "metric": {"name": m.name, "higher_is_better": m.higher_is_better, "loss": m.loss, "description": m.description},
-        "formats": [f.name for f in fmts],
-        "format_specs": {f.name: f.to_dict() for f in [FP32, *fmts]},
-        "observer": observer,
-        "baseline": {"metric": baseline["metric"], "loss": baseline["loss"], "bytes": fp32_bytes},
-        "uniform": {},
-        "sweep": {"path": path, "path_reason": path_reason, "jobs": len(jobs), "skipped": len(skip),
-                  "executor": executor, "workers": workers if executor != "serial" else 1, "chunk_size": chunk_size,
-                  "incremental_requested": incremental, "context_key": context_key},
-        "progress": {"done": 0, "total": len(jobs)},
-        "versions": versions(),
-        "seed": seed,
-        "cpu": cpu_info(),
-    }
-
-    def tables() -> dict[str, pd.DataFrame]:
-        by_layer = {(j.layer, j.format): done[j.key] for j in jobs if j.is_layer and j.key in done}
-        by_policy = {j.policy_name: done[j.key] for j in jobs if not j.is_layer and j.key in done}
-        return {"layers": layers_table(layers, reaches),
-                "sensitivity": sensitivity_table(layers, [f.name for f in fmts], skip, by_layer, baseline, wsqnr),
-                "histograms": histograms, "clipping": clipping, "cost": cost,
-                "policies": policies_table(baseline, by_policy, policies, cost, other, measured_on, kinds)}
-
-    created_here = not resume
-    try:
-        if resume:
-            store.clean_temporaries()
-            done.update(store.load({j.key for j in jobs}))
-            run = load_run(out)
-        else:
-            run = write_run(out, meta, tables(), overwrite=overwrite)
-        run.meta.update({k: v for k, v in meta.items() if k not in ("created",)})
-
-        def refresh() -> None:
-            t_ = tables()
-            for name in ("sensitivity", "policies"):
-                replace_table(run, name, t_[name])
-            update_meta(run, progress={"done": len(done), "total": len(jobs)})
-
-        todo = [j for j in jobs if j.key not in done]
-        if runner is not None and todo:
-            n_batches = math.ceil(len(t.eval_inputs) / t.batch_size)
-            bar = None
-            if progress:
-                from tqdm import tqdm
-
-                bar = tqdm(total=len(jobs) * n_batches, initial=(len(jobs) - len(todo)) * n_batches, desc="sweep",
-                           unit="job-batch", file=sys.stderr, leave=False)
-
-            def on_records(records: list[dict]) -> None:
-                for r in records:
-                    store.save(r)
-                    done[r["key"]] = r
-                if bar is not None and executor != "serial":
-                    bar.update(len(records) * n_batches)
-                refresh()
-
-            spec = lambda: WorkerSpec(  # noqa: E731 - built only for pool executors
-                model=model, weights=weights, task=task, task_metric=metric, calib=calib, seed=seed, metric_name=m.name,
-                model_sha256=tm.sha256, formats=[f.to_dict() for f in fmts],
-                act_quant=[(l, f, float(a.scale), int(a.zero), a.qmin, a.qmax) for (l, f), a in tm.act_quant.items()],
-                incremental=incremental, probe=probe, threads=threads or 1)
-            size = chunk_size if executor == "serial" else max(1, min(chunk_size, math.ceil(len(todo) / (workers * 3))))
-            try:
-                run_chunks(executor, runner, spec, chunked(todo, size), on_records, workers=workers,
-                           ray_address=ray_address, progress=bar.update if bar is not None and executor == "serial" else None)
-            finally:
-                if bar is not None:
-                    bar.close()
-        final = tables()
-        uniform_meta = {}
-        pol = final["policies"].set_index("name")
-        for f in fmts:
-            row = pol.loc[f"all-{f.name}"]
-            rec = done[next(j.key for j in jobs if j.policy_name == f"all-{f.name}")]["result"]
-            uniform_meta[f.name] = {"metric": float(row["metric"]), "loss": float(row["loss"]),
-                                    "kl": finite_or_none(rec.get("kl")), "bytes": int(row["bytes"]),
-                                    "skipped_layers": sorted(l for (l, fn) in skip if fn == f.name)}
-        sweep_meta = {**meta["sweep"], "seconds": round(time.perf_counter() - t0, 3), "resumed": resume}
-        for name in ("sensitivity", "policies"):
-            replace_table(run, name, final[name])
-        update_meta(run, status="complete", uniform=uniform_meta, sweep=sweep_meta,
-                    progress={"done": len(done), "total": len(jobs)})
-    except KeyboardInterrupt:
-        raise
-    except ValueError:
-        if created_here and not done:
-            shutil.rmtree(out, ignore_errors=True)  # bad input found mid-way: leave nothing half-written
-        raise
-    run = load_run(out)
-    if latency:
-        _measure_latency(run, threads or 1, progress)
-        run = load_run(out)
-    return run
+    return SweepPlan(layers, skip, layer_jobs, policies, kinds, job_key(context), plan_jobs(context, layer_jobs, policies))
 
 
 def _measure_latency(run, threads: int, progress: bool) -> None:

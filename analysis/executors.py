@@ -1,8 +1,11 @@
 """Where sweep chunks run: this process, a local process pool, or a Ray cluster.
 
-Each worker loads the model once (from a plain-data ``WorkerSpec``), then runs chunks of
-jobs; results come back as plain records and the caller persists each chunk as it
-arrives. A worker that dies has its chunk retried on a fresh worker, up to ``RETRIES``.
+A pool is opened before the parent calibrates, so workers load the model (from a
+plain-data ``WorkerSpec``) and start on the jobs that need no calibration (weight-only
+formats) while the parent measures activation ranges; chunks that quantize activations
+carry the calibrated ranges with them. Results come back as plain records, in the order
+chunks finish, and the caller persists each chunk as it arrives. A worker that dies has
+its unfinished chunks retried on a fresh worker, up to ``RETRIES`` times.
 """
 from __future__ import annotations
 
@@ -12,12 +15,15 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from multiprocessing import get_context
-from typing import Callable, Iterable
+from typing import Callable, Iterator
 
 from analysis.sweep import Job
 
 RETRIES = 3
 EXECUTORS = ("serial", "process", "ray")
+RAY_IN_FLIGHT = 2  # chunks queued per Ray actor, so none idles while the parent is busy
+
+ActQuantRows = list[tuple[str, str, float, int, int, int]]  # (layer, format, scale, zero, qmin, qmax)
 
 
 class ExecutorError(RuntimeError):
@@ -37,11 +43,23 @@ class WorkerSpec:
     metric_name: str
     model_sha256: str
     formats: list[dict]
-    act_quant: list[tuple[str, str, float, int, int, int]]
-    incremental: bool
-    probe: tuple[str, str] | None
+    incremental: bool  # the parent's traced graph passed its checks; workers trace the same code
     threads: int = 1
     sys_path: list[str] = field(default_factory=lambda: list(sys.path))
+
+
+def act_quant_rows(model) -> ActQuantRows:
+    """A model's calibrated activation quantizers as plain data (they travel with chunks)."""
+    return [(l, f, float(a.scale), int(a.zero), a.qmin, a.qmax) for (l, f), a in sorted(model.act_quant.items())]
+
+
+def set_act_quant(model, rows: ActQuantRows) -> None:
+    import torch
+
+    from analysis.models.torch_model import ActQuant
+
+    for layer, fmt, scale, zero, qmin, qmax in rows:
+        model.act_quant[(layer, fmt)] = ActQuant(torch.tensor(scale), torch.tensor(zero, dtype=torch.int32), qmin, qmax)
 
 
 def build_runner(spec: WorkerSpec):
@@ -50,7 +68,6 @@ def build_runner(spec: WorkerSpec):
 
     from analysis.formats import QuantFormat
     from analysis.models.loading import load_model
-    from analysis.models.torch_model import ActQuant
     from analysis.sweep import SweepRunner
     from analysis.tasks import load_task
 
@@ -66,9 +83,33 @@ def build_runner(spec: WorkerSpec):
     for d in spec.formats:
         fmt = QuantFormat.from_dict(d)
         model.formats[fmt.name] = fmt
-    for layer, fmt, scale, zero, qmin, qmax in spec.act_quant:
-        model.act_quant[(layer, fmt)] = ActQuant(torch.tensor(scale), torch.tensor(zero, dtype=torch.int32), qmin, qmax)
-    return SweepRunner(model, task, spec.metric_name, incremental=spec.incremental, probe=spec.probe)
+    return SweepRunner(model, task, spec.metric_name, incremental=spec.incremental)
+
+
+def _run(runner, payload: dict) -> list[dict]:
+    set_act_quant(runner.model, payload["act_quant"])
+    return runner.run([Job.from_dict(d) for d in payload["jobs"]])
+
+
+def _payload(chunk: list[Job], act_quant: ActQuantRows) -> dict:
+    return {"jobs": [j.to_dict() for j in chunk], "act_quant": act_quant}
+
+
+class InlinePool:
+    """Serial: chunks run in this process, one after another, when results are read."""
+
+    def __init__(self, runner, progress: Callable[[int], None] | None = None) -> None:
+        self.runner, self.progress, self.queue = runner, progress, []
+
+    def submit(self, chunk: list[Job], act_quant: ActQuantRows) -> None:
+        self.queue.append(chunk)  # the parent's model holds the ranges already
+
+    def results(self) -> Iterator[list[dict]]:
+        while self.queue:
+            yield self.runner.run(self.queue.pop(0), self.progress)
+
+    def close(self) -> None:
+        self.queue.clear()
 
 
 # --- process pool -------------------------------------------------------------------------
@@ -80,31 +121,61 @@ def _init_process_worker(spec: WorkerSpec) -> None:
     _RUNNER = build_runner(spec)
 
 
-def _run_chunk_in_process(job_dicts: list[dict]) -> list[dict]:
-    return _RUNNER.run([Job.from_dict(d) for d in job_dicts])
+def _ready() -> int:
+    return os.getpid()
 
 
-def run_process_pool(spec: WorkerSpec, chunks: list[list[Job]], workers: int, on_records: Callable[[list[dict]], None]) -> None:
+def _run_chunk_in_process(payload: dict) -> list[dict]:
+    return _run(_RUNNER, payload)
+
+
+class ProcessPool:
     """Chunks on ``workers`` spawned processes (spawn: safe with torch's thread pools)."""
-    todo = list(chunks)
-    failures = 0
-    while todo:
-        pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"),
-                                   initializer=_init_process_worker, initargs=(spec,))
-        try:
-            futures = {pool.submit(_run_chunk_in_process, [j.to_dict() for j in c]): c for c in todo}
-            while futures:
-                done, _ = wait(futures, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    chunk = futures.pop(fut)
-                    on_records(fut.result())
-                    todo.remove(chunk)
-        except BrokenProcessPool:
-            failures += 1
-            if failures > RETRIES:
-                raise ExecutorError(f"worker processes died {failures} times; finished jobs are saved, resume with --resume") from None
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+
+    def __init__(self, spec: WorkerSpec, workers: int) -> None:
+        self.spec, self.workers, self.failures = spec, workers, 0
+        self.pending: dict = {}  # future -> payload
+        self._start()
+
+    def _start(self) -> None:
+        self.pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=get_context("spawn"),
+                                        initializer=_init_process_worker, initargs=(self.spec,))
+        for _ in range(self.workers):  # processes spawn on demand: ask for all of them now
+            self.pool.submit(_ready)
+
+    def submit(self, chunk: list[Job], act_quant: ActQuantRows) -> None:
+        payload = _payload(chunk, act_quant)
+        self.pending[self.pool.submit(_run_chunk_in_process, payload)] = payload
+
+    def results(self) -> Iterator[list[dict]]:
+        while self.pending:
+            done, _ = wait(self.pending, return_when=FIRST_COMPLETED)
+            broken = False
+            for fut in done:
+                try:
+                    records = fut.result()
+                except BrokenProcessPool:
+                    broken = True
+                    continue
+                del self.pending[fut]
+                yield records
+            if broken:
+                self._restart()
+
+    def _restart(self) -> None:
+        """A worker died: every unfinished chunk goes to a fresh pool."""
+        self.failures += 1
+        if self.failures > RETRIES:
+            raise ExecutorError(f"worker processes died {self.failures} times; finished jobs are saved, resume with --resume")
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        payloads = list(self.pending.values())
+        self.pending.clear()
+        self._start()
+        for p in payloads:
+            self.pending[self.pool.submit(_run_chunk_in_process, p)] = p
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 # --- Ray ----------------------------------------------------------------------------------
@@ -112,72 +183,86 @@ class _RayWorker:
     def __init__(self, spec: WorkerSpec) -> None:
         self.runner = build_runner(spec)
 
-    def run(self, job_dicts: list[dict]) -> list[dict]:
-        return self.runner.run([Job.from_dict(d) for d in job_dicts])
+    def run(self, payload: dict) -> list[dict]:
+        return _run(self.runner, payload)
 
     def pid(self) -> int:
         return os.getpid()
 
 
-def run_ray(spec: WorkerSpec, chunks: list[list[Job]], workers: int, on_records: Callable[[list[dict]], None],
-            address: str | None = None) -> None:
+class RayPool:
     """Chunks on ``workers`` Ray actors (each loads the model once); a local cluster when no address."""
-    try:
-        import ray
-    except ImportError:
-        raise ValueError("--executor ray: Ray is not installed (pip install 'quantlens[ray]')") from None
-    from ray.exceptions import OutOfMemoryError, RayActorError, WorkerCrashedError
 
-    dead_worker = (RayActorError, WorkerCrashedError, OutOfMemoryError)  # a worker that died: retry its chunk
+    def __init__(self, spec: WorkerSpec, workers: int, address: str | None = None) -> None:
+        try:
+            import ray
+        except ImportError:
+            raise ValueError("--executor ray: Ray is not installed (pip install 'quantlens[ray]')") from None
+        from ray.exceptions import OutOfMemoryError, RayActorError, WorkerCrashedError
 
-    started_here = not ray.is_initialized()
-    if started_here:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        kwargs = {"address": address} if address else {"num_cpus": workers, "include_dashboard": False}
-        ray.init(log_to_driver=False, configure_logging=False, runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(spec.sys_path)}}, **kwargs)
-    try:
-        actor_cls = ray.remote(num_cpus=1, max_restarts=0)(_RayWorker)
-        actors = [actor_cls.remote(spec) for _ in range(workers)]
-        queue, pending, failures = list(chunks), {}, 0
-        for a in actors:
-            if queue:
-                c = queue.pop(0)
-                pending[a.run.remote([j.to_dict() for j in c])] = (a, c)
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            ref = ready[0]
-            actor, chunk = pending.pop(ref)
+        self.ray, self.spec, self.failures = ray, spec, 0
+        self.dead_worker = (RayActorError, WorkerCrashedError, OutOfMemoryError)  # retry the chunk elsewhere
+        self.started_here = not ray.is_initialized()
+        if self.started_here:
+            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+            kwargs = {"address": address} if address else {"num_cpus": workers, "include_dashboard": False}
+            ray.init(log_to_driver=False, configure_logging=False,
+                     runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(spec.sys_path)}}, **kwargs)
+        self.actor_cls = ray.remote(num_cpus=1, max_restarts=0)(_RayWorker)
+        self.actors = [self.actor_cls.remote(spec) for _ in range(workers)]  # they load while the parent works
+        self.queue: list[dict] = []
+        self.pending: dict = {}  # object ref -> (actor, payload)
+
+    def _dispatch(self) -> None:
+        for actor in self.actors:
+            busy = sum(1 for a, _ in self.pending.values() if a is actor)
+            while self.queue and busy < RAY_IN_FLIGHT:
+                p = self.queue.pop(0)
+                self.pending[actor.run.remote(p)] = (actor, p)
+                busy += 1
+
+    def submit(self, chunk: list[Job], act_quant: ActQuantRows) -> None:
+        self.queue.append(_payload(chunk, act_quant))
+        self._dispatch()
+
+    def results(self) -> Iterator[list[dict]]:
+        while self.pending:
+            ready, _ = self.ray.wait(list(self.pending), num_returns=1)
+            actor, payload = self.pending.pop(ready[0])
             try:
-                on_records(ray.get(ref))
-            except dead_worker:
-                failures += 1
-                if failures > RETRIES:
-                    raise ExecutorError(f"Ray workers died {failures} times; finished jobs are saved, resume with --resume") from None
-                actor = actor_cls.remote(spec)  # replace the dead actor, retry its chunk
-                queue.insert(0, chunk)
-            if queue:
-                c = queue.pop(0)
-                pending[actor.run.remote([j.to_dict() for j in c])] = (actor, c)
-    finally:
-        if started_here:
-            ray.shutdown()
+                records = self.ray.get(ready[0])
+            except self.dead_worker:
+                self._replace(actor, payload)
+            else:
+                yield records
+            self._dispatch()
+
+    def _replace(self, actor, payload: dict) -> None:
+        """``actor`` died: its in-flight chunks go back to the queue, a fresh actor takes its place."""
+        self.failures += 1
+        if self.failures > RETRIES:
+            raise ExecutorError(f"Ray workers died {self.failures} times; finished jobs are saved, resume with --resume")
+        lost = [payload] + [p for ref, (a, p) in list(self.pending.items()) if a is actor]
+        self.pending = {ref: (a, p) for ref, (a, p) in self.pending.items() if a is not actor}
+        self.queue[:0] = lost
+        self.actors[self.actors.index(actor)] = self.actor_cls.remote(self.spec)
+
+    def close(self) -> None:
+        if self.started_here:
+            self.ray.shutdown()
+
+
+def open_pool(executor: str, runner, spec_factory: Callable[[], WorkerSpec], *, workers: int = 2,
+              ray_address: str | None = None, progress: Callable[[int], None] | None = None):
+    """A started pool for ``executor``; ``submit`` chunks, read ``results()``, then ``close()``."""
+    if executor == "serial":
+        return InlinePool(runner, progress)
+    if executor == "process":
+        return ProcessPool(spec_factory(), workers)
+    if executor == "ray":
+        return RayPool(spec_factory(), workers, ray_address)
+    raise ValueError(f"--executor: unknown executor '{executor}'; known: {', '.join(EXECUTORS)}")
 
 
 def chunked(jobs: list[Job], size: int) -> list[list[Job]]:
     return [jobs[i:i + size] for i in range(0, len(jobs), size)]
-
-
-def run_chunks(executor: str, runner, spec_factory: Callable[[], WorkerSpec], chunks: Iterable[list[Job]],
-               on_records: Callable[[list[dict]], None], *, workers: int = 2, ray_address: str | None = None,
-               progress: Callable[[int], None] | None = None) -> None:
-    """Dispatch ``chunks`` to the named executor; ``on_records`` persists each finished chunk."""
-    chunks = list(chunks)
-    if executor == "serial":
-        for c in chunks:
-            on_records(runner.run(c, progress))
-    elif executor == "process":
-        run_process_pool(spec_factory(), chunks, workers, on_records)
-    elif executor == "ray":
-        run_ray(spec_factory(), chunks, workers, on_records, address=ray_address)
-    else:
-        raise ValueError(f"--executor: unknown executor '{executor}'; known: {', '.join(EXECUTORS)}")

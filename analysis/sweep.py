@@ -85,9 +85,12 @@ def _as_tensor(y, where: str) -> torch.Tensor:
     return y
 
 
-def trace_model(model: TorchModel, probe: tuple[str, str] | None, x: torch.Tensor) -> tuple[TracedGraph | None, str]:
-    """A traced graph that reproduces the model on ``x`` (checked on one perturbed layer), or None and why."""
+def trace_model(model: TorchModel, probe: str | None, x: torch.Tensor) -> tuple[TracedGraph | None, str]:
+    """A traced graph that reproduces the model on ``x`` and, when layer ``probe`` is given, whose
+    incremental recomputation matches a full forward after that layer's weight is perturbed;
+    or None and why. Two samples are enough to catch what tracing can get wrong."""
     names = [info.name for info in model.layers()]
+    x = x[:2]
     with model.no_inplace(), torch.no_grad():
         try:
             graph = TracedGraph(model.module, names)
@@ -98,9 +101,14 @@ def trace_model(model: TorchModel, probe: tuple[str, str] | None, x: torch.Tenso
         if not isinstance(y_graph, torch.Tensor) or not torch.equal(y_graph, model.module(x)):
             return None, "the traced graph does not reproduce the model's output"
         if probe is not None:
-            with model.quantized({probe[0]: probe[1]}):
-                y_inc, _ = graph.rerun_from(env, probe[0], x)
+            w = model.modules[probe].weight
+            saved = w.data
+            w.data = saved + 0.05 * saved.abs().mean() * torch.sign(saved)  # any change will do
+            try:
+                y_inc, _ = graph.rerun_from(env, probe, x)
                 y_full = model.module(x)
+            finally:
+                w.data = saved
             if not torch.allclose(y_inc, y_full, rtol=1e-5, atol=1e-6):
                 return None, "incremental recomputation did not match a full forward (in-place operations?)"
     return graph, "traced"
@@ -125,7 +133,7 @@ class SweepRunner:
     """Runs chunks of jobs on one loaded model; lives in the main process or in a worker."""
 
     def __init__(self, model: TorchModel, task: Task, metric_name: str, *, incremental: bool = True,
-                 probe: tuple[str, str] | None = None) -> None:
+                 probe: str | None = None) -> None:
         self.model, self.task, self.metric_name = model, task, metric_name
         self.names = [info.name for info in model.layers()]
         first_x = next(task.eval_batches())[0]
@@ -244,7 +252,7 @@ def run_sweep(model: TorchModel, task: Task, metric_name: str, jobs: list[tuple[
               policies: dict[str, dict[str, str]], *, incremental: bool = True, progress=None) -> SweepResult:
     """All ``jobs`` (layer, format) and ``policies`` in this process, in one chunk."""
     t0 = time.perf_counter()
-    runner = SweepRunner(model, task, metric_name, incremental=incremental, probe=jobs[len(jobs) // 2] if jobs else None)
+    runner = SweepRunner(model, task, metric_name, incremental=incremental, probe=jobs[len(jobs) // 2][0] if jobs else None)
     records = runner.run(plan_jobs({}, jobs, policies), progress)
     by_layer = {(r["layer"], r["format"]): JobResult(Measured(r["result"]), r["signal"], r["noise"])
                 for r in records if r["layer"] is not None}

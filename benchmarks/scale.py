@@ -1,7 +1,7 @@
 """Parallel sweeps and memory: 2 workers vs 1 (local process pool and Ray) on the MiniLM
 sweep, and the peak memory of a sweep on a BERT-base-sized model (random weights).
 
-    .venv/bin/python benchmarks/scale.py [--eval 64] [--skip-ray] [--skip-bert]
+    .venv/bin/python benchmarks/scale.py [--eval 64] [--executors process,ray] [--skip-serial] [--skip-bert]
 
 Each sweep runs in its own `quantlens analyze` process (latency measurement off, no random
 policies: only the layer jobs), so wall times and peak RSS are those of a user's command.
@@ -61,7 +61,9 @@ def _analyze(model: str, task: str, out: Path, *extra: str) -> tuple[float, floa
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--eval", type=int, default=64, help="MiniLM evaluation snippets per sweep (default 64)")
-    ap.add_argument("--skip-ray", action="store_true")
+    ap.add_argument("--executors", default="process,ray", help="pool executors to compare (default process,ray)")
+    ap.add_argument("--skip-ray", action="store_true", help="same as --executors process")
+    ap.add_argument("--skip-serial", action="store_true", help="no in-process reference sweep")
     ap.add_argument("--skip-bert", action="store_true")
     ap.add_argument("--only-bert", action="store_true", help="only the BERT-base peak-memory figure")
     args = ap.parse_args()
@@ -69,7 +71,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         task = _task(tmp, args.eval)
-        executors = [] if args.only_bert else ["process"] + ([] if args.skip_ray else ["ray"])
+        executors = [] if args.only_bert else [e for e in args.executors.split(",") if e and not (args.skip_ray and e == "ray")]
         if executors:
             print(f"MiniLM sweep: 37 Linear layers x int8,int4 on {args.eval} snippets, {os.cpu_count()} cores")
         for ex in executors:
@@ -78,7 +80,7 @@ def main() -> None:
                 t[w], _ = _analyze("demo:minilm", task, tmp / f"{ex}-{w}", "--executor", ex, "--workers", str(w))
                 print(f"  {ex:<8} workers={w}: {t[w]:7.1f} s")
             print(f"  {ex:<8} speed-up 2 vs 1 worker: x{t[1] / t[2]:.2f} (target >= 1.6)")
-        if executors:
+        if executors and not args.skip_serial:
             serial, _ = _analyze("demo:minilm", task, tmp / "serial")
             print(f"  serial (in-process, for reference): {serial:7.1f} s")
         if not args.skip_bert:

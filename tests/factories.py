@@ -39,6 +39,21 @@ def untraceable() -> nn.Module:
     return Untraceable()
 
 
+class InPlaceAfterUse(TinyMLP):
+    """Traces, but mutates fc1's output after fc2 has read it: cached values go stale."""
+
+    def forward(self, x):
+        x = x.reshape(x.shape[0], -1)
+        h = self.fc1(x)
+        g = self.fc2(h)
+        h.mul_(0.5)  # a tensor method, not a module: no_inplace() cannot turn it off
+        return self.out(F.relu(g + h[:, :32]))
+
+
+def inplace_after_use() -> nn.Module:
+    return InPlaceAfterUse()
+
+
 class DeadBranch(TinyMLP):
     """`unused` runs but its output never reaches the model's output."""
 

@@ -85,6 +85,17 @@ def test_untraceable_model_falls_back_and_says_why():
     assert res.path == FULL_FORWARD and "trace" in res.path_reason
 
 
+def test_in_place_mutation_is_caught_by_the_probe_and_falls_back():
+    task = _task()
+    tm = _prepared(factories.inplace_after_use(), task)
+    jobs = [("fc1", "int8"), ("fc2", "int8"), ("out", "int4")]
+    res = run_sweep(tm, task, "accuracy", jobs, {}, incremental=True)  # probes fc2, whose input goes stale
+    assert res.path == FULL_FORWARD and "in-place" in res.path_reason
+    full = run_sweep(tm, task, "accuracy", jobs, {}, incremental=False)
+    for job in jobs:
+        assert res.jobs[job].state.result() == full.jobs[job].state.result()
+
+
 @pytest.mark.parametrize("factory", [factories.dead_branch, lambda: factories.Untraceable()])
 def test_layer_that_does_not_reach_the_output_is_flagged(factory):
     task = _task()
