@@ -33,7 +33,7 @@ from analysis.formats import FP32, get_format, with_group_size, with_observer
 from analysis.jobstore import JobStore
 from analysis.models.loading import load_model
 from analysis.models.torch_model import TorchModel
-from analysis.run import RunError, load_run, replace_table, update_meta, write_run
+from analysis.run import SWEEP_POLICY_KINDS, RunError, load_run, merge_policy_rows, replace_table, update_meta, write_run
 from analysis.stats import calibrate, statistics_tables, weight_sqnr
 from analysis.sweep import SweepRunner, job_key, plan_jobs
 from analysis.tables import finite_or_none, layers_table, policies_table, sensitivity_table
@@ -285,8 +285,8 @@ def analyze(model: str, task: str = "digits", out: str | Path = "runs/run", *, f
                 if bar is not None and executor != "serial":
                     bar.update(len(records) * n_batches)
                 t_ = tables()
-                for name in ("sensitivity", "policies"):
-                    replace_table(run, name, t_[name])
+                replace_table(run, "sensitivity", t_["sensitivity"])
+                merge_policy_rows(run, t_["policies"], owned_kinds=SWEEP_POLICY_KINDS)
                 update_meta(run, progress={"done": len(done), "total": len(plan.jobs)})
         final = tables()
         uniform_meta = {}
@@ -298,8 +298,8 @@ def analyze(model: str, task: str = "digits", out: str | Path = "runs/run", *, f
                                     "kl": finite_or_none(rec.get("kl")), "bytes": int(row["bytes"]),
                                     "skipped_layers": sorted(l for (l, fn) in skip if fn == f.name)}
         sweep_meta = {**meta["sweep"], "seconds": round(time.perf_counter() - t0, 3), "resumed": resume}
-        for name in ("sensitivity", "policies"):
-            replace_table(run, name, final[name])
+        replace_table(run, "sensitivity", final["sensitivity"])
+        merge_policy_rows(run, final["policies"], owned_kinds=SWEEP_POLICY_KINDS)
         update_meta(run, status="complete", uniform=uniform_meta, sweep=sweep_meta,
                     progress={"done": len(done), "total": len(plan.jobs)})
     except KeyboardInterrupt:

@@ -35,6 +35,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import BinaryIO
 
+from analysis.atomic import atomic_path
 from analysis.run import TABLES, Run, RunError, load_run
 
 BUNDLE_SCHEMA = "quantlens.bundle/1"
@@ -124,18 +125,10 @@ def write_bundle(run_dir: str | os.PathLike, out: str | os.PathLike, *, with_mod
     manifest = {"schema": BUNDLE_SCHEMA, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "run_schema": run.meta.get("schema"), "model_sha256": run.model_sha256,
                 "with_model": with_model, "files": files}
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        with zipfile.ZipFile(tmp, "w") as zf:
-            zf.writestr(MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n", zipfile.ZIP_DEFLATED)
-            for name, p in members:  # Parquet is zstd-compressed already and weights barely deflate
-                zf.write(p, name, zipfile.ZIP_DEFLATED if name.endswith(".json") else zipfile.ZIP_STORED)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(out) as tmp, zipfile.ZipFile(tmp, "w") as zf:
+        zf.writestr(MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n", zipfile.ZIP_DEFLATED)
+        for name, p in members:  # Parquet is zstd-compressed already and weights barely deflate
+            zf.write(p, name, zipfile.ZIP_DEFLATED if name.endswith(".json") else zipfile.ZIP_STORED)
     return out
 
 

@@ -1,9 +1,7 @@
 """The ``search`` verb: the best policy under a budget, written as a policy file."""
 from __future__ import annotations
 
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 
@@ -36,6 +34,7 @@ def coupled_groups(run) -> list[list[int]]:
 
 
 def _cmd_search(args) -> int:
+    from analysis.atomic import write_text_atomic
     from analysis.policy import policy_from_codes
     from analysis.projection import Projector
     from analysis.run import load_run
@@ -53,10 +52,7 @@ def _cmd_search(args) -> int:
     policy = policy_from_codes(run, res.codes)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(policy.to_json())
-    os.replace(tmp, out)
+    write_text_atomic(out, policy.to_json())
     pr = res.projection
     m = run.meta["metric"]["name"]
     band = f" ± {pr.band:.4f}" if pr.band is not None else " (error unknown: no measured policy to validate against)"

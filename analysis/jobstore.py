@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
+
+from analysis.atomic import write_text_atomic
 
 MAX_RECORD_BYTES = 1 << 20
 
@@ -20,17 +21,7 @@ class JobStore:
 
     def save(self, record: dict) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        key = record["key"]
-        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=f".{key}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(record, f, sort_keys=True)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.folder / f"{key}.json")
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_text_atomic(self.folder / f"{record['key']}.json", json.dumps(record, sort_keys=True))
 
     def load(self, keys: set[str] | None = None) -> dict[str, dict]:
         """Finished records by key (only ``keys`` when given); unreadable files are ignored

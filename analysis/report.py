@@ -19,13 +19,13 @@ import json
 import math
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
+from analysis.atomic import write_text_atomic
 from analysis.policy import POLICY_FORMATS, Policy, match_policy
 from analysis.projection import Projection, Projector
 from analysis.report_figures import figures
@@ -359,15 +359,6 @@ def write_report(run: Run, out: str | os.PathLike, *, fmt: str = "html", policy:
     if not out.parent.is_dir():
         raise ReportError(f"{out.parent}: folder does not exist")
     text = (render_html if fmt == "html" else render_markdown)(run, policy, policy_source)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:  # a non-UTF-8 file name in the Run's provenance is written as a \udcXX escape, not refused
-        with os.fdopen(fd, "w", encoding="utf-8", errors="backslashreplace") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # a non-UTF-8 file name in the Run's provenance is written as a \udcXX escape, not refused
+    write_text_atomic(out, text, errors="backslashreplace")
     return out

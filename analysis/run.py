@@ -22,9 +22,12 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from analysis.atomic import atomic_path, folder_lock, write_text_atomic
 
 SCHEMA = "quantlens.run/1"
 SUPPORTED_SCHEMAS = (SCHEMA,)
@@ -92,15 +95,6 @@ def _write_table(df: pd.DataFrame, path: Path) -> None:
         pq.write_table(table, f, compression="zstd")
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_run(path: str | os.PathLike, meta: dict, tables: dict[str, pd.DataFrame], *, overwrite: bool = False) -> Run:
     """Write a whole Run at ``path`` atomically (staged beside it, then renamed).
 
@@ -139,22 +133,43 @@ def write_run(path: str | os.PathLike, meta: dict, tables: dict[str, pd.DataFram
 def update_meta(run: Run, **changes) -> None:
     """Merge ``changes`` into run.json (atomic replace)."""
     run.meta.update(changes)
-    _atomic_write_text(run.path / "run.json", json.dumps(run.meta, indent=2, sort_keys=True, default=str) + "\n")
+    write_text_atomic(run.path / "run.json", json.dumps(run.meta, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def replace_table(run: Run, name: str, df: pd.DataFrame) -> None:
     """Replace one table of an existing Run atomically (e.g. after a verify)."""
     if name not in TABLE_COLUMNS:
         raise RunError(f"unknown table '{name}'; known: {', '.join(TABLES)}")
-    fd, tmp = tempfile.mkstemp(dir=run.path, prefix=f".{name}.", suffix=".parquet.tmp")
-    os.close(fd)
-    try:
-        _write_table(df, Path(tmp))
-        os.replace(tmp, run.path / f"{name}.parquet")
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(run.path / f"{name}.parquet") as tmp:
+        _write_table(df, tmp)
     run.tables[name] = df.reset_index(drop=True)
+
+
+def read_table(run: Run, name: str) -> pd.DataFrame:
+    """One table as it is on disk now (another process may have rewritten it since ``run`` was read)."""
+    with open(run.path / f"{name}.parquet", "rb") as f:
+        return pq.read_table(f).to_pandas()
+
+
+SWEEP_POLICY_KINDS = ("baseline", "uniform", "random")  # policies rows a sweep writes; verified rows are not
+POLICY_KIND_ORDER = {k: i for i, k in enumerate(SWEEP_POLICY_KINDS)}
+
+
+def merge_policy_rows(run: Run, rows, *, owned_kinds: tuple[str, ...] = ()) -> pd.DataFrame:
+    """Under the Run's lock, rewrite ``policies`` as the rows on disk minus those named in ``rows``
+    (and minus every row whose kind is in ``owned_kinds``), plus ``rows``: a sweep refreshing its
+    rows and verifies adding theirs can run at the same time without losing one. ``rows`` may be a
+    function of the table on disk (to pick a free name under the same lock). Rows stay ordered
+    baseline, uniform, random, then the rest in the order they came."""
+    with folder_lock(run.path):
+        disk = read_table(run, "policies")
+        if callable(rows):
+            rows = rows(disk)
+        keep = disk[~disk["name"].isin(rows["name"]) & ~disk["kind"].isin(owned_kinds)]
+        table = pd.concat([keep, rows], ignore_index=True) if len(keep) else rows.reset_index(drop=True)
+        rank = table["kind"].map(POLICY_KIND_ORDER).fillna(len(POLICY_KIND_ORDER)).to_numpy()
+        replace_table(run, "policies", table.iloc[np.argsort(rank, kind="stable")].reset_index(drop=True))
+    return run.tables["policies"]
 
 
 def load_run(path: str | os.PathLike) -> Run:

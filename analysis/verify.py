@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -23,10 +22,11 @@ import onnxruntime as ort
 import pandas as pd
 import torch
 
+from analysis.atomic import atomic_path
 from analysis.cost import policy_bytes
 from analysis.onnx_quantize import QuantizedModel, quantize_model
 from analysis.policy import Policy, PolicyError, from_json, match_policy, parse_policy
-from analysis.run import Run, load_run, replace_table
+from analysis.run import Run, load_run, merge_policy_rows
 from analysis.runtime_model import RuntimeModel, resolve_model, resolve_task
 from analysis.tasks import MetricState, Task
 
@@ -108,14 +108,8 @@ def _build(run: Run, formats: dict[str, str], rm: RuntimeModel, task: Task) -> A
 
 def _save_atomic(model: onnx.ModelProto, out: Path) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        onnx.save(model, tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(out) as tmp:
+        onnx.save(model, str(tmp))
     return out.stat().st_size
 
 
@@ -194,21 +188,22 @@ def verify_policy(run: Run | str | os.PathLike, policy: Policy | dict | str | os
     explicit = {n: f for n, f in formats.items()}
     proj = _projection(run, explicit)
     measured_on = f"onnxruntime {ort.__version__}, CPU, {threads} threads, {len(task.eval_inputs)} eval samples"
-    name = name or _next_name(run)
     row = {"name": name, "kind": kind, "layers_json": json.dumps(explicit, sort_keys=True), "metric": r["metric"],
            "loss": r["loss"], "bytes": policy_bytes(run.cost, explicit, int(run.meta["model"].get("other_bytes", 0))),
            "latency_ms": lat["policy"][0], "measured_on": measured_on,
            "projected_metric": proj.get("metric", np.nan), "projected_band": proj.get("band", np.nan)}
-    table = run.policies
-    table = pd.concat([table[table["name"] != name], pd.DataFrame([row])], ignore_index=True)
-    replace_table(run, "policies", table)
+    def named(on_disk: pd.DataFrame) -> pd.DataFrame:  # another verify may have taken a name since the Run was read
+        row["name"] = name or _next_name(on_disk)
+        return pd.DataFrame([row])
+
+    merge_policy_rows(run, named)
     return {**row, "file_bytes": applied.model.ByteSize(), "latency_spread_ms": lat["policy"][1],
             "fp32_latency_ms": lat["fp32"][0], "projected_latency_ms": proj.get("latency_ms"),
             "formats": applied.formats, "kernels": applied.kernels, "notes": notes + applied.notes}
 
 
-def _next_name(run: Run) -> str:
-    taken = set(run.policies["name"].astype(str))
+def _next_name(policies: pd.DataFrame) -> str:
+    taken = set(policies["name"].astype(str))
     i = 1
     while f"verified-{i}" in taken:
         i += 1
