@@ -28,18 +28,21 @@ import pandas as pd
 import torch
 
 from analysis.cost import cost_table, policy_bytes
-from analysis.executors import EXECUTORS, WorkerSpec, act_quant_rows, chunked, open_pool
+from analysis.executors import (CHUNKS_PER_WORKER, EXECUTORS, WorkerSpec, act_quant_rows, balanced_chunks, chunked,
+                                open_pool)
 from analysis.formats import FP32, get_format, with_group_size, with_observer
 from analysis.jobstore import JobStore
 from analysis.models.loading import load_model
 from analysis.models.torch_model import TorchModel
-from analysis.run import SWEEP_POLICY_KINDS, RunError, load_run, merge_policy_rows, replace_table, update_meta, write_run
+from analysis.run import (SWEEP_POLICY_KINDS, RunError, clean_leftovers, load_run, merge_policy_rows, replace_table,
+                          update_meta, write_run)
 from analysis.stats import calibrate, statistics_tables, weight_sqnr
 from analysis.sweep import SweepRunner, job_key, plan_jobs
 from analysis.tables import finite_or_none, layers_table, policies_table, sensitivity_table
 from analysis.tasks import load_task
 
 VERSION = "0.1.0"
+SERIAL_CHUNK = 8  # jobs per chunk in this process: what an interruption can lose
 
 
 class AnalysisError(ValueError):
@@ -135,7 +138,7 @@ def analyze(model: str, task: str = "digits", out: str | Path = "runs/run", *, f
             metric: str | None = None, weights: str | None = None, incremental: bool = True,
             overwrite: bool = False, threads: int | None = None, progress: bool = True,
             executor: str = "serial", workers: int = 2, ray_address: str | None = None,
-            resume: bool = False, chunk_size: int = 8, random_policies: int = 8, latency: bool = True) -> "Run":
+            resume: bool = False, chunk_size: int | None = None, random_policies: int = 8, latency: bool = True) -> "Run":
     """Measure every quantizable layer of ``model`` under each format on ``task``; write a Run.
 
     Args:
@@ -148,6 +151,8 @@ def analyze(model: str, task: str = "digits", out: str | Path = "runs/run", *, f
         executor: serial | process | ray; workers: processes or Ray actors (each loads the model once).
         resume: finish an interrupted Run at ``out`` without recomputing finished jobs.
         random_policies: K random mixed policies measured whole, to calibrate and validate projections.
+        chunk_size: most jobs per chunk, the unit of work and of persistence (default: 8 when serial;
+            pools cut chunks of balanced cost, about ``CHUNKS_PER_WORKER`` per worker).
         latency: also measure per-layer and end-to-end latency in onnxruntime (``analysis.latency``).
 
     Returns:
@@ -158,6 +163,8 @@ def analyze(model: str, task: str = "digits", out: str | Path = "runs/run", *, f
         raise AnalysisError(f"--executor: unknown executor '{executor}'; known: {', '.join(EXECUTORS)}")
     if workers < 1:
         raise AnalysisError(f"--workers {workers}: must be at least 1")
+    if chunk_size is not None and chunk_size < 1:
+        raise AnalysisError(f"--chunk-size {chunk_size}: must be at least 1")
     if resume:
         if not (out / "run.json").is_file():
             raise AnalysisError(f"--resume: {out} holds no Run to resume")
@@ -188,6 +195,7 @@ def analyze(model: str, task: str = "digits", out: str | Path = "runs/run", *, f
     store = JobStore(out / "jobs")
     done: dict[str, dict] = {}
     if resume:
+        clean_leftovers(out)  # temporary files of the interrupted writer
         store.clean_temporaries()
         done.update(store.load({j.key for j in plan.jobs}))
     todo = [j for j in plan.jobs if j.key not in done]
@@ -208,17 +216,21 @@ def analyze(model: str, task: str = "digits", out: str | Path = "runs/run", *, f
                          progress=bar.update if bar is not None and executor == "serial" else None)
     created_here = not resume
     try:
-        size = chunk_size if executor == "serial" else max(1, min(chunk_size, math.ceil(len(todo) / (workers * 3))))
+        if executor == "serial":
+            cut = lambda js: chunked(js, chunk_size or SERIAL_CHUNK)  # noqa: E731
+        else:  # balanced chunks, dearest jobs first, so no worker is left with a long last chunk
+            budget = 1.0 + sum(runner.job_cost(j) for j in todo) / (workers * CHUNKS_PER_WORKER)
+            cut = lambda js: balanced_chunks(js, runner.job_cost, budget, chunk_size or len(js))  # noqa: E731
         uses_ranges = {f.name for f in fmts if f.activation is not None}
         later = [j for j in todo if j.format in uses_ranges or any(fn in uses_ranges for _, fn in j.policy or ())]
         if pool is not None:
-            for chunk in chunked([j for j in todo if j not in later], size):
+            for chunk in cut([j for j in todo if j not in later]):
                 pool.submit(chunk, [])
         stats = tm.activation_stats(t.calib_batches)
         calibrate(tm, stats, fmts)
         if pool is not None:
             ranges = act_quant_rows(tm)
-            for chunk in chunked(later, size):
+            for chunk in cut(later):
                 pool.submit(chunk, ranges)
 
         layers, skip = plan.layers, plan.skip

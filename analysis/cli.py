@@ -45,7 +45,9 @@ def _add_analyze(sub) -> None:
     p.add_argument("--random-policies", type=int, default=8,
                    help="random mixed policies measured whole, to calibrate and validate projections (default 8)")
     p.add_argument("--no-latency", action="store_true", help="skip the onnxruntime latency measurement")
-    p.add_argument("--chunk-size", type=int, default=8, help="jobs per unit of work and of persistence (default 8)")
+    p.add_argument("--chunk-size", type=int, default=None,
+                   help="most jobs per unit of work and of persistence (default: 8 serial; process|ray cut balanced "
+                        "chunks, about 4 per worker)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 

@@ -21,7 +21,8 @@ from analysis.sweep import Job
 
 RETRIES = 3
 EXECUTORS = ("serial", "process", "ray")
-RAY_IN_FLIGHT = 2  # chunks queued per Ray actor, so none idles while the parent is busy
+RAY_IN_FLIGHT = 2  # chunks queued per Ray actor while the parent is busy, so none idles (1 once it waits)
+CHUNKS_PER_WORKER = 4  # enough to balance the tail, few enough that each chunk's FP32 forward stays cheap
 
 ActQuantRows = list[tuple[str, str, float, int, int, int]]  # (layer, format, scale, zero, qmin, qmax)
 
@@ -213,19 +214,20 @@ class RayPool:
         self.queue: list[dict] = []
         self.pending: dict = {}  # object ref -> (actor, payload)
 
-    def _dispatch(self) -> None:
+    def _dispatch(self, in_flight: int = 1) -> None:
         for actor in self.actors:
             busy = sum(1 for a, _ in self.pending.values() if a is actor)
-            while self.queue and busy < RAY_IN_FLIGHT:
+            while self.queue and busy < in_flight:
                 p = self.queue.pop(0)
                 self.pending[actor.run.remote(p)] = (actor, p)
                 busy += 1
 
     def submit(self, chunk: list[Job], act_quant: ActQuantRows) -> None:
         self.queue.append(_payload(chunk, act_quant))
-        self._dispatch()
+        self._dispatch(RAY_IN_FLIGHT)
 
     def results(self) -> Iterator[list[dict]]:
+        self._dispatch()
         while self.pending:
             ready, _ = self.ray.wait(list(self.pending), num_returns=1)
             actor, payload = self.pending.pop(ready[0])
@@ -266,3 +268,20 @@ def open_pool(executor: str, runner, spec_factory: Callable[[], WorkerSpec], *, 
 
 def chunked(jobs: list[Job], size: int) -> list[list[Job]]:
     return [jobs[i:i + size] for i in range(0, len(jobs), size)]
+
+
+def balanced_chunks(jobs: list[Job], cost: Callable[[Job], float], budget: float, max_jobs: int) -> list[list[Job]]:
+    """Dearest jobs first, cut into chunks of about ``budget`` (a chunk costs its FP32 forward, 1,
+    plus its jobs) and at most ``max_jobs`` jobs: the last chunks to finish are the cheap ones."""
+    out: list[list[Job]] = []
+    current, spent = [], 1.0
+    for job in sorted(jobs, key=cost, reverse=True):
+        c = cost(job)
+        if current and (spent + c > budget or len(current) == max_jobs):
+            out.append(current)
+            current, spent = [], 1.0
+        current.append(job)
+        spent += c
+    if current:
+        out.append(current)
+    return out

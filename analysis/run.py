@@ -15,8 +15,10 @@ Tables (schema ``quantlens.run/1``; columns are listed in ``TABLE_COLUMNS``):
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -30,6 +32,7 @@ import pyarrow.parquet as pq
 from analysis.atomic import atomic_path, folder_lock, write_text_atomic
 
 SCHEMA = "quantlens.run/1"
+LEFTOVER = re.compile(r"(?:staging-(\d+)-\w+|old-(\d+))")  # after ".NAME.": what write_run leaves when killed
 SUPPORTED_SCHEMAS = (SCHEMA,)
 MAX_META_BYTES = 16 << 20  # run.json of a 10,000-layer Run is well under 1 MiB
 
@@ -95,6 +98,37 @@ def _write_table(df: pd.DataFrame, path: Path) -> None:
         pq.write_table(table, f, compression="zstd")
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def clean_leftovers(path: str | os.PathLike) -> list[str]:
+    """Remove what writers killed mid-write left of the Run at ``path``: beside it, the staging
+    folder of a first write and the previous Run of an ``--overwrite`` (``.NAME.staging-PID-*``,
+    ``.NAME.old-PID``, only when process PID is gone); inside it, temporary table files
+    (``.*.tmp``, under the Run's lock). Returns the names removed."""
+    path = Path(path)
+    removed = []
+    if path.parent.is_dir():
+        for p in path.parent.glob(f".{glob.escape(path.name)}.*"):
+            m = LEFTOVER.fullmatch(p.name[len(path.name) + 2:])
+            if m and p.is_dir() and not _pid_alive(int(m.group(1) or m.group(2))):
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p.name)
+    if path.is_dir():
+        with folder_lock(path):
+            for p in path.glob(".*.tmp"):
+                p.unlink(missing_ok=True)
+                removed.append(p.name)
+    return removed
+
+
 def write_run(path: str | os.PathLike, meta: dict, tables: dict[str, pd.DataFrame], *, overwrite: bool = False) -> Run:
     """Write a whole Run at ``path`` atomically (staged beside it, then renamed).
 
@@ -112,7 +146,8 @@ def write_run(path: str | os.PathLike, meta: dict, tables: dict[str, pd.DataFram
         raise RunError(f"{path}: exists and is not empty")
     meta = {**meta, "schema": SCHEMA}
     path.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.staging-"))
+    clean_leftovers(path)
+    stage = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.staging-{os.getpid()}-"))
     try:
         for name in TABLES:
             _write_table(tables[name], stage / f"{name}.parquet")

@@ -143,6 +143,13 @@ class SweepRunner:
         self.path = INCREMENTAL if self.graph is not None else FULL_FORWARD
         self._first_x = first_x
 
+    def job_cost(self, job: Job) -> float:
+        """Share of a full forward that ``job`` recomputes per batch (whole policies, and every job on
+        the full-forward path: 1); schedulers use it to balance chunks."""
+        if job.is_layer and self.graph is not None:
+            return len(self.graph.downstream[job.layer]) / len(self.graph.nodes)
+        return 1.0
+
     def reaches_output(self) -> dict[str, bool]:
         if self.graph is not None:
             return {n: self.graph.reaches_output(n) for n in self.names}

@@ -58,3 +58,31 @@ def test_unknown_executor_is_bad_input(data, tmp_path):
     with pytest.raises(AnalysisError, match="--executor: unknown executor 'dask'"):
         analyze("factories:tiny_mlp", data, tmp_path / "x", executor="dask", progress=False, latency=False)
     assert not (tmp_path / "x").exists()
+
+
+def test_balanced_chunks_put_dear_jobs_first_and_respect_budget_and_size():
+    from hypothesis import given, strategies as st
+
+    from analysis.executors import balanced_chunks
+    from analysis.sweep import Job
+
+    @given(st.lists(st.floats(0.01, 1.0), min_size=1, max_size=60), st.floats(1.5, 8.0), st.integers(1, 10))
+    def check(costs, budget, max_jobs):
+        jobs = [Job(f"k{i}", layer=f"l{i}", format="int8") for i in range(len(costs))]
+        cost = {j: c for j, c in zip(jobs, costs)}.__getitem__
+        chunks = balanced_chunks(jobs, cost, budget, max_jobs)
+        flat = [j for c in chunks for j in c]
+        assert sorted(j.key for j in flat) == sorted(j.key for j in jobs)  # each job exactly once
+        assert [cost(j) for j in flat] == sorted(costs, reverse=True)
+        for c in chunks:
+            assert 1 <= len(c) <= max_jobs
+            assert len(c) == 1 or 1.0 + sum(map(cost, c)) <= budget + 1e-9
+
+    check()
+
+
+def test_chunk_size_below_one_is_bad_input(data, tmp_path):
+    from analysis.api import AnalysisError
+
+    with pytest.raises(AnalysisError, match="--chunk-size 0: must be at least 1"):
+        analyze("factories:tiny_mlp", data, tmp_path / "x", chunk_size=0, progress=False, latency=False)

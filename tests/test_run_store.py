@@ -66,3 +66,18 @@ def test_overwrite_replaces_atomically(digits_run, tmp_path):
     write_run(dst, {**digits_run.meta, "seed": 7}, digits_run.tables, overwrite=True)
     assert load_run(dst).meta["seed"] == 7
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]
+
+
+def test_leftovers_of_dead_writers_are_removed_and_live_ones_kept(digits_run, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)  # a process that has exited
+    for name in (f".r.staging-{pid}-x1_y", f".r.old-{pid}", f".r.staging-{os.getpid()}-live", ".rr.old-1"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "run.json").write_text("{}")
+    write_run(tmp_path / "r", digits_run.meta, digits_run.tables)
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == [".r.staging-%d-live" % os.getpid(), ".rr.old-1", "r"]  # ours is alive; .rr is another Run

@@ -73,6 +73,8 @@ def test_kill_while_writing_leaves_a_loadable_or_absent_run(target, nth, npz, re
             load_run(out)
         finished = analyze("factories:tiny_mlp", npz, out, **ARGS)
     assert finished.status == "complete"
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name != "run"] + [p.name for p in out.glob(".*.tmp")]
+    assert leftovers == []  # the killed writer's staging folder and temporary files are gone
     cols = ["layer", "format", "status", "metric", "loss", "kl", "output_sqnr_db"]
     pd.testing.assert_frame_equal(finished.sensitivity[cols], reference.sensitivity[cols])
     pd.testing.assert_frame_equal(finished.policies[["name", "metric", "loss", "bytes"]],
