@@ -28,7 +28,7 @@ import pandas as pd
 import torch
 
 from analysis.cost import cost_table, policy_bytes
-from analysis.executors import (CHUNKS_PER_WORKER, EXECUTORS, WorkerSpec, act_quant_rows, balanced_chunks, chunked,
+from analysis.executors import (CHUNKS_PER_WORKER, EXECUTORS, MIN_CHUNKS, WorkerSpec, act_quant_rows, balanced_chunks, chunked,
                                 open_pool)
 from analysis.formats import FP32, get_format, with_group_size, with_observer
 from analysis.jobstore import JobStore
@@ -152,7 +152,7 @@ def analyze(model: str, task: str = "digits", out: str | Path = "runs/run", *, f
         resume: finish an interrupted Run at ``out`` without recomputing finished jobs.
         random_policies: K random mixed policies measured whole, to calibrate and validate projections.
         chunk_size: most jobs per chunk, the unit of work and of persistence (default: 8 when serial;
-            pools cut chunks of balanced cost, about ``CHUNKS_PER_WORKER`` per worker).
+            pools cut chunks of balanced cost: at least ``MIN_CHUNKS``, ``CHUNKS_PER_WORKER`` per worker).
         latency: also measure per-layer and end-to-end latency in onnxruntime (``analysis.latency``).
 
     Returns:
@@ -219,7 +219,7 @@ def analyze(model: str, task: str = "digits", out: str | Path = "runs/run", *, f
         if executor == "serial":
             cut = lambda js: chunked(js, chunk_size or SERIAL_CHUNK)  # noqa: E731
         else:  # balanced chunks, dearest jobs first, so no worker is left with a long last chunk
-            budget = 1.0 + sum(runner.job_cost(j) for j in todo) / (workers * CHUNKS_PER_WORKER)
+            budget = 1.0 + sum(runner.job_cost(j) for j in todo) / max(MIN_CHUNKS, workers * CHUNKS_PER_WORKER)
             cut = lambda js: balanced_chunks(js, runner.job_cost, budget, chunk_size or len(js))  # noqa: E731
         uses_ranges = {f.name for f in fmts if f.activation is not None}
         later = [j for j in todo if j.format in uses_ranges or any(fn in uses_ranges for _, fn in j.policy or ())]

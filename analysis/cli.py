@@ -46,13 +46,16 @@ def _add_analyze(sub) -> None:
                    help="random mixed policies measured whole, to calibrate and validate projections (default 8)")
     p.add_argument("--no-latency", action="store_true", help="skip the onnxruntime latency measurement")
     p.add_argument("--chunk-size", type=int, default=None,
-                   help="most jobs per unit of work and of persistence (default: 8 serial; process|ray cut balanced "
-                        "chunks, about 4 per worker)")
+                   help="most jobs per unit of work and of persistence (default: 8 serial; process|ray cut at least 8 "
+                        "chunks of balanced cost, 3 per worker beyond that)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def _cmd_analyze(args) -> int:
+    from analysis.allocator import keep_freed_memory
     from analysis.api import analyze
+
+    keep_freed_memory()
 
     from analysis.models.loading import DEMO_TASKS, ModelError
 
@@ -112,9 +115,11 @@ def _add_demo(sub) -> None:
 
 def _demo_run(name: str, runs: Path):
     """The demo's Run under ``runs``: found, resumed if it was interrupted, or analysed now."""
+    from analysis.allocator import keep_freed_memory
     from analysis.api import analyze
     from analysis.run import RunError, load_run
 
+    keep_freed_memory()
     model, task = DEMOS[name]
     out = runs / name
     try:

@@ -22,7 +22,12 @@ from analysis.sweep import Job
 RETRIES = 3
 EXECUTORS = ("serial", "process", "ray")
 RAY_IN_FLIGHT = 2  # chunks queued per Ray actor while the parent is busy, so none idles (1 once it waits)
-CHUNKS_PER_WORKER = 4  # enough to balance the tail, few enough that each chunk's FP32 forward stays cheap
+# Pools cut a sweep into chunks of about equal estimated cost: at least MIN_CHUNKS whatever the
+# workers (an interruption loses at most that share per worker, and 1 or 2 workers do the same
+# work), and CHUNKS_PER_WORKER per worker on bigger pools so they finish together. Each chunk
+# pays one FP32 forward per batch, so more is not better.
+MIN_CHUNKS = 8
+CHUNKS_PER_WORKER = 3
 
 ActQuantRows = list[tuple[str, str, float, int, int, int]]  # (layer, format, scale, zero, qmin, qmax)
 
@@ -67,6 +72,7 @@ def build_runner(spec: WorkerSpec):
     """Load model and task as the main process did and return a ready ``SweepRunner``."""
     import torch
 
+    from analysis.allocator import keep_freed_memory
     from analysis.formats import QuantFormat
     from analysis.models.loading import load_model
     from analysis.sweep import SweepRunner
@@ -76,6 +82,7 @@ def build_runner(spec: WorkerSpec):
         if p not in sys.path:
             sys.path.insert(0, p)
     torch.set_num_threads(spec.threads)
+    keep_freed_memory()
     task = load_task(spec.task, metric=spec.task_metric, calib=spec.calib, seed=spec.seed)
     model = load_model(spec.model, torch.from_numpy(task.eval_inputs[:2]), weights=spec.weights)
     if model.sha256 != spec.model_sha256:
@@ -136,6 +143,7 @@ class ProcessPool:
     def __init__(self, spec: WorkerSpec, workers: int) -> None:
         self.spec, self.workers, self.failures = spec, workers, 0
         self.pending: dict = {}  # future -> payload
+        self.orphans: list[dict] = []  # payloads submitted to a pool that had broken
         self._start()
 
     def _start(self) -> None:
@@ -146,9 +154,14 @@ class ProcessPool:
 
     def submit(self, chunk: list[Job], act_quant: ActQuantRows) -> None:
         payload = _payload(chunk, act_quant)
-        self.pending[self.pool.submit(_run_chunk_in_process, payload)] = payload
+        try:
+            self.pending[self.pool.submit(_run_chunk_in_process, payload)] = payload
+        except BrokenProcessPool:  # a worker died already (e.g. while loading): resubmitted on restart
+            self.orphans.append(payload)
 
     def results(self) -> Iterator[list[dict]]:
+        if self.orphans:
+            self._restart()
         while self.pending:
             done, _ = wait(self.pending, return_when=FIRST_COMPLETED)
             broken = False
@@ -169,8 +182,9 @@ class ProcessPool:
         if self.failures > RETRIES:
             raise ExecutorError(f"worker processes died {self.failures} times; finished jobs are saved, resume with --resume")
         self.pool.shutdown(wait=True, cancel_futures=True)
-        payloads = list(self.pending.values())
+        payloads = list(self.pending.values()) + self.orphans
         self.pending.clear()
+        self.orphans = []
         self._start()
         for p in payloads:
             self.pending[self.pool.submit(_run_chunk_in_process, p)] = p
