@@ -1,11 +1,13 @@
 """Parallel sweeps and memory: 2 workers vs 1 (local process pool and Ray) on the MiniLM
 sweep, and the peak memory of a sweep on a BERT-base-sized model (random weights).
 
-    .venv/bin/python benchmarks/scale.py [--eval 64] [--executors process,ray] [--skip-serial] [--skip-bert]
+    .venv/bin/python benchmarks/scale.py [--executors process,ray] [--skip-serial] [--skip-bert]
 
-Each sweep runs in its own `quantlens analyze` process (latency measurement off, no random
-policies: only the layer jobs), so wall times and peak RSS are those of a user's command.
-Worker counts are compared side by side in this one run, one thread per worker.
+The MiniLM sweep is the demo's own: `quantlens analyze demo:minilm` on its bundled task (64
+calibration and 128 evaluation snippets in batches of 32, 74 layer jobs, 2 uniform and 8 random
+policies), latency measurement off. Each sweep runs in its own process, so wall times and peak
+RSS are those of a user's command; worker counts are compared side by side in this one run,
+one thread per worker.
 """
 from __future__ import annotations
 
@@ -44,13 +46,14 @@ def _task(tmp: Path, n_eval: int) -> str:
     return str(p)
 
 
-def _analyze(model: str, task: str, out: Path, *extra: str) -> tuple[float, float]:
+def _analyze(model: str, task: str | None, out: Path, *extra: str) -> tuple[float, float]:
     """Wall seconds and peak RSS (GB, the largest process of the command) of one analysis."""
     env = {**os.environ, "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "RAY_AUTH_MODE": "disabled"}
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     t0 = time.perf_counter()
-    p = subprocess.run([QUANTLENS, "analyze", model, "--task", task, "--out", str(out), "--quiet", "--no-latency",
-                        "--random-policies", "0", "--metric", "cosine", *extra], capture_output=True, text=True, env=env)
+    task_args = ["--task", task, "--metric", "cosine", "--random-policies", "0"] if task else []
+    p = subprocess.run([QUANTLENS, "analyze", model, *task_args, "--out", str(out), "--quiet", "--no-latency", *extra],
+                       capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
     if p.returncode != 0:
         raise SystemExit(f"analyze failed: {p.stderr.strip().splitlines()[-1]}")
@@ -60,7 +63,6 @@ def _analyze(model: str, task: str, out: Path, *extra: str) -> tuple[float, floa
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--eval", type=int, default=64, help="MiniLM evaluation snippets per sweep (default 64)")
     ap.add_argument("--executors", default="process,ray", help="pool executors to compare (default process,ray)")
     ap.add_argument("--skip-ray", action="store_true", help="same as --executors process")
     ap.add_argument("--skip-serial", action="store_true", help="no in-process reference sweep")
@@ -70,18 +72,17 @@ def main() -> None:
     print(f"load average before: {', '.join(f'{x:.2f}' for x in os.getloadavg())} (other work on the cores skews ratios)")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        task = _task(tmp, args.eval)
         executors = [] if args.only_bert else [e for e in args.executors.split(",") if e and not (args.skip_ray and e == "ray")]
         if executors:
-            print(f"MiniLM sweep: 37 Linear layers x int8,int4 on {args.eval} snippets, {os.cpu_count()} cores")
+            print(f"MiniLM demo sweep: 37 Linear layers x int8,int4 + 10 policies on 128 snippets, {os.cpu_count()} cores")
         for ex in executors:
             t = {}
             for w in (1, 2):
-                t[w], _ = _analyze("demo:minilm", task, tmp / f"{ex}-{w}", "--executor", ex, "--workers", str(w))
+                t[w], _ = _analyze("demo:minilm", None, tmp / f"{ex}-{w}", "--executor", ex, "--workers", str(w))
                 print(f"  {ex:<8} workers={w}: {t[w]:7.1f} s")
             print(f"  {ex:<8} speed-up 2 vs 1 worker: x{t[1] / t[2]:.2f} (target >= 1.6)")
         if executors and not args.skip_serial:
-            serial, _ = _analyze("demo:minilm", task, tmp / "serial")
+            serial, _ = _analyze("demo:minilm", None, tmp / "serial")
             print(f"  serial (in-process, for reference): {serial:7.1f} s")
         if not args.skip_bert:
             bert_task = _task(tmp, 16)
