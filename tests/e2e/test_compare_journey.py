@@ -34,7 +34,9 @@ def test_compare_two_runs(browser, two_runs_server):
     main = page.get_by_test_id("stMain")
     main.get_by_text("Compare Runs").wait_for(timeout=TIMEOUT)
     assert page.locator('[data-testid="stException"]').count() == 0
-    page.wait_for_function("() => document.querySelectorAll('.js-plotly-plot svg.main-svg').length >= 2", timeout=TIMEOUT)
+    # both charts drawn (each plotly chart holds several svg.main-svg: count the charts' texts, not svgs)
+    page.wait_for_function("() => [...document.querySelectorAll('.js-plotly-plot')]"
+                           ".some(p => (p.textContent || '').includes('Run B frontier (projected)'))", timeout=TIMEOUT)
     text = main.inner_text()
     assert "synthetic:16" in text and "synthetic:10" in text
     assert "10 layer(s) in both Runs" in text and "Only in Run A (6)" in text
