@@ -222,9 +222,10 @@ def analyze(model: str, task: str = "digits", out: str | Path = "runs/run", *, f
             budget = 1.0 + sum(runner.job_cost(j) for j in todo) / max(MIN_CHUNKS, workers * CHUNKS_PER_WORKER)
             cut = lambda js: balanced_chunks(js, runner.job_cost, budget, chunk_size or len(js))  # noqa: E731
         uses_ranges = {f.name for f in fmts if f.activation is not None}
-        later = [j for j in todo if j.format in uses_ranges or any(fn in uses_ranges for _, fn in j.policy or ())]
+        needs = {j.key for j in todo if j.format in uses_ranges or any(fn in uses_ranges for _, fn in j.policy or ())}
+        later = [j for j in todo if j.key in needs]
         if pool is not None:
-            for chunk in cut([j for j in todo if j not in later]):
+            for chunk in cut([j for j in todo if j.key not in needs]):
                 pool.submit(chunk, [])
         stats = tm.activation_stats(t.calib_batches)
         calibrate(tm, stats, fmts)
