@@ -67,17 +67,22 @@ def serve(run_dirs: list[str], port: int | None = None, host: str = "127.0.0.1",
     try:
         return proc.wait()
     except KeyboardInterrupt:
-        proc.terminate()
-        try:
-            return proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            return proc.wait()
+        return stop_server(proc, timeout=10)
     finally:
         if main:
             signal.signal(signal.SIGTERM, previous)
         if proc.poll() is None:
             proc.kill()
+
+
+def stop_server(proc: subprocess.Popen, timeout: float = 15.0) -> int:
+    """Ask a server process to stop, kill it if it has not within ``timeout`` s; returns its exit code."""
+    proc.terminate()
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
 
 
 def start_server(run_dirs: list[str], port: int | None = None, host: str = "127.0.0.1",
@@ -104,5 +109,5 @@ def start_server(run_dirs: list[str], port: int | None = None, host: str = "127.
                     return proc, url
         except OSError:
             time.sleep(0.3)
-    proc.terminate()
+    stop_server(proc)
     raise RuntimeError(f"dashboard server did not answer at {url} within {timeout:.0f} s")

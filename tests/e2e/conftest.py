@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from dashboard.serve import start_server
+from dashboard.serve import start_server, stop_server
 
 CHROMIUM = shutil.which("chromium")
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -37,8 +37,4 @@ def dashboard(digits_run):
     """URL of a real `streamlit run` server on the demo Run."""
     proc, url = start_server([str(digits_run.path)])
     yield url
-    proc.terminate()
-    try:
-        proc.wait(timeout=15)
-    except Exception:
-        proc.kill()
+    stop_server(proc)

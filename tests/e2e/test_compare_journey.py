@@ -6,7 +6,7 @@ import pytest
 
 from analysis.synthetic import synthetic_run
 from browser_support import save_screenshot
-from dashboard.serve import start_server
+from dashboard.serve import start_server, stop_server
 
 pytestmark = pytest.mark.e2e
 TIMEOUT = 30_000  # ms
@@ -18,11 +18,7 @@ def two_runs_server(tmp_path):
     b = synthetic_run(tmp_path / "b", 10, seed=5)
     proc, url = start_server([str(a.path), str(b.path)])
     yield url
-    proc.terminate()
-    try:
-        proc.wait(timeout=15)
-    except Exception:
-        proc.kill()
+    stop_server(proc)
 
 
 def test_compare_two_runs(browser, two_runs_server):
@@ -77,8 +73,4 @@ def test_download_report_open_a_bundle_then_compare(browser, tmp_path):
         assert page.locator('[data-testid="stException"]').count() == 0
         ctx.close()
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except Exception:
-            proc.kill()
+        stop_server(proc)

@@ -8,7 +8,7 @@ import pytest
 from playwright.sync_api import expect
 
 from analysis.run import load_run
-from dashboard.serve import start_server
+from dashboard.serve import start_server, stop_server
 
 pytestmark = pytest.mark.e2e
 TIMEOUT = 30_000  # ms
@@ -36,8 +36,4 @@ def test_verify_runs_in_the_background_and_the_measured_point_appears(browser, d
         assert page.locator('[data-testid="stException"]').count() == 0
         ctx.close()
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except Exception:
-            proc.kill()
+        stop_server(proc)
