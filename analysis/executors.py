@@ -201,9 +201,6 @@ class _RayWorker:
     def run(self, payload: dict) -> list[dict]:
         return _run(self.runner, payload)
 
-    def pid(self) -> int:
-        return os.getpid()
-
 
 class RayPool:
     """Chunks on ``workers`` Ray actors (each loads the model once); a local cluster when no address."""

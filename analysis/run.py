@@ -180,10 +180,14 @@ def replace_table(run: Run, name: str, df: pd.DataFrame) -> None:
     run.tables[name] = df.reset_index(drop=True)
 
 
+def _read_parquet(file: Path) -> pd.DataFrame:
+    with open(file, "rb") as f:  # a file object: pyarrow cannot decode non-UTF-8 path names itself
+        return pq.read_table(f).to_pandas()
+
+
 def read_table(run: Run, name: str) -> pd.DataFrame:
     """One table as it is on disk now (another process may have rewritten it since ``run`` was read)."""
-    with open(run.path / f"{name}.parquet", "rb") as f:
-        return pq.read_table(f).to_pandas()
+    return _read_parquet(run.path / f"{name}.parquet")
 
 
 SWEEP_POLICY_KINDS = ("baseline", "uniform", "random")  # policies rows a sweep writes; verified rows are not
@@ -236,8 +240,7 @@ def load_run(path: str | os.PathLike) -> Run:
         if not file.is_file():
             raise RunError(f"{file}: missing")
         try:
-            with open(file, "rb") as f:
-                df = pq.read_table(f).to_pandas()
+            df = _read_parquet(file)
         except Exception as e:  # pyarrow raises several types for corrupt files
             raise RunError(f"{file}: unreadable Parquet ({type(e).__name__}: {e})") from None
         missing = [c for c in cols if c not in df.columns]
