@@ -1,4 +1,4 @@
-"""glibc's default malloc vs keeping freed memory (``analysis.allocator``) on the MiniLM sweep's
+"""glibc's default malloc vs keeping freed memory (``analysis.engine.allocator``) on the MiniLM sweep's
 work: one FP32 forward keeping every intermediate value, and 12 single-layer jobs, on one batch
 of 32 x 128 tokens. Each setting runs in its own fresh process, side by side in this one run.
 
@@ -18,13 +18,13 @@ import json, statistics, sys, time
 import torch
 torch.set_num_threads(1)
 if sys.argv[1] == "keep":
-    from analysis.allocator import keep_freed_memory
+    from analysis.engine.allocator import keep_freed_memory
     assert keep_freed_memory(), "mallopt unavailable here"
-from analysis.formats import get_format
-from analysis.minilm import minilm_arrays
+from analysis.quant.formats import get_format
+from analysis.data.minilm import minilm_arrays
 from analysis.models.loading import load_model
-from analysis.sweep import SweepRunner, plan_jobs
-from analysis.tasks import Task
+from analysis.engine.sweep import SweepRunner, plan_jobs
+from analysis.data.tasks import Task
 
 a = minilm_arrays(n_calib=2, n_eval=32)
 task = Task("minilm", "bench", a["calib_inputs"], a["eval_inputs"], None, batch_size=32)

@@ -39,8 +39,8 @@ def main() -> int:
     logging.getLogger("streamlit").setLevel(logging.ERROR)
     from streamlit.testing.v1 import AppTest
 
-    from analysis.projection import Projector
-    from analysis.synthetic import synthetic_run
+    from analysis.project.projection import Projector
+    from analysis.store.synthetic import synthetic_run
 
     with tempfile.TemporaryDirectory(prefix="quantlens-bench-") as tmp:
         t = time.perf_counter()

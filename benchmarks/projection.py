@@ -19,16 +19,16 @@ from scipy.stats import spearmanr
 
 from analysis import analyze, load_run
 from analysis.api import random_mixed_policies
-from analysis.policy import FORMAT_CODE
-from analysis.projection import Projector
-from analysis.remeasure import measure_policies
+from analysis.store.policy import FORMAT_CODE
+from analysis.project.projection import Projector
+from analysis.engine.remeasure import measure_policies
 
 
 def held_out_policies(run, k: int) -> dict[str, dict[str, str]]:
     measured = {tuple(sorted(__import__("json").loads(s).items())) for s in run.policies["layers_json"]}
     sens = run.sensitivity
     skip = {(r.layer, r.format): r.reason for r in sens.itertuples() if r.status == "skipped"}
-    from analysis.formats import get_format
+    from analysis.quant.formats import get_format
 
     layers = [type("L", (), {"name": n}) for n in run.layer_names]
     fmts = [get_format(f) for f in run.formats]

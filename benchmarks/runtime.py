@@ -23,10 +23,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from analysis import analyze  # noqa: E402
-from analysis.latency import measure_latency, timed_runs, uniform_policy, _stats  # noqa: E402
-from analysis.onnx_quantize import quantize_model  # noqa: E402
-from analysis.runtime_model import resolve_model, resolve_task  # noqa: E402
-from analysis.verify import _evaluate  # noqa: E402
+from analysis.runtime.latency import measure_latency, timed_runs, uniform_policy, _stats  # noqa: E402
+from analysis.runtime.onnx_quantize import quantize_model  # noqa: E402
+from analysis.runtime.session import resolve_model, resolve_task  # noqa: E402
+from analysis.runtime.verify import _evaluate  # noqa: E402
 
 
 def best_known(run, max_drop: float) -> dict[str, str]:

@@ -31,14 +31,14 @@ def bert_base():
     """A BERT-base-sized encoder (about 110 M parameters) with random weights: for memory only."""
     import torch
 
-    from analysis.minilm import MiniLMEmbedder
+    from analysis.data.minilm import MiniLMEmbedder
 
     torch.manual_seed(0)
     return MiniLMEmbedder(BERT_BASE).eval()
 
 
 def _task(tmp: Path, n_eval: int) -> str:
-    from analysis.minilm import minilm_arrays
+    from analysis.data.minilm import minilm_arrays
 
     a = minilm_arrays(n_calib=32, n_eval=n_eval)
     p = tmp / f"minilm-{n_eval}.npz"

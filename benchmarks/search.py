@@ -3,7 +3,7 @@ does), at every budget, and the MILP's solve time on 1,000 layers x 3 formats.
 
     .venv/bin/python benchmarks/search.py [--run RUN_DIR]
 
-Both optimise the same projection (``analysis.projection.Projector``); the greedy one
+Both optimise the same projection (``analysis.project.projection.Projector``); the greedy one
 starts from FP32 and repeatedly takes the single-layer step down (fp32 -> int8 -> int4)
 with the least penalty per byte saved, until the size budget is met.
 """
@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from analysis import analyze, load_run
-from analysis.projection import Projector
-from analysis.search import SearchError, best_policy
-from analysis.synthetic import synthetic_run
+from analysis.project.projection import Projector
+from analysis.project.search import SearchError, best_policy
+from analysis.store.synthetic import synthetic_run
 
 
 def greedy(p: Projector, max_bytes: float) -> np.ndarray | None:

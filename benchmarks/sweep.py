@@ -16,12 +16,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from analysis.demos import digits_model
-from analysis.formats import INT4, INT8
+from analysis.data.demos import digits_model
+from analysis.quant.formats import INT4, INT8
 from analysis.models.torch_model import TorchModel
-from analysis.stats import calibrate, collect_activation_stats
-from analysis.sweep import run_sweep
-from analysis.tasks import Task, digits_task
+from analysis.engine.stats import calibrate, collect_activation_stats
+from analysis.engine.sweep import run_sweep
+from analysis.data.tasks import Task, digits_task
 
 
 class ResidualMLP(nn.Module):

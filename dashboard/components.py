@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import streamlit as st
 
-from analysis.policy import POLICY_FORMATS
-from analysis.projection import Projection
+from analysis.api import POLICY_FORMATS
+from analysis.api import Projection
 from dashboard import state
 from dashboard.data import MB, Loaded, open_run
 

@@ -17,9 +17,9 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from analysis.policy import FORMAT_CODE, POLICY_FORMATS
-from analysis.projection import Projector
-from analysis.run import TABLES, Run, RunError, load_run
+from analysis.api import FORMAT_CODE, POLICY_FORMATS
+from analysis.api import Projector
+from analysis.api import TABLES, Run, RunError, load_run
 
 MB = 1e6
 
@@ -167,8 +167,8 @@ def stamp_of(path: str) -> tuple[float, ...]:
 @st.cache_resource(show_spinner=False, max_entries=8)
 def report_html(path: str, stamp: tuple[float, ...], token: str) -> str:
     """The self-contained HTML report of a Run with the policy of URL ``token`` as its chosen policy."""
-    from analysis.policy import decode_url_token, policy_from_codes
-    from analysis.report import render_html
+    from analysis.api import decode_url_token, policy_from_codes
+    from analysis.api import render_html
 
     run = _load(path, stamp).run
     return render_html(run, policy_from_codes(run, decode_url_token(token, run).codes), "the dashboard's policy")
@@ -179,7 +179,7 @@ def bundle_bytes(path: str, stamp: tuple[float, ...]) -> bytes:
     """The Run as a ``.qlrun`` bundle (no model weights)."""
     import tempfile
 
-    from analysis.bundle import write_bundle
+    from analysis.api import write_bundle
 
     with tempfile.TemporaryDirectory(prefix="quantlens-bundle-") as tmp:
         return write_bundle(path, Path(tmp) / "run.qlrun").read_bytes()
@@ -194,7 +194,7 @@ def open_uploaded_bundle(data: bytes, name: str) -> str:
     import re
     import tempfile
 
-    from analysis.bundle import open_bundle
+    from analysis.api import open_bundle
 
     stem = re.sub(r"[^A-Za-z0-9._-]", "_", Path(name).stem)[:64] or "bundle"
     return str(open_bundle(data, Path(tempfile.mkdtemp(prefix="quantlens-bundles-")) / stem).path)
@@ -203,7 +203,7 @@ def open_uploaded_bundle(data: bytes, name: str) -> str:
 @st.cache_resource(show_spinner=False, max_entries=16)
 def coupled(path: str, stamp: tuple[float, ...]) -> list[list[int]]:
     """Layer indices that read one tensor and so share a format (as ``quantlens search`` honours them)."""
-    from analysis.cli_search import coupled_groups
+    from analysis.api import coupled_groups
 
     return coupled_groups(_load(path, stamp).run)
 
@@ -215,7 +215,7 @@ def frontier_frame(path: str, stamp: tuple[float, ...], axis: str = "size") -> p
     Columns ``bytes``, ``latency_ms``, ``metric``, ``band``, ``codes`` (one array per point); empty when the
     search finds none or the Run lacks what the axis needs (measured latency).
     """
-    from analysis.search import SearchError, pareto_frontier
+    from analysis.api import SearchError, pareto_frontier
 
     try:
         front = pareto_frontier(_load(path, stamp).projector, axis=axis, groups=coupled(path, stamp) or None)
@@ -248,13 +248,9 @@ def verify_blocker(loaded: Loaded) -> str | None:
 def _model_check(path: str, meta_stamp: float, files: tuple[int, ...], _run: Run) -> str | None:
     """The engine's own resolution (``resolve_task`` + ``resolve_model``, sha256 checked), once per Run version
     and model / data file version: it may export a torch model, too slow to repeat on every render."""
-    from analysis.runtime_model import resolve_model, resolve_task
+    from analysis.api import check_model_at_hand
 
-    try:
-        resolve_model(_run, resolve_task(_run))
-    except (ValueError, OSError, ImportError) as e:
-        return str(e) or type(e).__name__
-    return None
+    return check_model_at_hand(_run)
 
 
 @st.cache_resource(show_spinner=False)

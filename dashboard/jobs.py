@@ -1,4 +1,4 @@
-"""Background verify jobs: ``analysis.verify.verify_policy`` in a thread, watched by the page.
+"""Background verify jobs: ``analysis.runtime.verify.verify_policy`` in a thread, watched by the page.
 
 Plain Python (no Streamlit): the page polls a job from an ``st.fragment(run_every=...)``.
 One job per Run at a time, across sessions, because a verify rewrites the Run's policies table.
@@ -40,7 +40,7 @@ class VerifyJob:
         return (self.finished or time.monotonic()) - self.started
 
     def _run(self, policy) -> None:
-        from analysis.verify import verify_policy
+        from analysis.api import verify_policy
 
         try:
             # the folder, not the dashboard's cached Run: verify rewrites the table of the Run it is given

@@ -2,7 +2,7 @@
 
 The policy being edited lives in ``st.session_state`` as one int8 code per layer in
 execution order (``fp32=0, int8=1, int4=2``), one array per open Run. The query string
-mirrors it (``?run=<index>&p=<token>``, see ``analysis.policy.encode_codes``), so the
+mirrors it (``?run=<index>&p=<token>``, see ``analysis.store.policy.encode_codes``), so the
 address bar is always a link that restores the exact policy.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import streamlit as st
 
-from analysis.policy import PolicyError, decode_url_token, encode_codes
+from analysis.api import PolicyError, decode_url_token, encode_codes
 from dashboard.data import Loaded, open_run
 
 RUN_DIRS = "ql.run_dirs"  # list[str]: the Runs this session can show

@@ -12,8 +12,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 def export_digits(folder: Path) -> tuple[Path, Path]:
     """``(model.onnx, data.npz)``: the demo CNN exported, and the digits eval/calib splits."""
-    from analysis.demos import digits_arrays, digits_model
-    from analysis.runtime_model import export_torch
+    from analysis.data.demos import digits_arrays, digits_model
+    from analysis.runtime.session import export_torch
 
     d = digits_arrays()
     model = export_torch(digits_model(), torch.from_numpy(d["eval_inputs"][:2]))

@@ -6,8 +6,8 @@ import pandas as pd
 import pytest
 
 from analysis import analyze, load_run
-from analysis.cost import policy_bytes
-from analysis.run import TABLES
+from analysis.quant.sizes import policy_bytes
+from analysis.store.run import TABLES
 
 
 def test_demo_run_has_every_table_and_sane_numbers(digits_run):
@@ -88,7 +88,7 @@ def test_latency_is_measured_per_layer_and_end_to_end(digits_run):
 
 
 def test_custom_format_is_swept_without_touching_the_sweep(tmp_path):
-    from analysis.formats import PerChannel, QuantFormat, WeightSpec, _REGISTRY, register_format
+    from analysis.quant.formats import PerChannel, QuantFormat, WeightSpec, _REGISTRY, register_format
 
     fmt = register_format(QuantFormat("int8w", "int8 weight-only", weight=WeightSpec(8, True, PerChannel(0))))
     try:

@@ -9,9 +9,9 @@ import zipfile
 import pandas as pd
 import pytest
 
-from analysis.bundle import MANIFEST, RUN_FILES, BundleError, BundleLimits, open_bundle, write_bundle
-from analysis.cli import main
-from analysis.run import TABLES
+from analysis.store.bundle import MANIFEST, RUN_FILES, BundleError, BundleLimits, open_bundle, write_bundle
+from analysis.cli.main import main
+from analysis.store.run import TABLES
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def test_round_trip(digits_run, bundle_bytes, tmp_path):
 
 
 def test_with_model_carries_safetensors_only(digits_run, tmp_path, monkeypatch):
-    from analysis.run import write_run
+    from analysis.store.run import write_run
 
     weights = tmp_path / "w.safetensors"
     weights.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")

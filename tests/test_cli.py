@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from analysis.cli import main
+from analysis.cli.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -3,13 +3,13 @@ import numpy as np
 import pytest
 import torch
 
-from analysis.cost import layer_bytes
-from analysis.formats import INT4, INT8, FP32, get_format
+from analysis.quant.sizes import layer_bytes
+from analysis.quant.formats import INT4, INT8, FP32, get_format
 from analysis.models.base import LayerInfo
 from analysis.models.torch_model import TorchModel
-from analysis.stats import calibrate, collect_activation_stats
-from analysis.sweep import FULL_FORWARD, INCREMENTAL, run_sweep
-from analysis.tasks import Task
+from analysis.engine.stats import calibrate, collect_activation_stats
+from analysis.engine.sweep import FULL_FORWARD, INCREMENTAL, run_sweep
+from analysis.data.tasks import Task
 import factories
 
 
@@ -64,8 +64,8 @@ def test_incremental_and_full_forward_sweeps_agree():
 
 
 def test_residual_demo_incremental_matches_full_forward():
-    from analysis.demos import digits_model
-    from analysis.tasks import digits_task
+    from analysis.data.demos import digits_model
+    from analysis.data.tasks import digits_task
 
     task = digits_task()
     task.eval_inputs, task.eval_labels = task.eval_inputs[:96], task.eval_labels[:96]

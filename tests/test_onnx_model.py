@@ -19,7 +19,8 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
 def test_onnx_run_has_every_table_and_provenance(onnx_run):
     m = onnx_run.meta
     assert m["model"]["kind"] == "onnx" and len(m["model"]["sha256"]) == 64
-    assert m["sweep"]["path"] == "onnxruntime full-forward"
+    assert m["sweep"]["path"] == "full-forward" and "onnx" in m["sweep"]["path_reason"]
+    assert m["sweep"]["chunk_size"] is None and m["progress"] == {"done": m["sweep"]["jobs"], "total": m["sweep"]["jobs"]}
     assert onnx_run.layer_names == ["/conv1/Conv", "/conv2/Conv", "/conv3/Conv", "/conv4/Conv",
                                     "/fc1/Gemm", "/fc2/Gemm", "/head/Gemm"]
     assert onnx_run.layers["reaches_output"].all()
@@ -45,9 +46,9 @@ def test_onnx_ranks_layers_as_the_torch_path_does(onnx_run, digits_run):
 
 def test_fake_quant_in_graph_matches_the_torch_adapter(digits_onnx):
     """Weight fake-quant fed into the graph gives the torch model's output under the same policy."""
-    from analysis.demos import digits_arrays
+    from analysis.data.demos import digits_arrays
     from analysis.models.torch_model import TorchModel
-    from analysis.demos import digits_model
+    from analysis.data.demos import digits_model
 
     x = torch.from_numpy(digits_arrays()["eval_inputs"][:64])
     om = load_model(str(digits_onnx[0]), x[:2])
@@ -125,7 +126,7 @@ def test_dimensions_the_data_does_not_bind(tmp_path):
 
 
 def test_cli_analyze_on_onnx_and_bad_file_exit_codes(tmp_path, capsys, digits_onnx):
-    from analysis.cli import main
+    from analysis.cli.main import main
 
     path, data = digits_onnx
     assert main(["analyze", str(path), "--task", str(data), "--out", str(tmp_path / "R"), "--quiet"]) == 0

@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from analysis.policy import (POLICY_SCHEMA, Policy, PolicyError, decode_codes, decode_url_token, encode_codes,
+from analysis.store.policy import (POLICY_SCHEMA, Policy, PolicyError, decode_codes, decode_url_token, encode_codes,
                              encode_url_token, from_json, match_policy, policy_from_codes, uniform)
-from analysis.synthetic import synthetic_run
+from analysis.store.synthetic import synthetic_run
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ import numpy as np
 import pandas as pd
 
 from analysis import analyze
-from analysis.atomic import folder_lock
-from analysis.run import load_run, merge_policy_rows
+from analysis.store.atomic import folder_lock
+from analysis.store.run import load_run, merge_policy_rows
 
 
 def _row(run, name, kind="user"):

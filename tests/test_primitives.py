@@ -6,8 +6,8 @@ import torch
 from hypothesis import given, strategies as st
 from hypothesis.extra.numpy import arrays
 
-from analysis.formats import PerChannel, PerGroup, PerTensor, WeightSpec
-from analysis.primitives import (StreamingHistogram, RangeObserver, choose_qparams, dequantize, fake_quantize,
+from analysis.quant.formats import PerChannel, PerGroup, PerTensor, WeightSpec
+from analysis.quant.primitives import (StreamingHistogram, RangeObserver, choose_qparams, dequantize, fake_quantize,
                                  fake_quantize_weight, mse_range, percentile_range, qrange, quantize, quantize_weight)
 
 finite = st.floats(-1e3, 1e3, allow_nan=False, width=32)

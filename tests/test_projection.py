@@ -10,10 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from analysis.policy import match_policy, uniform
-from analysis.projection import LossToMetric, Projector, isotonic
-from analysis.run import replace_table, update_meta
-from analysis.synthetic import synthetic_run
+from analysis.store.policy import match_policy, uniform
+from analysis.project.projection import LossToMetric, Projector, isotonic
+from analysis.store.run import replace_table, update_meta
+from analysis.store.synthetic import synthetic_run
 
 
 @pytest.fixture(scope="module")

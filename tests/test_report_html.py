@@ -14,12 +14,12 @@ import subprocess
 import numpy as np
 import pytest
 
-from analysis.cli import main
-from analysis.policy import Policy, match_policy
-from analysis.projection import Projector
-from analysis.report import render_html, render_markdown, write_report
-from analysis.run import load_run, write_run
-from analysis.synthetic import synthetic_run
+from analysis.cli.main import main
+from analysis.store.policy import Policy, match_policy
+from analysis.project.projection import Projector
+from analysis.report.render import render_html, render_markdown, write_report
+from analysis.store.run import load_run, write_run
+from analysis.store.synthetic import synthetic_run
 
 NODE = shutil.which("node")
 MAX_REPORT_BYTES = 5_000_000
@@ -177,7 +177,7 @@ def test_cli_report_html_md_and_errors(digits_run, tmp_path, capsys):
 def test_write_is_atomic(digits_run, tmp_path, monkeypatch):
     out = tmp_path / "r.html"
     out.write_text("old")
-    import analysis.report as report
+    import analysis.report.render as report
 
     monkeypatch.setattr(report, "render_html", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
     with pytest.raises(RuntimeError):

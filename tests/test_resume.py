@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from analysis import analyze, load_run
-from analysis.run import TABLES
+from analysis.store.run import TABLES
 
 ROOT = Path(__file__).resolve().parents[1]
 QUANTLENS = str(Path(sys.executable).parent / "quantlens")
@@ -74,7 +74,7 @@ def test_kill_9_mid_sweep_then_resume_gives_identical_tables(data, tmp_path):
 
 
 def test_resume_refuses_a_run_made_with_other_settings(data, tmp_path, capsys):
-    from analysis.cli import main
+    from analysis.cli.main import main
 
     out = tmp_path / "r"
     analyze("factories:tiny_mlp", _small(tmp_path), out, progress=False, latency=False)

@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 
-from analysis.run import RunError, load_run, write_run
+from analysis.store.run import RunError, load_run, write_run
 
 
 def _copy(run, tmp_path):

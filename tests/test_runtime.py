@@ -10,12 +10,12 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from analysis.latency import measure_latency
+from analysis.runtime.latency import measure_latency
 from analysis.models.loading import load_model
-from analysis.onnx_quantize import QuantizeError, quantize_model
-from analysis.run import load_run
-from analysis.runtime_model import RuntimeModelError
-from analysis.verify import VerifyError, apply_policy, verify_policy
+from analysis.runtime.onnx_quantize import QuantizeError, quantize_model
+from analysis.store.run import load_run
+from analysis.runtime.session import RuntimeModelError
+from analysis.api import VerifyError, apply_policy, verify_policy
 from onnx_fixtures import digits_onnx, mlp_graph, onnx_run  # noqa: F401 - fixtures
 
 
@@ -66,7 +66,7 @@ def test_apply_writes_a_model_with_real_integer_kernels(run_copy, tmp_path):
     assert a.kernels[names[1]].startswith("DequantizeLinear(uint4, blocked)")
     assert a.formats[names[-1]] == "fp32" and names[-1] not in a.kernels
     s = _plain_session(out)
-    from analysis.demos import digits_arrays
+    from analysis.data.demos import digits_arrays
 
     d = digits_arrays()
     acc = (s.run(None, {s.get_inputs()[0].name: d["eval_inputs"]})[0].argmax(1) == d["eval_labels"]).mean()
@@ -111,7 +111,7 @@ def test_latency_on_a_torch_run_exports_and_maps_names(digits_run, tmp_path):
 
 
 def test_a_policy_naming_a_missing_node_is_one_error_and_writes_nothing(run_copy, tmp_path, capsys):
-    from analysis.cli import main
+    from analysis.cli.main import main
 
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(_policy(run_copy, {"/nope/Conv": "int8"})))
@@ -131,14 +131,14 @@ def test_a_policy_naming_a_missing_node_is_one_error_and_writes_nothing(run_copy
 
 
 def _quantize_conv1_int4(run):
-    from analysis.runtime_model import resolve_model
+    from analysis.runtime.session import resolve_model
 
     rm = resolve_model(run)
     quantize_model(rm.model, rm.layers, {"/conv1/Conv": "int4"}, rm.binding, np.zeros((2, 1, 8, 8), np.float32))
 
 
 def test_the_model_must_be_at_hand_and_unchanged(run_copy, tmp_path, capsys):
-    from analysis.cli import main
+    from analysis.cli.main import main
 
     src = run_copy.meta["model"]["source"]
     moved = tmp_path / "moved.onnx"
@@ -154,7 +154,7 @@ def test_the_model_must_be_at_hand_and_unchanged(run_copy, tmp_path, capsys):
     run_copy.meta["model"]["source"] = str(moved)
     with pytest.raises(RuntimeModelError, match="has changed"):
         apply_policy(run_copy, policy)
-    from analysis.run import update_meta
+    from analysis.store.run import update_meta
 
     update_meta(run_copy, model={**run_copy.meta["model"], "source": str(tmp_path / "gone.onnx")})
     assert main(["verify", str(run_copy.path), str(policy), "--quiet"]) == 2
@@ -162,7 +162,7 @@ def test_the_model_must_be_at_hand_and_unchanged(run_copy, tmp_path, capsys):
 
 
 def test_cli_apply_and_verify(run_copy, tmp_path, capsys):
-    from analysis.cli import main
+    from analysis.cli.main import main
 
     policy = tmp_path / "p.json"
     policy.write_text(json.dumps(_policy(run_copy, {"/conv1/Conv": "fp32"}, "int4")))

@@ -5,10 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from analysis.cli import main
-from analysis.policy import from_json, match_policy
-from analysis.projection import Projector
-from analysis.search import SearchError, best_policy, pareto_frontier
+from analysis.cli.main import main
+from analysis.store.policy import from_json, match_policy
+from analysis.project.projection import Projector
+from analysis.project.search import SearchError, best_policy, pareto_frontier
 
 
 @pytest.fixture(scope="module")

@@ -1,12 +1,13 @@
 """What the engine needs from a model backend, whatever the framework."""
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Protocol
 
+from analysis.errors import ModelError
 
-class ModelError(ValueError):
-    """A model that cannot be loaded or analysed; the message names the file or field."""
+__all__ = ["LayerInfo", "ModelAdapter", "ModelError", "Recompute"]
 
 
 @dataclass(frozen=True)
@@ -29,12 +30,53 @@ class LayerInfo:
         return "x".join(str(d) for d in self.weight_shape)
 
 
+class Recompute(Protocol):
+    """Optional capability: one FP32 forward per batch keeps what jobs reuse, then a single-layer job
+    recomputes only what lies downstream of its layer."""
+
+    def forward_all(self, x) -> tuple[object, object]: ...  # (FP32 output, cache)
+
+    def rerun(self, cache, layer: str, fmt: str, x) -> tuple[object, object, object]: ...  # (y, out, FP32 out)
+
+    def cost(self, layer: str) -> float: ...  # share of a full forward a job on ``layer`` recomputes
+
+    def reaches_output(self) -> dict[str, bool]: ...
+
+
 class ModelAdapter(Protocol):
+    """What the engine needs from a model, whatever the framework (``TorchModel``, ``OnnxModel``).
+
+    The engine drives a model only through these: it never touches torch modules or ONNX graphs.
+    Optional: ``incremental(x) -> (Recompute | None, reason)`` for downstream-only recomputation.
+    """
+
     name: str
     kind: str
     source: str
     sha256: str
+    act_quant: dict  # (layer, format) -> quant.act.ActQuant, filled by the engine's calibration
+    formats: dict  # format name -> QuantFormat: the analysis' own overrides of the registry
 
     def layers(self) -> list[LayerInfo]: ...
+
+    def skip_reason(self, name: str, fmt) -> str | None: ...
+
+    def weight(self, name: str): ...  # FP32 weight in (out, in, *kernel) layout, a torch tensor
+
+    def fake_weight(self, name: str, fmt): ...
+
+    def other_bytes(self) -> int: ...
+
+    def params(self) -> int: ...
+
+    def activation_stats(self, calib_batches): ...  # -> quant.act.ActivationStats
+
+    def quantized(self, policy: dict[str, str]) -> AbstractContextManager: ...  # apply reversibly
+
+    def evaluating(self) -> AbstractContextManager: ...  # held while a sweep measures
+
+    def forward(self, x, capture=()) -> tuple[object, dict]: ...  # (output, {layer: layer output})
+
+    def reaches_output(self, x) -> dict[str, bool]: ...
 
     def run(self, batch, policy: dict[str, str] | None = None): ...

@@ -74,11 +74,11 @@ def load_torch_model(spec: str, weights: str | Path | None = None) -> tuple[nn.M
     """
     if spec.startswith("demo:"):
         if spec == "demo:digits":
-            from analysis.demos import DIGITS_WEIGHTS, digits_model
+            from analysis.data.demos import DIGITS_WEIGHTS, digits_model
 
             return digits_model(), spec, str(DIGITS_WEIGHTS.relative_to(DIGITS_WEIGHTS.parents[2]))
         if spec == "demo:minilm":
-            from analysis.minilm import minilm_model, weights_source
+            from analysis.data.minilm import minilm_model, weights_source
 
             return minilm_model(), spec, weights_source()
         raise ModelError(f"unknown demo model '{spec}'; known: {', '.join(DEMO_TASKS)}")

@@ -9,7 +9,7 @@ see. Layer inputs and outputs are also graph outputs, for statistics and output 
 """
 from __future__ import annotations
 
-import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -18,15 +18,14 @@ import onnxruntime as ort
 import torch
 from onnx import TensorProto, helper
 
-from analysis.formats import QuantFormat, get_format
+from analysis.quant.formats import QuantFormat, get_format
 from analysis.models.base import LayerInfo, ModelError
 from analysis.models.onnx_graph import (InputBinding, OnnxLayer, bind_input, downstream_tensors, find_layers,
                                         initializer_array, load_onnx, shared_weights)
-from analysis.models.torch_model import ActQuant
-from analysis.primitives import fake_quantize_weight, group_size_error
+from analysis.quant.act import ActivationStats, ActQuant
+from analysis.quant.primitives import HIST_BINS, RangeObserver, StreamingHistogram, fake_quantize_weight, group_size_error
 
 PROBE = "quantlens"
-FULL_FORWARD = "onnxruntime full-forward"
 
 
 def session_options(threads: int = 1, level=ort.GraphOptimizationLevel.ORT_ENABLE_BASIC) -> ort.SessionOptions:
@@ -91,6 +90,8 @@ class OnnxModel:
         self.name, self.source, self.sha256 = name, source, sha256
         self.notes = list(notes or [])
         self.act_quant: dict[tuple[str, str], ActQuant] = {}
+        self.formats: dict[str, QuantFormat] = {}  # this analysis' formats (observer/group overrides)
+        self._policy: dict[str, str] = {}
         self._olayers = find_layers(model)
         if not self._olayers:
             raise ModelError(f"{source}: no quantizable layers (Conv, Gemm or MatMul with a constant weight)")
@@ -119,7 +120,7 @@ class OnnxModel:
     def _feed(self, policy: dict[str, str] | None) -> dict[str, np.ndarray]:
         feed = dict(self._base_feed)
         for name, fmt_name in (policy or {}).items():
-            fmt = get_format(fmt_name)
+            fmt = self.format(fmt_name)
             if fmt.is_float or self.skip_reason(name, fmt):
                 continue
             f = self.feeds[name]
@@ -146,6 +147,29 @@ class OnnxModel:
     def run(self, batch, policy: dict[str, str] | None = None) -> torch.Tensor:
         y = self.run_outputs(batch, [self.output_name], policy)[0]
         return torch.from_numpy(np.ascontiguousarray(y)).float()
+
+    def format(self, name: str) -> QuantFormat:
+        """The format this model uses under ``name``: an override set by the analysis, else the registry's."""
+        return self.formats.get(name) or get_format(name)
+
+    @contextmanager
+    def quantized(self, policy: dict[str, str]):
+        """Apply ``{layer: format}`` to every ``forward`` in the block (the feeds change, not the graph)."""
+        saved, self._policy = self._policy, {**self._policy, **policy}
+        try:
+            yield self
+        finally:
+            self._policy = saved
+
+    def evaluating(self):
+        return nullcontext()
+
+    def forward(self, x, capture=()) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The output for a batch under the policy applied now, and the outputs of the ``capture`` layers."""
+        capture = list(capture)
+        ys = self.run_outputs(x, [self.output_name] + [self.by_name[n].output for n in capture], self._policy)
+        as_torch = lambda a: torch.from_numpy(np.ascontiguousarray(a)).float()  # noqa: E731
+        return as_torch(ys[0]), {n: as_torch(y) for n, y in zip(capture, ys[1:])}
 
     # ---- layers --------------------------------------------------------------------------------
     def _discover(self, example: np.ndarray) -> list[LayerInfo]:
@@ -212,15 +236,12 @@ class OnnxModel:
         return int(sum(int(np.prod(t.dims)) for t in self.model.graph.initializer
                        if t.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16)))
 
-    def reaches_output(self) -> dict[str, bool]:
+    def reaches_output(self, x=None) -> dict[str, bool]:
         return {l.name: self.output_name in downstream_tensors(self.model, l.output) for l in self._olayers}
 
     # ---- engine hooks --------------------------------------------------------------------------
     def activation_stats(self, calib_batches):
         """Streamed input/output ranges, then 2048-bin histograms, of every layer (two passes)."""
-        from analysis.primitives import HIST_BINS, RangeObserver, StreamingHistogram
-        from analysis.stats import ActivationStats
-
         keys = [(l.name, t, getattr(l, "input" if t == "input" else "output")) for l in self._olayers
                 for t in ("input", "output")]
         names = sorted({k[2] for k in keys})
@@ -235,42 +256,6 @@ class OnnxModel:
             for n, t, tensor in keys:
                 hists[(n, t)].update(torch.from_numpy(vals[tensor]))
         return ActivationStats(ranges, hists)
-
-    def sweep(self, task, metric_name, jobs, policies, *, incremental=True, progress=None):
-        """Single-layer jobs and whole-model policies, each a full forward in onnxruntime."""
-        from analysis.sweep import JobResult, SweepError, SweepResult
-        from analysis.tasks import MetricState
-
-        reason = "onnxruntime runs whole graphs: every job is a full forward"
-        outputs = [self.output_name] + [l.output for l in self._olayers]
-        index = {l.name: i + 1 for i, l in enumerate(self._olayers)}
-        baseline = MetricState(metric_name)
-        results = {job: JobResult(MetricState(metric_name)) for job in jobs}
-        pol_states = {name: MetricState(metric_name) for name in policies}
-        t0, n_batches = time.perf_counter(), 0
-        for x, labels in task.eval_batches():
-            n_batches += 1
-            ref = self.run_outputs(x, outputs)
-            y_ref = torch.from_numpy(ref[0]).float()
-            if not torch.isfinite(y_ref).all():
-                raise SweepError("the FP32 model produced NaN or Inf on the evaluation data")
-            baseline.update(y_ref, y_ref, labels)
-            for layer, fmt in jobs:
-                y, out = self.run_outputs(x, [self.output_name, self.by_name[layer].output], {layer: fmt})
-                r = results[(layer, fmt)]
-                r.state.update(torch.from_numpy(y).float(), y_ref, labels)
-                r_out = ref[index[layer]].astype(np.float64)
-                r.signal += float((r_out ** 2).sum())
-                r.noise += float(((out.astype(np.float64) - r_out) ** 2).sum())
-                if progress:
-                    progress(1)
-            for name, policy in policies.items():
-                y = self.run_outputs(x, [self.output_name], policy)[0]
-                pol_states[name].update(torch.from_numpy(y).float(), y_ref, labels)
-                if progress:
-                    progress(1)
-        return SweepResult(FULL_FORWARD, reason, baseline, results, pol_states, self.reaches_output(),
-                           seconds=time.perf_counter() - t0, batches=n_batches)
 
 
 def load_onnx_model(path: str | Path, example: torch.Tensor, *, source_hint: str = "") -> OnnxModel:

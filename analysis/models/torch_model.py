@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import hashlib
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from analysis.formats import QuantFormat, get_format
+from analysis.quant.formats import QuantFormat, get_format
 from analysis.models.base import LayerInfo, ModelError
-from analysis.primitives import choose_qparams, fake_quantize, fake_quantize_weight, group_size_error, qrange
+from analysis.models.torch_graph import TracedGraph
+from analysis.quant.act import ActivationStats, ActQuant
+from analysis.quant.primitives import HIST_BINS, RangeObserver, StreamingHistogram, fake_quantize_weight, group_size_error
 
 QUANTIZABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -38,25 +39,6 @@ def _macs(module: nn.Module, out: torch.Tensor) -> int:
         return per_sample_out * module.in_features
     k = module.weight[0].numel()  # in/groups * prod(kernel)
     return per_sample_out * k
-
-
-@dataclass
-class ActQuant:
-    """Calibrated per-tensor quantization of one layer's input."""
-
-    scale: torch.Tensor
-    zero: torch.Tensor
-    qmin: int
-    qmax: int
-
-    @classmethod
-    def from_range(cls, lo: float, hi: float, bits: int, symmetric: bool) -> "ActQuant":
-        scale, zero = choose_qparams(torch.tensor(lo), torch.tensor(hi), bits, symmetric)
-        qmin, qmax = qrange(bits, symmetric)
-        return cls(scale, zero, qmin, qmax)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return fake_quantize(x, self.scale, self.zero, self.qmin, self.qmax)
 
 
 class TorchModel:
@@ -159,17 +141,29 @@ class TorchModel:
         """The layer's FP32 weight in the framework's layout (out, in, *kernel)."""
         return self.modules[name].weight.detach().float()
 
-    def activation_stats(self, calib_batches):
-        """Streamed input/output ranges and histograms of every layer (see ``analysis.stats``)."""
-        from analysis.stats import collect_activation_stats
+    def activation_stats(self, calib_batches) -> ActivationStats:
+        """Two streamed passes over the calibration data: min/max, then 2048-bin histograms."""
+        ranges: dict[tuple[str, str], RangeObserver] = {}
+        self._observe(calib_batches, lambda n, t, x: ranges.setdefault((n, t), RangeObserver()).update(x))
+        hists = {k: StreamingHistogram(r.lo, r.hi, HIST_BINS) for k, r in ranges.items()}
+        self._observe(calib_batches, lambda n, t, x: hists[(n, t)].update(x))
+        return ActivationStats(ranges, hists)
 
-        return collect_activation_stats(self, calib_batches)
+    def _observe(self, batches, on_tensor) -> None:
+        hooks = []
+        for info in self._layers:
+            def fn(m, inputs, out, name=info.name):
+                on_tensor(name, "input", inputs[0])
+                on_tensor(name, "output", out)
 
-    def sweep(self, task, metric_name, jobs, policies, *, incremental=True, progress=None):
-        """Single-layer jobs and whole-model policies on the task (see ``analysis.sweep``)."""
-        from analysis.sweep import run_sweep
-
-        return run_sweep(self, task, metric_name, jobs, policies, incremental=incremental, progress=progress)
+            hooks.append(self.modules[info.name].register_forward_hook(fn))
+        try:
+            with torch.no_grad():
+                for x in batches():
+                    self.module(x)
+        finally:
+            for h in hooks:
+                h.remove()
 
     @contextmanager
     def quantized(self, policy: dict[str, str]):
@@ -198,6 +192,71 @@ class TorchModel:
         with torch.no_grad(), self.quantized(policy or {}):
             return self.module(batch)
 
+    def forward(self, x: torch.Tensor, capture=()) -> tuple[object, dict[str, torch.Tensor]]:
+        """The output for a batch under the policy applied now, and the outputs of the ``capture`` layers."""
+        outs: dict[str, torch.Tensor] = {}
+        hooks = [self.modules[n].register_forward_hook(lambda m, i, o, n=n: outs.__setitem__(n, o)) for n in capture]
+        try:
+            y = self.module(x)
+        finally:
+            for h in hooks:
+                h.remove()
+        return y, outs
+
+    def reaches_output(self, x: torch.Tensor) -> dict[str, bool]:
+        """A layer reaches the output if NaN in its output shows up there (for models that do not trace)."""
+        out = {}
+        for info in self._layers:
+            h = self.modules[info.name].register_forward_hook(lambda m, i, o: torch.full_like(o, float("nan")))
+            try:
+                with torch.no_grad():
+                    y = self.module(x[:2])
+                out[info.name] = not isinstance(y, torch.Tensor) or bool(torch.isnan(y).any())
+            except Exception:  # NaN can derail data-dependent code; then assume it reaches
+                out[info.name] = True
+            finally:
+                h.remove()
+        return out
+
+    def incremental(self, x: torch.Tensor) -> tuple["TorchRecompute | None", str]:
+        """The capability to recompute only what lies downstream of a layer, checked on ``x`` for every
+        layer: the traced graph must reproduce the model, and after any one layer's weight is perturbed
+        its recomputation must match a full forward and leave the cached values untouched.
+        Returns it, or None and why."""
+        names = [info.name for info in self._layers]
+        x = x[:2]
+        with self.no_inplace(), torch.no_grad():
+            try:
+                graph = TracedGraph(self.module, names)
+            except Exception as e:  # fx raises many types for untraceable code
+                return None, f"torch.fx could not trace the model ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
+            env = graph.forward_all(x)
+            y_graph = graph.output(env)
+            if not isinstance(y_graph, torch.Tensor) or not torch.equal(y_graph, self.module(x)):
+                return None, "the traced graph does not reproduce the model's output"
+            snapshot = [v.clone() if isinstance(v, torch.Tensor) else v for v in env]
+            for name in names:
+                w = self.modules[name].weight
+                saved = w.data
+                w.data = saved + 0.05 * saved.abs().mean() * torch.sign(saved)  # any change will do
+                try:
+                    y_inc, _ = graph.rerun_from(env, name, x)
+                    y_full = self.module(x)
+                finally:
+                    w.data = saved
+                if not torch.allclose(y_inc, y_full, rtol=1e-5, atol=1e-6):
+                    return None, (f"incremental recomputation after layer '{name}' did not match a full forward "
+                                  f"(in-place operations?)")
+                if any(isinstance(a, torch.Tensor) and not torch.equal(a, b) for a, b in zip(env, snapshot)):
+                    return None, f"recomputing after layer '{name}' changed cached values (in-place operations?)"
+        return TorchRecompute(self, graph), "traced"
+
+    @contextmanager
+    def evaluating(self):
+        """Held while a sweep measures: no autograd, no ``inplace=True`` modules."""
+        with torch.no_grad(), self.no_inplace():
+            yield
+
     @contextmanager
     def no_inplace(self):
         """Turn off ``inplace=True`` on modules (e.g. ReLU) so cached activations stay intact."""
@@ -209,3 +268,28 @@ class TorchModel:
         finally:
             for m in changed:
                 m.inplace = True
+
+
+class TorchRecompute:
+    """Downstream-only recomputation on a traced torch model: one FP32 forward per batch keeps
+    every intermediate value, then each single-layer job reruns only the nodes after its layer."""
+
+    def __init__(self, model: TorchModel, graph: TracedGraph) -> None:
+        self.model, self.graph = model, graph
+
+    def forward_all(self, x: torch.Tensor) -> tuple[object, list]:
+        """The FP32 output of a batch and the cache jobs reuse."""
+        env = self.graph.forward_all(x)
+        return self.graph.output(env), env
+
+    def rerun(self, env: list, layer: str, fmt: str, x: torch.Tensor) -> tuple[object, torch.Tensor, torch.Tensor]:
+        """Output with ``layer`` at ``fmt``, the layer's new output and its FP32 output."""
+        with self.model.quantized({layer: fmt}):
+            y, out = self.graph.rerun_from(env, layer, x)
+        return y, out, self.graph.layer_output(env, layer)
+
+    def cost(self, layer: str) -> float:
+        return self.graph.cost(layer)
+
+    def reaches_output(self) -> dict[str, bool]:
+        return {info.name: self.graph.reaches_output(info.name) for info in self.model.layers()}

@@ -8,7 +8,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from analysis.formats import get_format
+from analysis.api import get_format
 from dashboard.components import require_run
 from dashboard.data import Loaded
 

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from analysis.projection import Projection
+from analysis.api import Projection
 from dashboard.data import MB, Loaded
 
 # measured rows of the policies table, by kind: how each is drawn and named

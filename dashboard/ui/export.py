@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from analysis.policy import POLICY_FORMATS, PolicyError, from_json, match_policy, policy_from_codes
+from analysis.api import POLICY_FORMATS, PolicyError, from_json, match_policy, policy_from_codes
 from dashboard import state
 from dashboard.components import fmt_band, fmt_mb, fmt_metric, require_run
 from dashboard.data import Loaded, open_run

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from analysis.policy import FORMAT_CODE, POLICY_FORMATS
+from analysis.api import FORMAT_CODE, POLICY_FORMATS
 from dashboard import state
 from dashboard.components import headline, require_run
 from dashboard.data import Loaded, sensitivity_figure, stamp_of

@@ -1,4 +1,4 @@
-"""Search: the best policy under a budget (exact, ``analysis.search``), applied to the table; Pareto frontiers.
+"""Search: the best policy under a budget (exact, ``analysis.project.search``), applied to the table; Pareto frontiers.
 
 A page of its own rather than a panel on Layers: the Layers page is the toggle path, which must
 stay cheap, while a search and a frontier (up to 40 exact solves) are occasional, heavier work.
@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from analysis.search import SearchError, best_policy
+from analysis.api import SearchError, best_policy
 from dashboard import state
 from dashboard.components import fmt_band, fmt_mb, fmt_metric, headline, require_run
 from dashboard.data import MB, Loaded, coupled, frontier_frame, stamp_of

@@ -1,6 +1,6 @@
 """Verify: build the current policy as a real quantized ONNX model and measure it in onnxruntime, in the background.
 
-``analysis.verify.verify_policy`` runs in a thread (``dashboard.jobs``); a fragment polls it while it
+``analysis.runtime.verify.verify_policy`` runs in a thread (``dashboard.jobs``); a fragment polls it while it
 runs, so the rest of the page (and every toggle) stays as fast as without it. The measured row lands
 in the Run's policies table on disk; the Run's cache key follows the file, so every chart reloads it.
 """
@@ -12,8 +12,8 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from analysis.policy import policy_from_codes
-from analysis.projection import Projector
+from analysis.api import policy_from_codes
+from analysis.api import Projector
 from dashboard import state
 from dashboard.components import fmt_band, fmt_mb, fmt_metric
 from dashboard.data import Loaded, open_run, verify_blocker, verify_jobs

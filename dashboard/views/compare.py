@@ -12,7 +12,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from analysis.policy import POLICY_FORMATS
+from analysis.api import POLICY_FORMATS
 from dashboard import state
 from dashboard.components import fmt_metric
 from dashboard.data import Loaded, frontier_frame, open_run, stamp_of

@@ -3,8 +3,8 @@ from pathlib import Path
 
 import streamlit as st
 
-from analysis.bundle import BundleError
-from analysis.policy import encode_codes
+from analysis.api import BundleError
+from analysis.api import encode_codes
 from dashboard import state
 from dashboard.data import bundle_bytes, open_uploaded_bundle, report_html, stamp_of
 from dashboard.ui.export import render

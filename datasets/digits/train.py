@@ -4,7 +4,7 @@
 
 Data: scikit-learn's copy of the UCI optical recognition of handwritten digits test set
 (1,797 8x8 images, BSD-3-Clause with scikit-learn, originally CC BY 4.0 from UCI).
-Training uses only the ``train`` split of ``analysis.demos.digits_arrays``; the
+Training uses only the ``train`` split of ``analysis.data.demos.digits_arrays``; the
 ``calib`` and ``eval`` splits are never seen during training.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from analysis.demos import DIGITS_WEIGHTS, DigitsCNN, digits_arrays
+from analysis.data.demos import DIGITS_WEIGHTS, DigitsCNN, digits_arrays
 
 SEED, EPOCHS, BATCH, LR = 0, 40, 64, 2e-3
 

@@ -48,7 +48,7 @@ def main() -> None:
     import pydoc_data.topics
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from analysis.minilm import minilm_tokenizer
+    from analysis.data.minilm import minilm_tokenizer
 
     tok = minilm_tokenizer(max_length=10_000)
     kept, seen, word_sets = [], set(), []

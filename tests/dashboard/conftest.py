@@ -7,7 +7,7 @@ import shutil
 import pytest
 from apptest_support import make_app
 
-from analysis.synthetic import synthetic_run
+from analysis.store.synthetic import synthetic_run
 
 
 @pytest.fixture(scope="session")

@@ -6,9 +6,9 @@ import shutil
 
 import pytest
 
-from analysis.policy import Policy, uniform
-from analysis.run import load_run, replace_table, update_meta
-from analysis.synthetic import synthetic_run
+from analysis.store.policy import Policy, uniform
+from analysis.store.run import load_run, replace_table, update_meta
+from analysis.store.synthetic import synthetic_run
 from apptest_support import PAGES
 
 

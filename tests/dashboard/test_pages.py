@@ -6,9 +6,9 @@ import re
 import numpy as np
 import pytest
 
-from analysis.policy import encode_codes
-from analysis.run import load_run, replace_table, update_meta
-from analysis.synthetic import synthetic_run
+from analysis.store.policy import encode_codes
+from analysis.store.run import load_run, replace_table, update_meta
+from analysis.store.synthetic import synthetic_run
 from apptest_support import PAGES
 
 
@@ -107,7 +107,7 @@ def test_filter_and_sort_keep_edits_on_the_right_layer(app, syn_dir):
     at.selectbox(key="ql.sort").set_value("most sensitive at INT8").run()
     at.multiselect(key="ql.filter_types").set_value(["Linear"]).run()
     assert not at.exception
-    from analysis.projection import Projector
+    from analysis.project.projection import Projector
 
     pj = Projector(run)
     lin = set(run.layers[run.layers.type == "Linear"]["name"])

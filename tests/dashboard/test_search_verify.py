@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from analysis.policy import decode_url_token
-from analysis.projection import Projector
-from analysis.run import load_run
-from analysis.search import best_policy
+from analysis.store.policy import decode_url_token
+from analysis.project.projection import Projector
+from analysis.store.run import load_run
+from analysis.project.search import best_policy
 from dashboard.data import verify_jobs
 
 

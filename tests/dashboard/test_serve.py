@@ -10,7 +10,7 @@ import tomllib
 import urllib.request
 from pathlib import Path
 
-from analysis.synthetic import synthetic_run
+from analysis.store.synthetic import synthetic_run
 from dashboard.serve import APP, SETTINGS, command, free_port
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from analysis.synthetic import synthetic_run
+from analysis.store.synthetic import synthetic_run
 from browser_support import save_screenshot
 from dashboard.serve import start_server, stop_server
 
@@ -43,7 +43,7 @@ def test_compare_two_runs(browser, two_runs_server):
 
 def test_download_report_open_a_bundle_then_compare(browser, tmp_path):
     """Export & share: the report downloads; a teammate's bundle opens; Compare shows both Runs."""
-    from analysis.bundle import write_bundle
+    from analysis.store.bundle import write_bundle
 
     mine = synthetic_run(tmp_path / "mine", 12, seed=6)
     theirs = synthetic_run(tmp_path / "theirs", 12, seed=7)

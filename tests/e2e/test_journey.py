@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from playwright.sync_api import expect
 
-from analysis.policy import encode_codes
+from analysis.store.policy import encode_codes
 from browser_support import save_screenshot
 from dashboard.ui.layers import FORMAT_PX, LAYER_PX, ROW_PX  # where the format cells sit in the grid
 

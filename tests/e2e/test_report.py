@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from analysis.policy import FORMAT_CODE
-from analysis.projection import Projector
-from analysis.report import write_report
+from analysis.store.policy import FORMAT_CODE
+from analysis.project.projection import Projector
+from analysis.report.render import write_report
 from browser_support import save_screenshot
 
 pytestmark = pytest.mark.e2e
@@ -70,7 +70,7 @@ def test_report_offline_charts_and_toggle(browser, digits_run, tmp_path):
 
 
 def test_report_hostile_names_stay_text(browser, tmp_path):
-    from analysis.synthetic import synthetic_run
+    from analysis.store.synthetic import synthetic_run
     from test_report_html import HOSTILE, hostile_run
 
     syn = synthetic_run(tmp_path / "syn", 12, seed=2)

@@ -7,7 +7,7 @@ import shutil
 import pytest
 from playwright.sync_api import expect
 
-from analysis.run import load_run
+from analysis.store.run import load_run
 from dashboard.serve import start_server, stop_server
 
 pytestmark = pytest.mark.e2e

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from analysis.policy import POLICY_SCHEMA, Policy, PolicyError, decode_codes, encode_codes, from_json, parse_policy
-from analysis.run import TABLES, Run, RunError, load_run
+from analysis.store.policy import POLICY_SCHEMA, Policy, PolicyError, decode_codes, encode_codes, from_json, parse_policy
+from analysis.store.run import TABLES, Run, RunError, load_run
 
 JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=8),
                     lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=8), kids, max_size=4),

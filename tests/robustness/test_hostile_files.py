@@ -5,7 +5,7 @@ import pytest
 from safetensors.torch import save_file
 
 import factories
-from analysis.cli import main
+from analysis.cli.main import main
 
 
 def _cli(args, capsys):

@@ -11,14 +11,14 @@ import pandas as pd
 import pytest
 
 from analysis import analyze
-from analysis.run import RunError, TABLES, load_run
+from analysis.store.run import RunError, TABLES, load_run
 
 ARGS = dict(progress=False, latency=False, random_policies=2, chunk_size=1)
 
 
 def _die_on(target: str, nth: int, npz: str, out: str) -> None:
     """Child: analyse, and on the ``nth`` write of ``target`` leave half the file, then SIGKILL ourselves."""
-    import analysis.run as store
+    import analysis.store.run as store
 
     seen = {"n": 0}
     write_table = store._write_table

@@ -8,10 +8,10 @@ import pytest
 
 import hostile_models
 from analysis import analyze
-from analysis.policy import Policy, match_policy, uniform
-from analysis.projection import Projector
-from analysis.report import render_html, render_markdown
-from analysis.search import best_policy
+from analysis.store.policy import Policy, match_policy, uniform
+from analysis.project.projection import Projector
+from analysis.report.render import render_html, render_markdown
+from analysis.project.search import best_policy
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,7 @@ def test_a_metric_of_zero_for_fp32_divides_nothing_by_zero(zero_run):
 
 
 def test_nan_from_the_fp32_model_is_one_line_and_nothing_written(tmp_path, capsys):
-    from analysis.cli import main
+    from analysis.cli.main import main
 
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "x.npz", inputs=rng.normal(size=(48, 64)).astype(np.float32), labels=rng.integers(0, 10, 48))

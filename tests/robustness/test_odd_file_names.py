@@ -6,9 +6,9 @@ import os
 import numpy as np
 import pytest
 
-from analysis.bundle import open_bundle
-from analysis.cli import main
-from analysis.run import load_run
+from analysis.store.bundle import open_bundle
+from analysis.cli.main import main
+from analysis.store.run import load_run
 
 ODD = os.fsdecode(b"caf\xe9-\xff")  # Latin-1 bytes: not valid UTF-8
 

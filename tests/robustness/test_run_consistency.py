@@ -8,7 +8,7 @@ import shutil
 import pandas as pd
 import pytest
 
-from analysis.run import RunError, load_run, replace_table
+from analysis.store.run import RunError, load_run, replace_table
 
 
 def _edit_sens(t):

@@ -1,0 +1,3 @@
+"""The ``quantlens`` command line: one module per group of verbs.
+
+May import: everything in ``analysis``."""

@@ -1,0 +1,276 @@
+"""The ``quantlens`` command line.
+
+Every verb exits 0 on success and 2 on bad input with one line naming the file or field;
+a user mistake never prints a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from analysis.cli.runtime_verbs import register as register_runtime_verbs
+from analysis.cli.search_verb import register as register_search_verb
+from analysis.quant.formats import OBSERVERS
+from analysis.errors import InputError
+
+DEFAULT_DEMO_RUN = Path("runs") / "digits"
+
+
+class UsageError(InputError):
+    """A bad command-line value."""
+
+
+def _add_analyze(sub) -> None:
+    p = sub.add_parser("analyze", help="measure per-layer INT8/INT4 sensitivity and write a Run",
+                       description="Quantize each layer in turn, measure the task metric, and write a Run folder.")
+    p.add_argument("model", help="demo:digits, a .onnx file, or package.module:factory returning a torch.nn.Module")
+    p.add_argument("--task", default=None, help="bundled task (digits) or an .npz with 'inputs' [and 'labels']; "
+                                                "default: the demo's own task")
+    p.add_argument("--out", required=True, help="Run folder to create (absent or empty)")
+    p.add_argument("--formats", default="int8,int4", help="comma-separated formats (default: int8,int4)")
+    p.add_argument("--calib", type=int, default=None, help="number of calibration samples")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--observer", choices=OBSERVERS, default="minmax", help="activation range observer")
+    p.add_argument("--group-size", type=int, default=None, help="weight group size for group-wise formats (default 32)")
+    p.add_argument("--metric", default=None, help="accuracy | agreement | cosine (default: from labels and output)")
+    p.add_argument("--weights", default=None, help="state dict (.safetensors or .pt, loaded weights-only) for the factory")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: fastest for small models)")
+    p.add_argument("--no-incremental", action="store_true", help="full forward per job (no downstream-only reuse)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing Run at --out")
+    p.add_argument("--resume", action="store_true", help="finish an interrupted Run at --out; finished jobs are kept")
+    p.add_argument("--executor", choices=("serial", "process", "ray"), default="serial",
+                   help="where jobs run: this process, a local process pool, or Ray (default serial)")
+    p.add_argument("--workers", type=int, default=2, help="processes or Ray actors for --executor process|ray (default 2)")
+    p.add_argument("--ray-address", default=None, help="Ray cluster address (default: start a local cluster)")
+    p.add_argument("--random-policies", type=int, default=8,
+                   help="random mixed policies measured whole, to calibrate and validate projections (default 8)")
+    p.add_argument("--no-latency", action="store_true", help="skip the onnxruntime latency measurement")
+    p.add_argument("--chunk-size", type=int, default=None,
+                   help="most jobs per unit of work and of persistence (default: 8 serial; process|ray cut at least 8 "
+                        "chunks of balanced cost, 3 per worker beyond that)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _cmd_analyze(args) -> int:
+    from analysis.engine.allocator import keep_freed_memory
+    from analysis.api import analyze
+
+    keep_freed_memory()
+
+    from analysis.models.loading import DEMO_TASKS, ModelError
+
+    task = args.task or DEMO_TASKS.get(args.model)
+    if task is None:
+        if args.model.startswith("demo:"):
+            raise ModelError(f"unknown demo model '{args.model}'; known: {', '.join(DEMO_TASKS)}")
+        raise UsageError("--task: required for models other than the demos")
+    run = analyze(args.model, task, args.out, formats=args.formats, calib=args.calib, seed=args.seed,
+                  observer=args.observer, group_size=args.group_size, metric=args.metric, weights=args.weights,
+                  incremental=not args.no_incremental, overwrite=args.overwrite, threads=args.threads,
+                  progress=not args.quiet, executor=args.executor, workers=args.workers,
+                  ray_address=args.ray_address, resume=args.resume, chunk_size=args.chunk_size,
+                  random_policies=args.random_policies, latency=not args.no_latency)
+    print(summary(run))
+    print(f"wrote {run.path}")
+    return 0
+
+
+def summary(run) -> str:
+    """A plain-text table of a Run: baseline, uniform formats, the most sensitive layers."""
+    m = run.meta
+    name = m["metric"]["name"]
+    lines = [f"model {m['model']['name']} ({m['model']['params']:,} params, {m['model']['n_layers']} quantizable layers), "
+             f"task {m['data']['task']} ({m['data']['n_eval']} eval samples), sweep path {m['sweep']['path']} "
+             f"in {m['sweep']['seconds']:.1f} s",
+             f"{'policy':<10} {name:>10} {m['metric']['loss']:>14} {'size MB':>9}",
+             f"{'fp32':<10} {m['baseline']['metric']:>10.4f} {m['baseline']['loss']:>14.5f} {m['baseline']['bytes'] / 1e6:>9.3f}"]
+    for fmt, u in m["uniform"].items():
+        note = f"  ({len(u['skipped_layers'])} layer(s) kept fp32)" if u["skipped_layers"] else ""
+        lines.append(f"{'all-' + fmt:<10} {u['metric']:>10.4f} {u['loss']:>14.5f} {u['bytes'] / 1e6:>9.3f}{note}")
+    s = run.sensitivity[run.sensitivity["status"] == "ok"].sort_values("kl", ascending=False).head(5)
+    lines.append("most sensitive (KL to fp32 with only that layer quantized):")
+    for _, r in s.iterrows():
+        lines.append(f"  {r['layer']:<24} {r['format']:<5} {name} {r['metric_delta']:+.4f}  KL {r['kl']:.2e}  "
+                     f"output SQNR {r['output_sqnr_db']:.1f} dB")
+    return "\n".join(lines)
+
+
+DEMOS = {"digits": ("demo:digits", "digits"), "minilm": ("demo:minilm", "minilm")}  # Run name -> model, task
+# Per-layer onnxruntime latency of MiniLM's 72 single-layer models takes far longer than its sweep
+# (~4 min on 2 cores); the demo skips it, `quantlens analyze demo:minilm` measures it.
+DEMO_LATENCY = {"digits": True, "minilm": False}
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="analyse the bundled demo models (if not done yet) and serve the dashboard on them",
+                       description="Without a name: the digits CNN (analysed in seconds if missing) plus the MiniLM "
+                                   "Run if it was computed before. 'minilm' or 'all' computes the MiniLM Run on "
+                                   "first use (a few minutes, with a progress bar; an interrupted one resumes).")
+    p.add_argument("which", nargs="?", choices=("digits", "minilm", "all"), default=None,
+                   help="digits (a CNN on 8x8 digits), minilm (all-MiniLM-L6-v2 sentence embeddings) or all")
+    p.add_argument("--runs", default="runs", help="folder for demo Runs (default: runs)")
+    p.add_argument("--port", type=int, default=None)
+    p.add_argument("--no-serve", action="store_true", help="only make sure the demo Runs exist and print their summaries")
+
+
+def _demo_run(name: str, runs: Path):
+    """The demo's Run under ``runs``: found, resumed if it was interrupted, or analysed now."""
+    from analysis.engine.allocator import keep_freed_memory
+    from analysis.api import analyze
+    from analysis.store.run import RunError, load_run
+
+    keep_freed_memory()
+    model, task = DEMOS[name]
+    out = runs / name
+    try:
+        run = load_run(out)
+    except RunError:
+        run = None
+    if run is not None and run.meta.get("status") == "complete":
+        print(f"demo Run found at {out}")
+        return run
+    if run is not None:
+        print(f"resuming the interrupted {model} Run at {out} ...", file=sys.stderr)
+        return analyze(model, task, out, threads=1, resume=True, latency=DEMO_LATENCY[name])
+    print(f"analysing {model} into {out} ...", file=sys.stderr)
+    return analyze(model, task, out, threads=1, overwrite=out.exists(), latency=DEMO_LATENCY[name])
+
+
+def _complete(folder: Path) -> bool:
+    from analysis.store.run import RunError, load_run
+
+    try:
+        return load_run(folder).meta.get("status") == "complete"
+    except RunError:
+        return False
+
+
+def _cmd_demo(args) -> int:
+    runs = Path(args.runs)
+    if args.which is None:  # fast first start: digits now, MiniLM only once it has been computed
+        names = ["digits"] + (["minilm"] if _complete(runs / "minilm") else [])
+    else:
+        names = list(DEMOS) if args.which == "all" else [args.which]
+    done = []
+    for name in names:
+        run = _demo_run(name, runs)
+        print(summary(run))
+        done.append(str(run.path))
+    if args.which is None and "minilm" not in names:
+        print("the MiniLM sentence-embedding demo is not computed yet (or was interrupted): "
+              "`quantlens demo minilm` computes or resumes it (a few minutes on 2 cores)", file=sys.stderr)
+    if args.no_serve:
+        return 0
+    from dashboard.serve import serve
+
+    return serve(done, port=args.port)
+
+
+def _add_dashboard(sub) -> None:
+    p = sub.add_parser("dashboard", help="serve the dashboard on one or more Runs")
+    p.add_argument("runs", nargs="*", help="Run folders (default: every Run under ./runs)")
+    p.add_argument("--port", type=int, default=None, help="port (default: a free one)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+
+
+def _cmd_dashboard(args) -> int:
+    from analysis.store.run import RunError, load_run
+    from dashboard.serve import serve
+
+    runs = args.runs or sorted(str(p.parent) for p in Path("runs").glob("*/run.json"))
+    if not runs:
+        raise UsageError("no Run given and none found under ./runs (run `quantlens analyze` or `quantlens demo` first)")
+    for r in runs:
+        load_run(r)  # a bad folder is a one-line error here, not in the browser
+    return serve(runs, port=args.port, host=args.host)
+
+
+def _add_report(sub) -> None:
+    p = sub.add_parser("report", help="write a self-contained HTML report (or a Markdown summary) of a Run",
+                       description="One HTML file that opens offline: provenance, sensitivity, frontier, the chosen "
+                                   "policy with in-page toggles, histograms, the projection's validation.")
+    p.add_argument("run", help="Run folder")
+    p.add_argument("--policy", default=None, help="policy JSON to show (default: the best known policy)")
+    p.add_argument("--format", choices=("html", "md"), default="html", help="html (default) or md (pull-request summary)")
+    p.add_argument("--out", required=True, help="file to write")
+
+
+def _cmd_report(args) -> int:
+    from analysis.store.policy import PolicyError, from_json
+    from analysis.report.render import write_report
+    from analysis.store.run import load_run
+
+    run = load_run(args.run)
+    policy = None
+    if args.policy:
+        try:
+            policy = from_json(Path(args.policy).read_bytes())
+        except PolicyError as e:
+            raise PolicyError(f"{args.policy}: {e}") from None
+    source = Path(args.policy).name if args.policy else None
+    out = write_report(run, args.out, fmt=args.format, policy=policy, policy_source=source)
+    print(f"wrote {out} ({out.stat().st_size:,} bytes)")
+    return 0
+
+
+def _add_bundle(sub) -> None:
+    p = sub.add_parser("bundle", help="zip a Run into one .qlrun file to share",
+                       description="A zip of run.json and the tables (no model weights unless --with-model).")
+    p.add_argument("run", help="Run folder")
+    p.add_argument("--out", required=True, help="bundle file to write (e.g. run.qlrun)")
+    p.add_argument("--with-model", action="store_true", help="include the model file (.onnx / .safetensors)")
+
+
+def _cmd_bundle(args) -> int:
+    from analysis.store.bundle import write_bundle
+
+    out = write_bundle(args.run, args.out, with_model=args.with_model)
+    print(f"wrote {out} ({out.stat().st_size:,} bytes)")
+    return 0
+
+
+COMMANDS = {"analyze": (_add_analyze, _cmd_analyze), "demo": (_add_demo, _cmd_demo),
+            "dashboard": (_add_dashboard, _cmd_dashboard),
+            "report": (_add_report, _cmd_report), "bundle": (_add_bundle, _cmd_bundle)}
+register_runtime_verbs(COMMANDS)  # apply, verify (analysis/cli_runtime.py)
+register_search_verb(COMMANDS)  # search (analysis/cli_search.py)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="quantlens", description="Which layers can go to INT8 or INT4, and what it costs.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add, _ in COMMANDS.values():
+        add(sub)
+    return parser
+
+
+
+
+def main(argv: list[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # a non-UTF-8 file name prints as an escape, never fails the verb
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+    parser = build_parser()
+    args = parser.parse_args(argv)  # argparse itself exits 2 on a bad flag
+    try:
+        return COMMANDS[args.command][1](args)
+    except KeyboardInterrupt:
+        hint = " (finished jobs are saved: rerun with --resume)" if args.command == "analyze" else ""
+        print(f"quantlens {args.command}: interrupted{hint}", file=sys.stderr)
+        return 130
+    except RuntimeError as e:
+        from analysis.engine.executors import ExecutorError
+
+        if not isinstance(e, ExecutorError):
+            raise
+        print(f"quantlens {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"quantlens {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,3 @@
+"""Tasks: the inputs a model is fed, labels, metrics, and the bundled demos (data with their networks).
+
+May import: ``quant``."""

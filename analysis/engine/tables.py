@@ -1,0 +1,82 @@
+"""Build a Run's tables from the engine's measurements (plain records in, DataFrames out)."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+
+from analysis.quant.sizes import policy_bytes
+from analysis.models.base import LayerInfo
+from analysis.quant.primitives import sqnr_db
+
+SENS_NUMBERS = ("metric", "metric_delta", "loss", "loss_delta", "kl", "output_sqnr_db", "weight_sqnr_db")
+NONFINITE = "nonfinite"  # sensitivity status of a job whose quantized output held NaN or Inf
+
+
+def nonfinite_reason(rec: dict) -> str | None:
+    """Why a job's numbers are not usable, or None: its output held NaN/Inf (counted by the sweep, or seen
+    as a non-finite loss where a backend does not count). A metric such as accuracy still comes out as a
+    number then (argmax of NaN), so it is recorded as NaN rather than trusted."""
+    n = int(rec.get("nonfinite") or 0)
+    loss = rec["result"].get("loss")
+    if n == 0 and (loss is None or math.isfinite(loss)):
+        return None
+    where = f"on {n} sample(s)" if n else "(non-finite loss)"
+    return f"the quantized model's output held NaN or Inf {where}"
+
+
+def layers_table(layers: list[LayerInfo], reaches: dict[str, bool]) -> pd.DataFrame:
+    return pd.DataFrame([{"name": l.name, "type": l.type, "order": l.order, "weight_shape": l.weight_shape_str,
+                          "params": l.params, "macs": l.macs, "in_features": l.in_features,
+                          "out_features": l.out_features, "reaches_output": bool(reaches[l.name]),
+                          "input_group": l.input_group or l.name} for l in layers])
+
+
+def sensitivity_table(layers: list[LayerInfo], formats: list[str], skip: dict[tuple[str, str], str],
+                      records: dict[tuple[str, str], dict], baseline: dict, weight_sqnr: dict[tuple[str, str], float]) -> pd.DataFrame:
+    """One row per layer x format, in execution order. Jobs not finished yet are ``pending``."""
+    rows = []
+    for l in layers:
+        for f in formats:
+            row = {"layer": l.name, "format": f, **{k: np.nan for k in SENS_NUMBERS}}
+            if (l.name, f) in skip:
+                row.update(status="skipped", reason=skip[(l.name, f)])
+            elif (l.name, f) not in records:
+                row.update(status="pending", reason="not measured yet")
+            else:
+                rec = records[(l.name, f)]
+                r = rec["result"]
+                row.update(status="ok", reason="", metric=r["metric"], metric_delta=r["metric"] - baseline["metric"],
+                           loss=r["loss"], loss_delta=r["loss"] - baseline["loss"], kl=r["kl"],
+                           output_sqnr_db=sqnr_db(rec["signal"], rec["noise"]), weight_sqnr_db=weight_sqnr[(l.name, f)])
+                row.update({k: v for k, v in r.items() if k not in ("metric", "loss", "kl")})  # extra metrics
+                if (why := nonfinite_reason(rec)) is not None:
+                    row.update(status=NONFINITE, reason=why, metric=np.nan, metric_delta=np.nan)
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def policies_table(baseline: dict, policy_records: dict[str, dict], policies: dict[str, dict[str, str]],
+                   cost: pd.DataFrame, other_bytes: int, measured_on: str, kinds: dict[str, str]) -> pd.DataFrame:
+    """The baseline plus every measured whole-model policy (uniform formats, random mixes)."""
+    fp32 = policy_bytes(cost, {}, other_bytes)
+    rows = [{"name": "fp32", "kind": "baseline", "layers_json": "{}", "metric": baseline["metric"],
+             "loss": baseline["loss"], "bytes": fp32, "latency_ms": np.nan, "measured_on": measured_on,
+             "projected_metric": np.nan, "projected_band": np.nan, "kl": 0.0}]
+    for name, pol in policies.items():
+        rec = policy_records.get(name)
+        if rec is None:
+            continue
+        r = rec["result"]
+        rows.append({"name": name, "kind": kinds.get(name, "uniform"), "layers_json": json.dumps(pol, sort_keys=True),
+                     "metric": np.nan if nonfinite_reason(rec) else r["metric"], "loss": r["loss"], "bytes": policy_bytes(cost, pol, other_bytes),
+                     "latency_ms": np.nan, "measured_on": measured_on, "projected_metric": np.nan, "projected_band": np.nan,
+                     "kl": r.get("kl", np.nan),
+                     **{k: v for k, v in r.items() if k not in ("metric", "loss", "kl")}})  # extra metrics
+    return pd.DataFrame(rows)
+
+
+def finite_or_none(x) -> float | None:
+    return float(x) if x is not None and math.isfinite(x) else None

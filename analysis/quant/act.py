@@ -1,0 +1,37 @@
+"""Activations: streamed statistics of a layer's input and output, and the calibrated quantizer.
+
+Backend-neutral: the torch and ONNX adapters fill ``ActivationStats`` while observing, and
+the engine turns its ranges into one ``ActQuant`` per layer and format.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from analysis.quant.primitives import RangeObserver, StreamingHistogram, choose_qparams, fake_quantize, qrange
+
+
+@dataclass
+class ActivationStats:
+    ranges: dict[tuple[str, str], RangeObserver]  # (layer, "input"|"output")
+    hists: dict[tuple[str, str], StreamingHistogram]
+
+
+@dataclass
+class ActQuant:
+    """Calibrated per-tensor quantization of one layer's input."""
+
+    scale: torch.Tensor
+    zero: torch.Tensor
+    qmin: int
+    qmax: int
+
+    @classmethod
+    def from_range(cls, lo: float, hi: float, bits: int, symmetric: bool) -> "ActQuant":
+        scale, zero = choose_qparams(torch.tensor(lo), torch.tensor(hi), bits, symmetric)
+        qmin, qmax = qrange(bits, symmetric)
+        return cls(scale, zero, qmin, qmax)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return fake_quantize(x, self.scale, self.zero, self.qmin, self.qmax)

@@ -1,0 +1,237 @@
+"""Latency measured in onnxruntime (CPU provider) on real INT8/INT4 kernels.
+
+Everything is timed at ``ORT_ENABLE_ALL``, as deployed, on one fixed batch of the task's
+evaluation inputs, with models timed round-robin (one run each per round) so drift on a
+shared machine hits all of them alike:
+
+* **End to end**: wall time of ``session.run`` for the FP32 model, each uniform-format model
+  and any policy.
+* **Per layer x format**: the model with only that layer quantized (real kernels:
+  QOperator ``QLinearConv``/``QGemm``/``QLinearMatMul``, ``MatMulNBits``, blocked uint4
+  ``DequantizeLinear``), timed against FP32 in the same rounds; the layer's latency is its
+  FP32 kernel time plus the median paired difference. Node profiles alone mislead here: the
+  optimiser fuses and re-lays-out FP32 convolutions (NCHWc) but not all quantized ones, so
+  what quantizing a layer really changes shows only in the whole graph. The FP32 kernel time
+  comes from node profiling at ``ORT_DISABLE_ALL`` (one node per layer).
+
+Median and spread (interquartile range) are over the repeats; times are ms per batch.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from analysis.runtime.onnx_quantize import QuantizedModel, layer_nodes, quantize_model
+from analysis.store.run import Run, load_run, replace_table, update_meta
+from analysis.runtime.session import RuntimeModel, resolve_model, resolve_task
+
+PROVIDER = "CPUExecutionProvider"
+TIMING_CALIB_SAMPLES = 4
+
+
+def _options(threads: int, level, profile_dir: str | None = None) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = level
+    so.log_severity_level = 3
+    if profile_dir:
+        so.enable_profiling = True
+        so.profile_file_prefix = str(Path(profile_dir) / "ort")
+    return so
+
+
+def session(model: onnx.ModelProto, threads: int = 1, *, profile_dir: str | None = None) -> ort.InferenceSession:
+    level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL if profile_dir else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(model.SerializeToString(), _options(threads, level, profile_dir), providers=[PROVIDER])
+
+
+def _stats(values_ms: Sequence[float]) -> tuple[float, float]:
+    v = np.asarray(values_ms, dtype=float)
+    q1, med, q3 = np.percentile(v, [25, 50, 75])
+    return float(med), float(q3 - q1)
+
+
+def timed_runs(models: dict, feed: dict[str, np.ndarray], *, threads: int = 1, repeats: int = 30,
+               warmup: int = 3) -> dict[str, np.ndarray]:
+    """Wall times (ms) of ``repeats`` runs per model, timed round-robin in one loop.
+
+    ``models`` values are ONNX models or ready ``InferenceSession``s (reused, e.g. the FP32 one)."""
+    sessions = {k: m if isinstance(m, ort.InferenceSession) else session(m, threads) for k, m in models.items()}
+    for s in sessions.values():
+        for _ in range(warmup):
+            s.run(None, feed)
+    times: dict[str, list[float]] = defaultdict(list)
+    for _ in range(repeats):
+        for k, s in sessions.items():
+            t0 = time.perf_counter()
+            s.run(None, feed)
+            times[k].append((time.perf_counter() - t0) * 1e3)
+    return {k: np.asarray(v) for k, v in times.items()}
+
+
+def end_to_end(models: dict[str, onnx.ModelProto], feed: dict[str, np.ndarray], *, threads: int = 1,
+               repeats: int = 30, warmup: int = 3) -> dict[str, tuple[float, float]]:
+    """``{name: (median ms, IQR ms)}`` per model, timed round-robin in one loop."""
+    return {k: _stats(v) for k, v in timed_runs(models, feed, threads=threads, repeats=repeats, warmup=warmup).items()}
+
+
+def node_times(model: onnx.ModelProto, feed: dict[str, np.ndarray], *, threads: int = 1, repeats: int = 30,
+               warmup: int = 3) -> dict[str, list[float]]:
+    """Per node name, its kernel time (ms) in each profiled repeat (``ORT_DISABLE_ALL``)."""
+    with tempfile.TemporaryDirectory(prefix="quantlens-prof-") as tmp:
+        s = session(model, threads, profile_dir=tmp)
+        for _ in range(warmup + repeats):
+            s.run(None, feed)
+        path = s.end_profiling()
+        events = json.loads(Path(path).read_text())
+    out: dict[str, list[float]] = defaultdict(list)
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+            out[e["name"][: -len("_kernel_time")]].append(e["dur"] / 1e3)
+    return {k: v[warmup:] if len(v) > warmup else v for k, v in out.items()}
+
+
+def layer_times(rm: RuntimeModel, qm: QuantizedModel | None, times: dict[str, list[float]]) -> dict[str, tuple[float, float]]:
+    """Per ONNX layer: (median, IQR) ms of the nodes that carry it out (shared nodes split evenly)."""
+    model = qm.model if qm else rm.model
+    owners: dict[str, list[str]] = defaultdict(list)
+    nodes_of = {}
+    for l in rm.layers:
+        nodes_of[l.name] = [n.name for n in layer_nodes(model, l)]
+        for n in nodes_of[l.name]:
+            owners[n].append(l.name)
+    out = {}
+    for l in rm.layers:
+        names = [n for n in nodes_of[l.name] if n in times]
+        if not names:
+            continue
+        reps = min(len(times[n]) for n in names)
+        per_rep = [sum(times[n][r] / len(owners[n]) for n in names) for r in range(reps)]
+        out[l.name] = _stats(per_rep)
+    return out
+
+
+def uniform_policy(run: Run, fmt: str) -> dict[str, str]:
+    """Every layer the sweep measured in ``fmt`` (the Run's own all-<fmt> policy)."""
+    sens = run.sensitivity
+    ok = sens[(sens["format"] == fmt) & (sens["status"] == "ok")]
+    return {str(n): fmt for n in ok["layer"]}
+
+
+def measure_latency(run: Run | str | os.PathLike, *, repeats: int = 50, warmup: int = 3, batch: int = 32,
+                    threads: int = 1, progress: Callable[[str], None] | None = None,
+                    time_budget_s: float = 60.0) -> dict:
+    """Measure per-layer and end-to-end latency of a Run's model in onnxruntime; store them in the Run.
+
+    Fills the ``cost`` table's ``latency_ms`` / ``latency_spread_ms`` / ``latency_source`` for every
+    (layer, format) row, the ``latency_ms`` of the fp32 and uniform rows of ``policies``, and
+    ``run.json`` ``latency``.
+
+    Args:
+        run: a Run or its folder. Its model and task data must be at hand (see ``analysis.runtime.session``).
+        repeats, warmup: timed and untimed runs per model; batch: evaluation samples per run.
+        threads: onnxruntime intra-op threads (1 is fastest for small models on shared cores).
+        time_budget_s: rough bound on the time spent timing single-layer models; large models get
+            fewer paired repeats (at least 5), small ones the full ``repeats``.
+        progress: optional callable receiving one line per step.
+
+    Returns:
+        The ``latency`` dict written to run.json.
+
+    Example:
+        >>> measure_latency("runs/digits")["uniform"]["int8"]["ratio_vs_fp32"]
+    """
+    run = run if isinstance(run, Run) else load_run(run)
+    say = progress or (lambda s: None)
+    task = resolve_task(run)
+    rm = resolve_model(run, task)
+    x = task.eval_inputs[: max(1, batch)]
+    feed = {rm.binding.name: next(rm.binding.chunks(x))[0]}
+    # kernel speed does not depend on the exact activation scales: a few calibration samples set them
+    # for timing models (the metric of a quantized model is measured by verify, on the full calibration set)
+    calib = task.calib_inputs[:TIMING_CALIB_SAMPLES]
+    models: dict[str, onnx.ModelProto] = {"fp32": rm.model}
+    built: dict[str, QuantizedModel] = {}
+    for fmt in run.formats:
+        say(f"building all-{fmt} model")
+        built[fmt] = quantize_model(rm.model, rm.layers, rm.onnx_policy(uniform_policy(run, fmt)), rm.binding, calib)
+        models[f"all-{fmt}"] = built[fmt].model
+    say(f"timing {len(models)} whole models round-robin")
+    times = timed_runs(models, feed, threads=threads, repeats=repeats, warmup=warmup)
+    del models
+    sens = run.sensitivity
+    jobs = [(str(r.layer), str(r.format)) for r in sens[sens["status"] == "ok"].itertuples()
+            if str(r.layer) in rm.to_onnx]
+    # one quantized model at a time, timed in pairs against the same FP32 session: memory stays at two
+    # models whatever the layer count, and the per-layer timing effort is bounded by time_budget_s
+    fp32_session = session(rm.model, threads)
+    one_ms = float(np.median(times["fp32"]))
+    pair_repeats = int(np.clip(time_budget_s * 1e3 / (2 * one_ms * max(len(jobs), 1)), min(5, repeats), repeats))
+    kernel_of: dict[str, str] = {}
+    say(f"timing {len(jobs)} single-layer models against fp32 ({pair_repeats} paired repeats each)")
+    for layer, fmt in jobs:
+        q = quantize_model(rm.model, rm.layers, {rm.to_onnx[layer]: fmt}, rm.binding, calib)
+        pair = timed_runs({"fp32": fp32_session, "q": q.model}, feed, threads=threads, repeats=pair_repeats,
+                          warmup=min(warmup, 2))
+        times[f"{layer}|{fmt}"] = pair["q"] - pair["fp32"]
+        kernel_of[f"{layer}|{fmt}"] = q.kernels.get(rm.to_onnx[layer], "?")
+        del q
+    say("profiling fp32 kernels")
+    fp32_layer = layer_times(rm, None, node_times(rm.model, feed, threads=threads, repeats=repeats, warmup=warmup))
+
+    version = ort.__version__
+    where = f"{threads} thread(s), batch {len(x)}"
+    cost = run.cost.copy()
+    for i, r in cost.iterrows():
+        layer, fmt = str(r["layer"]), str(r["format"])
+        onnx_name = rm.to_onnx.get(layer)
+        if onnx_name is None or onnx_name not in fp32_layer:
+            continue
+        base, base_spread = fp32_layer[onnx_name]
+        if fmt == "fp32":
+            kernel = next(n.op_type for n in layer_nodes(rm.model, rm.by_onnx[onnx_name]))
+            cost.at[i, "latency_ms"], cost.at[i, "latency_spread_ms"] = base, base_spread
+            cost.at[i, "latency_source"] = f"onnxruntime {version} CPU node profile: {kernel}, {where}"
+        elif f"{layer}|{fmt}" in times:
+            delta, spread = _stats(times[f"{layer}|{fmt}"])
+            cost.at[i, "latency_ms"], cost.at[i, "latency_spread_ms"] = base + delta, spread
+            cost.at[i, "latency_source"] = (f"onnxruntime {version} CPU end-to-end delta vs fp32: "
+                                            f"{kernel_of[f'{layer}|{fmt}']}, {where}")
+    fp32_ms, fp32_spread = _stats(times["fp32"])
+    uniform = {}
+    for fmt in run.formats:
+        ms, spread = _stats(times[f"all-{fmt}"])
+        uniform[fmt] = {"ms": ms, "spread_ms": spread, "ratio_vs_fp32": ms / fp32_ms,
+                        "kernels": dict(sorted(Counter(built[fmt].kernels.values()).items())), "notes": built[fmt].notes}
+    meta = {
+        "fp32_ms": fp32_ms, "fp32_spread_ms": fp32_spread, "uniform": uniform,
+        "threads": threads, "provider": PROVIDER, "onnxruntime": version, "batch": int(len(x)),
+        "repeats": repeats, "warmup": warmup, "unit": f"ms per batch of {len(x)}", "spread": "interquartile range",
+        "graph_optimization": "ORT_ENABLE_ALL",
+        "method": "end to end: session.run wall time, fp32 and uniform models timed round-robin; per layer x "
+                  "format: FP32 kernel time (node profile, ORT_DISABLE_ALL) + median paired end-to-end difference "
+                  "between the model with only that layer quantized and FP32, timed in alternation",
+        "pair_repeats": pair_repeats,
+        "model": "exported from torch with torch.onnx" if rm.exported else "the Run's ONNX file",
+    }
+    pol = run.policies.copy()
+    for i, r in pol.iterrows():
+        name = str(r["name"])
+        if r["kind"] == "baseline" and name == "fp32":
+            pol.at[i, "latency_ms"] = fp32_ms
+        elif r["kind"] == "uniform" and name.removeprefix("all-") in uniform:
+            pol.at[i, "latency_ms"] = uniform[name.removeprefix("all-")]["ms"]
+    replace_table(run, "cost", cost)
+    replace_table(run, "policies", pol)
+    update_meta(run, latency=meta)
+    return meta

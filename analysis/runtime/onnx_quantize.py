@@ -1,0 +1,290 @@
+"""A real quantized ONNX model for a policy, built for onnxruntime's integer kernels.
+
+Which kernel each format gets (recorded per layer in ``QuantizedModel.kernels``):
+
+* ``int8`` (W8A8, calibrated activations): ``quantize_static`` in QOperator format, per
+  channel, symmetric int8 weights, asymmetric uint8 activations, min-max calibration on
+  the task's calibration data -> ``QLinearConv`` / ``QGemm`` / ``QLinearMatMul``.
+* ``int4`` on ``MatMul`` (and on plain ``Gemm``, rewritten to ``MatMul`` + ``Add`` first):
+  ``MatMulNBitsQuantizer``, blocks of 32 along K, asymmetric -> ``MatMulNBits``.
+* ``int4`` on ``Conv`` (and on a ``Gemm`` that cannot be rewritten): onnxruntime's tools
+  have no group-wise 4-bit path for these, so the weight is stored as uint4 codes with
+  a blocked ``DequantizeLinear`` (opset 21, ``block_size`` 32 along the flattened K) in
+  front of the float kernel; codes, scales and zero points are the engine's own.
+
+Order matters (see ``quantize_model``): opset conversion, then the blocked DQ weights,
+then ``MatMulNBits``, then ``quantize_static``, which calibrates the graph as it then is.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from analysis.quant.formats import QuantFormat, get_format
+from analysis.models.onnx_graph import InputBinding, OnnxLayer, default_opset, initializer_array
+from analysis.quant.primitives import group_size_error, quantize_weight
+from analysis.errors import InputError
+
+BLOCKED_DQ_OPSET = 21
+KERNEL_OPS = ("QLinearConv", "QGemm", "QLinearMatMul", "MatMulInteger", "ConvInteger", "MatMulNBits",
+              "Conv", "Gemm", "MatMul")
+
+
+class QuantizeError(InputError):
+    """A policy that cannot be built into a quantized ONNX model; the message names the layer."""
+
+
+@dataclass
+class QuantizedModel:
+    model: onnx.ModelProto
+    formats: dict[str, str]  # onnx layer -> format actually applied
+    kernels: dict[str, str] = field(default_factory=dict)  # onnx layer -> e.g. "QLinearConv (static QOperator)"
+    notes: list[str] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """onnxruntime's quantizers log advice through the root logger; keep stderr for our errors."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def _attr(node, name, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def _replace_initializer(model: onnx.ModelProto, name: str, array: np.ndarray) -> None:
+    for t in model.graph.initializer:
+        if t.name == name:
+            t.CopyFrom(numpy_helper.from_array(array, name))
+            return
+    model.graph.initializer.append(numpy_helper.from_array(array, name))
+
+
+def _drop_unused_initializers(model: onnx.ModelProto) -> None:
+    used = {i for n in model.graph.node for i in n.input} | {i.name for i in model.graph.input}
+    keep = [t for t in model.graph.initializer if t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+
+
+def _weight_oik(model: onnx.ModelProto, layer: OnnxLayer) -> np.ndarray:
+    w = initializer_array(model, layer.weight).astype(np.float32)
+    return np.ascontiguousarray(w.T) if layer.transposed else w
+
+
+def _blocked_dq_weight(model: onnx.ModelProto, layer: OnnxLayer, fmt: QuantFormat) -> None:
+    """Feed ``layer`` from uint4 codes through a blocked DequantizeLinear (see module docstring)."""
+    W = torch.from_numpy(_weight_oik(model, layer))
+    codes, scale, zero = quantize_weight(W, fmt.weight)  # (out, K/g, g), (out, K/g, 1), (out, K/g, 1)
+    out, n_groups, g = codes.shape
+    p = f"{layer.name}/int4"
+    model.graph.initializer.extend([
+        helper.make_tensor(f"{p}/codes", TensorProto.UINT4, [out, n_groups * g], codes.reshape(-1).numpy().tolist()),
+        numpy_helper.from_array(scale.reshape(out, n_groups).numpy().astype(np.float32), f"{p}/scale"),
+        helper.make_tensor(f"{p}/zero", TensorProto.UINT4, [out, n_groups], zero.reshape(-1).numpy().tolist()),
+        numpy_helper.from_array(np.array(W.shape, dtype=np.int64), f"{p}/shape"),
+    ])
+    new = [helper.make_node("DequantizeLinear", [f"{p}/codes", f"{p}/scale", f"{p}/zero"], [f"{p}/dq"],
+                            name=f"{p}/DequantizeLinear", axis=1, block_size=g),
+           helper.make_node("Reshape", [f"{p}/dq", f"{p}/shape"], [f"{p}/w"], name=f"{p}/Reshape")]
+    w_in = f"{p}/w"
+    if layer.transposed:
+        new.append(helper.make_node("Transpose", [w_in], [f"{p}/wT"], name=f"{p}/Transpose", perm=[1, 0]))
+        w_in = f"{p}/wT"
+    _insert_before(model, layer.name, new)
+    _node(model, layer.name).input[1] = w_in
+
+
+def _node(model: onnx.ModelProto, name: str) -> onnx.NodeProto:
+    for n in model.graph.node:
+        if n.name == name:
+            return n
+    raise KeyError(f"no node '{name}'")
+
+
+def _insert_before(model: onnx.ModelProto, name: str, new: list[onnx.NodeProto]) -> None:
+    nodes = list(model.graph.node)
+    i = next(k for k, n in enumerate(nodes) if n.name == name)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes[:i] + new + nodes[i:])
+
+
+def _gemm_as_matmul(model: onnx.ModelProto, layer: OnnxLayer) -> bool:
+    """Rewrite a plain Gemm (alpha=1, no transA) as MatMul [+ Add], keeping the node's name."""
+    node = _node(model, layer.name)
+    if _attr(node, "transA", 0) or _attr(node, "alpha", 1.0) != 1.0:
+        return False
+    w_kn = _weight_oik(model, layer).T  # MatMul wants (K, N)
+    w_name = f"{layer.name}/weight_KxN"
+    _replace_initializer(model, w_name, np.ascontiguousarray(w_kn))
+    out = node.output[0]
+    has_bias = len(node.input) > 2 and node.input[2]
+    mm = helper.make_node("MatMul", [node.input[0], w_name], [f"{out}/matmul" if has_bias else out], name=layer.name)
+    new = [mm]
+    if has_bias:
+        bias = node.input[2]
+        beta = _attr(node, "beta", 1.0)
+        if beta != 1.0:
+            b = initializer_array(model, bias) * np.float32(beta)
+            bias = f"{layer.name}/bias_scaled"
+            _replace_initializer(model, bias, b.astype(np.float32))
+        new.append(helper.make_node("Add", [mm.output[0], bias], [out], name=f"{layer.name}/bias"))
+    nodes = list(model.graph.node)
+    i = nodes.index(node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes[:i] + new + nodes[i + 1:])
+    return True
+
+
+def _matmul_nbits(model: onnx.ModelProto, names: list[str], group_size: int) -> onnx.ModelProto:
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    others = [n.name for n in model.graph.node if n.name not in set(names)]  # nodes_to_include does not restrict
+    with _quiet():
+        q = MatMulNBitsQuantizer(model, block_size=group_size, is_symmetric=False, nodes_to_exclude=others)
+        q.process()
+    return q.model.model
+
+
+class _Reader:
+    """Calibration batches for ``quantize_static``, cut to what the model's input accepts."""
+
+    def __init__(self, binding: InputBinding, calib: np.ndarray, batch: int = 64) -> None:
+        self.items = [{binding.name: chunk} for s in range(0, len(calib), batch)
+                      for chunk, _ in binding.chunks(calib[s:s + batch])]
+        self.i = 0
+
+    def get_next(self):
+        if self.i >= len(self.items):
+            return None
+        self.i += 1
+        return self.items[self.i - 1]
+
+    def rewind(self):
+        self.i = 0
+
+
+def _quantize_static(model: onnx.ModelProto, names: list[str], binding: InputBinding, calib: np.ndarray) -> onnx.ModelProto:
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat as OrtFormat,
+                                          QuantType, quantize_static)
+
+    reader = type("Reader", (_Reader, CalibrationDataReader), {})(binding, calib)
+    with tempfile.TemporaryDirectory(prefix="quantlens-q8-") as tmp, _quiet():
+        out = Path(tmp) / "q8.onnx"
+        quantize_static(model, str(out), reader, quant_format=OrtFormat.QOperator, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_quantize=list(names),
+                        op_types_to_quantize=["Conv", "Gemm", "MatMul"], calibrate_method=CalibrationMethod.MinMax,
+                        extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+        return onnx.load(str(out))
+
+
+def layer_nodes(model: onnx.ModelProto, layer: OnnxLayer) -> list[onnx.NodeProto]:
+    """The nodes that carry out ``layer`` in a model built here (named after it or its tensors)."""
+    own = (f"{layer.name}_", f"{layer.name}/")
+    qdq = {f"{layer.input}_QuantizeLinear", f"{layer.output}_DequantizeLinear"}
+    return [n for n in model.graph.node if n.name == layer.name or n.name.startswith(own) or n.name in qdq]
+
+
+def _kernel_label(nodes: list[onnx.NodeProto]) -> str:
+    ops = [n.op_type for n in nodes]
+    main = next((op for op in KERNEL_OPS if op in ops), ops[0] if ops else "?")
+    if main in ("QLinearConv", "QGemm", "QLinearMatMul"):
+        return f"{main} (static QOperator)"
+    if main in ("MatMulInteger", "ConvInteger"):
+        return f"{main} (dynamic)"
+    if main == "MatMulNBits":
+        return "MatMulNBits"
+    if "DequantizeLinear" in ops:
+        return f"DequantizeLinear(uint4, blocked) + {main}"
+    return main
+
+
+def quantize_model(model: onnx.ModelProto, layers: list[OnnxLayer], policy: dict[str, str], binding: InputBinding,
+                   calib: np.ndarray) -> QuantizedModel:
+    """The quantized model for ``policy`` (ONNX layer name -> format); see the module docstring.
+
+    Layers that share one weight take one format: the least aggressive one the policy gives
+    any of them (fp32 before int8 before int4), so the stored weight stays consistent.
+
+    Raises:
+        QuantizeError: a layer the model lacks, an unknown format, or a format the layer cannot take.
+    """
+    by_name = {l.name: l for l in layers}
+    fmts: dict[str, str] = {}
+    for name, f in policy.items():
+        if name not in by_name:
+            raise QuantizeError(f"policy names layer '{name}', which the model does not have as a quantizable node")
+        fmt = get_format(f) if f in ("fp32", "int8", "int4") else None
+        if fmt is None:
+            raise QuantizeError(f"policy gives layer '{name}' format {f!r}; known: fp32, int4, int8")
+        if fmt.weight is not None and (why := group_size_error(_weight_oik(model, by_name[name]).shape, fmt.weight)):
+            raise QuantizeError(f"layer '{name}' cannot take {f}: {why}")
+        fmts[name] = f
+    notes: list[str] = []
+    rank = {"fp32": 0, "int8": 1, "int4": 2}
+    groups: dict[str, list[str]] = {}
+    for l in layers:
+        groups.setdefault(l.weight, []).append(l.name)
+    for members in groups.values():
+        chosen = [fmts.get(n, "fp32") for n in members]
+        if len(members) > 1 and len(set(chosen)) > 1:
+            keep = min(chosen, key=rank.__getitem__)
+            notes.append(f"layers {', '.join(members)} share one weight: all kept at {keep}")
+            for n in members:
+                fmts[n] = keep
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    int4 = [l for l in layers if fmts.get(l.name) == "int4"]
+    int8 = [l.name for l in layers if fmts.get(l.name) == "int8"]
+    fmt4 = get_format("int4")
+    g = fmt4.weight.granularity.group_size
+    matmul4, blocked4 = [], []
+    for l in int4:
+        if l.op == "MatMul" or (l.op == "Gemm" and not _attr(_node(m, l.name), "transA", 0)
+                                and _attr(_node(m, l.name), "alpha", 1.0) == 1.0):
+            matmul4.append(l)
+        else:
+            blocked4.append(l)
+    if blocked4 and default_opset(m) < BLOCKED_DQ_OPSET:
+        from onnx import version_converter
+
+        try:
+            m = version_converter.convert_version(m, BLOCKED_DQ_OPSET)
+        except Exception as e:
+            raise QuantizeError(f"int4 on {blocked4[0].op} layers needs opset {BLOCKED_DQ_OPSET}; converting the model "
+                                f"failed ({str(e).splitlines()[0][:160]})") from None
+        notes.append(f"converted to opset {BLOCKED_DQ_OPSET} for blocked int4 DequantizeLinear")
+    for l in blocked4:
+        _blocked_dq_weight(m, l, fmt4)
+    for l in matmul4:
+        if l.op == "Gemm":
+            _gemm_as_matmul(m, l)
+    _drop_unused_initializers(m)
+    if matmul4:
+        m = _matmul_nbits(m, [l.name for l in matmul4], g)
+    if int8:
+        m = _quantize_static(m, int8, binding, calib)
+    _drop_unused_initializers(m)
+    kernels = {}
+    for l in layers:
+        if fmts.get(l.name, "fp32") != "fp32":
+            kernels[l.name] = _kernel_label(layer_nodes(m, l))
+    return QuantizedModel(m, {l.name: fmts.get(l.name, "fp32") for l in layers}, kernels, notes)
