@@ -23,6 +23,8 @@ from analysis.errors import InputError, ModelError
 from analysis.project.groups import coupled_groups
 from analysis.project.projection import Projection, Projector
 from analysis.project.search import SearchError, SearchResult, best_policy, pareto_frontier
+from analysis.project.selection import (LayerMatch, fp32_for_most_sensitive, layer_types, layers_of_type,
+                                        match_layers, most_sensitive, with_format)
 from analysis.quant.formats import get_format
 from analysis.report.render import ReportError, render_html, render_markdown, write_report
 from analysis.store.bundle import BundleError, open_bundle, write_bundle
@@ -31,12 +33,13 @@ from analysis.store.policy import (FORMAT_CODE, POLICY_FORMATS, Policy, PolicyEr
 from analysis.store.run import TABLES, Run, RunError, load_run, update_meta
 
 __all__ = [
-    "AnalysisError", "BundleError", "FORMAT_CODE", "InputError", "ModelError", "POLICY_FORMATS", "Policy",
-    "PolicyError", "Projection", "Projector", "ReportError", "Run", "RunError", "SearchError", "SearchResult",
-    "TABLES", "VerifyError", "analyze", "apply_policy", "best_policy", "check_model_at_hand", "coupled_groups",
-    "cpu_info", "decode_url_token", "encode_codes", "from_json", "get_format", "load_run", "match_policy",
+    "AnalysisError", "BundleError", "FORMAT_CODE", "InputError", "LayerMatch", "ModelError", "POLICY_FORMATS",
+    "Policy", "PolicyError", "Projection", "Projector", "ReportError", "Run", "RunError", "SearchError",
+    "SearchResult", "TABLES", "VerifyError", "analyze", "apply_policy", "best_policy", "check_model_at_hand",
+    "coupled_groups", "cpu_info", "decode_url_token", "encode_codes", "fp32_for_most_sensitive", "from_json",
+    "get_format", "layer_types", "layers_of_type", "load_run", "match_layers", "match_policy", "most_sensitive",
     "open_bundle", "pareto_frontier", "policy_from_codes", "render_html", "render_markdown", "verify_policy",
-    "versions", "write_bundle", "write_report",
+    "versions", "with_format", "write_bundle", "write_report",
 ]
 
 
