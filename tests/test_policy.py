@@ -84,6 +84,15 @@ def test_url_token_for_another_model_is_refused(run):
         decode_url_token(token, run)
 
 
+@pytest.mark.parametrize("prefix", ["", "{sha:.1}", "{sha:.11}", "{sha:.12}0"])
+def test_url_token_with_a_short_or_long_hash_prefix_is_refused(run, prefix):
+    # an empty prefix once matched every model with the same layer count
+    body = encode_codes(np.ones(40, dtype=np.int8), run.model_sha256).split(".")[3]
+    token = f"q1.{prefix.format(sha=run.model_sha256)}.40.{body}"
+    with pytest.raises(PolicyError, match="another model"):
+        decode_url_token(token, run)
+
+
 @pytest.mark.parametrize("token, part", [
     ("q1.abc.3", "4 dot-separated"), ("q9.abc.3.JA", "version"), ("q1.abc.x.JA", "layer count"),
     ("q1.abc.3.J*A", "base64url"), ("q1.abc.9.JA", "bytes of codes"), ("q1.abc.1.Aw", "names no format"),

@@ -256,7 +256,10 @@ class UrlToken:
     codes: np.ndarray
 
     def matches(self, run: "Run") -> bool:
-        return run.model_sha256.startswith(self.sha_prefix) and len(self.codes) == len(run.layer_names)
+        """True when the token is what :func:`encode_codes` writes for ``run``'s model and layer count: the
+        whole hash prefix, never a shorter one (an empty prefix would match every model)."""
+        prefix = run.model_sha256[:URL_SHA_DIGITS]
+        return bool(prefix) and self.sha_prefix == prefix and len(self.codes) == len(run.layer_names)
 
 
 def decode_codes(token: str) -> UrlToken:
