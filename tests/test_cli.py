@@ -116,3 +116,46 @@ def test_console_script_end_to_end(tmp_path):
     bad = subprocess.run([str(Path(sys.executable).parent / "quantlens"), "analyze", "demo:digits", "--out", str(out)],
                          capture_output=True, text=True, env=env, timeout=300)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("module, name, error", [
+    ("analysis.store.bundle", "write_bundle", ValueError("an internal invariant broke")),
+    ("analysis.report.render", "write_report", KeyError("no such column")),
+])
+def test_a_bug_inside_a_verb_keeps_its_traceback(module, name, error, digits_run, tmp_path, monkeypatch, capsys):
+    """Only bad input (an InputError) is exit 2: a plain ValueError or KeyError is a bug and propagates."""
+    import importlib
+
+    def broken(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(importlib.import_module(module), name, broken)
+    verb = "bundle" if "bundle" in module else "report"
+    with pytest.raises(type(error)):
+        main([verb, str(digits_run.path), "--out", str(tmp_path / "x")])
+    assert "error:" not in capsys.readouterr().err
+
+
+def test_a_bug_exits_1_with_a_traceback(tmp_path):
+    code = ("import sys, analysis.store.bundle as b\n"
+            "def broken(*a, **k): raise ValueError('an internal invariant broke')\n"
+            "b.write_bundle = broken\n"
+            "from analysis.cli.main import main\n"
+            f"sys.exit(main(['bundle', {str(tmp_path)!r}, '--out', {str(tmp_path / 'x.qlrun')!r}]))\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and "Traceback" in p.stderr and "an internal invariant broke" in p.stderr
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["search", "{run}", "--out", "{tmp}/p.json"], "give a budget"),
+    (["search", "{run}", "--max-drop", "0.01", "--out", "{tmp}"], "is a folder"),
+    (["report", "{run}", "--policy", "{tmp}/absent.json", "--out", "{tmp}/r.html"], "absent.json: no such policy file"),
+    (["analyze", "demo:digits", "--group-size", "3", "--out", "{tmp}/r"], "--group-size 3"),
+    (["analyze", "demo:digits", "--threads", "-1", "--out", "{tmp}/r"], "--threads -1"),
+    (["bundle", "{tmp}/absent", "--out", "{tmp}/b.qlrun"], "absent"),
+])
+def test_user_mistakes_outside_analyze_are_one_line_exit_2(argv, expected, digits_run, tmp_path, capsys):
+    code, err = _run([a.format(run=digits_run.path, tmp=tmp_path) for a in argv], capsys)
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], err

@@ -1,11 +1,14 @@
 """The ``quantlens`` command line.
 
 Every verb exits 0 on success and 2 on bad input with one line naming the file or field;
-a user mistake never prints a traceback.
+a user mistake never prints a traceback. Bad input is an ``analysis.errors.InputError`` (or a
+named file that is missing or of the wrong kind); any other exception is a bug and keeps its
+traceback (exit code 1).
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -52,6 +55,18 @@ def _add_analyze(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _check_analyze_flags(args) -> None:
+    """Flags the engine checks only with a plain ValueError or RuntimeError (a caller's bug in the
+    Python API); on the command line they are bad input that names the flag."""
+    if args.threads < 1:
+        raise UsageError(f"--threads {args.threads}: must be at least 1")
+    g = args.group_size
+    if g is not None and (g < 2 or g & (g - 1)):
+        raise UsageError(f"--group-size {g}: must be a power of two >= 2")
+    if args.executor == "ray" and importlib.util.find_spec("ray") is None:
+        raise UsageError("--executor ray: Ray is not installed (pip install 'quantlens[ray]')")
+
+
 def _cmd_analyze(args) -> int:
     from analysis.engine.allocator import keep_freed_memory
     from analysis.api import analyze
@@ -65,6 +80,7 @@ def _cmd_analyze(args) -> int:
         if args.model.startswith("demo:"):
             raise ModelError(f"unknown demo model '{args.model}'; known: {', '.join(DEMO_TASKS)}")
         raise UsageError("--task: required for models other than the demos")
+    _check_analyze_flags(args)
     run = analyze(args.model, task, args.out, formats=args.formats, calib=args.calib, seed=args.seed,
                   observer=args.observer, group_size=args.group_size, metric=args.metric, weights=args.weights,
                   incremental=not args.no_incremental, overwrite=args.overwrite, threads=args.threads,
@@ -204,6 +220,8 @@ def _cmd_report(args) -> int:
     run = load_run(args.run)
     policy = None
     if args.policy:
+        if not Path(args.policy).is_file():
+            raise PolicyError(f"{args.policy}: no such policy file")
         try:
             policy = from_json(Path(args.policy).read_bytes())
         except PolicyError as e:
@@ -233,8 +251,8 @@ def _cmd_bundle(args) -> int:
 COMMANDS = {"analyze": (_add_analyze, _cmd_analyze), "demo": (_add_demo, _cmd_demo),
             "dashboard": (_add_dashboard, _cmd_dashboard),
             "report": (_add_report, _cmd_report), "bundle": (_add_bundle, _cmd_bundle)}
-register_runtime_verbs(COMMANDS)  # apply, verify (analysis/cli_runtime.py)
-register_search_verb(COMMANDS)  # search (analysis/cli_search.py)
+register_runtime_verbs(COMMANDS)  # apply, verify (analysis/cli/runtime_verbs.py)
+register_search_verb(COMMANDS)  # search (analysis/cli/search_verb.py)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -245,6 +263,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# a file or folder the user named is missing, of the wrong kind or not theirs to write: their mistake,
+# not ours; every other OSError (disk full, a broken mount) keeps its traceback
+USER_OS_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+
+
+def _os_error_line(e: OSError) -> str:
+    return f"{e.filename}: {e.strerror}" if e.filename is not None and e.strerror else str(e)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -266,9 +291,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"quantlens {args.command}: error: {e}", file=sys.stderr)
         return 1
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        print(f"quantlens {args.command}: error: {msg}", file=sys.stderr)
+    except InputError as e:
+        print(f"quantlens {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except USER_OS_ERRORS as e:
+        print(f"quantlens {args.command}: error: {_os_error_line(e)}", file=sys.stderr)
         return 2
 
 

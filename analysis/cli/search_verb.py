@@ -27,10 +27,12 @@ def _cmd_search(args) -> int:
     from analysis.project.projection import Projector
     from analysis.store.run import load_run
     from analysis.project.groups import coupled_groups
-    from analysis.project.search import best_policy
+    from analysis.project.search import SearchError, best_policy
 
     if args.max_size_mb is None and args.max_latency_ms is None and args.max_drop is None:
-        raise ValueError("give a budget: --max-size-mb, --max-latency-ms or --max-drop")
+        raise SearchError("give a budget: --max-size-mb, --max-latency-ms or --max-drop")
+    if Path(args.out).is_dir():
+        raise SearchError(f"--out {args.out}: is a folder; give a file name (e.g. policy.json)")
     run = load_run(args.run)
     if run.status != "complete":
         print(f"note: the Run is {run.status}; searching over the jobs finished so far", file=sys.stderr)
