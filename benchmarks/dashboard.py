@@ -41,6 +41,7 @@ def main() -> int:
 
     from analysis.project.projection import Projector
     from analysis.store.synthetic import synthetic_run
+    from dashboard import state
 
     with tempfile.TemporaryDirectory(prefix="quantlens-bench-") as tmp:
         t = time.perf_counter()
@@ -49,10 +50,12 @@ def main() -> int:
         path = str(run.path.resolve())
 
         at = AppTest.from_file(str(ROOT / "dashboard" / "app.py"), default_timeout=120)
-        at.session_state["ql.run_dirs"] = [path]
+        at.session_state[state.RUN_DIRS] = [path]
         at.run()
         t = time.perf_counter()
-        at.switch_page("views/layers.py").run()
+        # the pages are functions: AppTest.switch_page() finds file pages only, so ask for Layers by its hash
+        at._page_hash = next(h for h, p in at._registered_pages.items() if p.get("url_pathname") == "layers")
+        at.run()
         cold_ms = (time.perf_counter() - t) * 1e3
         if at.exception:
             print(f"page failed: {at.exception}", file=sys.stderr)
@@ -67,13 +70,13 @@ def main() -> int:
         for k in range(args.toggles):
             row = int(rng.choice(rows))
             edits = {row: {"format": ("int4", "int8", "fp32")[k % 3]}}  # one new edit per rerun
-            epoch = at.session_state[f"ql.epoch::{path}"] if f"ql.epoch::{path}" in at.session_state else 0
+            epoch = at.session_state[state.epoch_key(path)] if state.epoch_key(path) in at.session_state else 0
             at.session_state[f"ql.editor::{path}::{epoch}"] = {"edited_rows": edits, "added_rows": [],
                                                                 "deleted_rows": []}
             t = time.perf_counter()
             at.run()
             rerun_ms.append((time.perf_counter() - t) * 1e3)
-            fragment_ms.append(float(at.session_state["ql.fragment_ms"]))
+            fragment_ms.append(float(at.session_state[state.FRAGMENT_MS]))
             if at.exception:
                 print(f"toggle failed: {at.exception}", file=sys.stderr)
                 return 1

@@ -53,7 +53,7 @@ def sidebar() -> None:
                 lo = open_run(dirs[choice])
                 if isinstance(lo, Loaded):
                     state.sync_url(lo)
-        with st.form("ql.open_form", clear_on_submit=True, border=False):
+        with st.form(state.OPEN_FORM, clear_on_submit=True, border=False):
             folder = st.text_input("Open a Run folder", placeholder="/path/to/run")
             if st.form_submit_button("Open") and folder.strip():
                 state.add_run_dir(folder.strip())

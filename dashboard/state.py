@@ -1,5 +1,8 @@
 """Session state keys, the current policy per Run, and the URL glue.
 
+Every ``st.session_state`` key of the dashboard, widget keys included, is defined here and only
+here; pages use these names (tests and the benchmark address widgets by the same strings).
+
 The policy being edited lives in ``st.session_state`` as one int8 code per layer in
 execution order (``fp32=0, int8=1, int4=2``), one array per open Run. The query string
 mirrors it (``?run=<index>&p=<token>``, see ``analysis.store.policy.encode_codes``), so the
@@ -16,13 +19,42 @@ import streamlit as st
 from analysis.api import PolicyError, decode_url_token, encode_codes
 from dashboard.data import Loaded, open_run
 
+# --- session data
 RUN_DIRS = "ql.run_dirs"  # list[str]: the Runs this session can show
 ACTIVE = "ql.active"  # int: index into RUN_DIRS
 NOTICES = "ql.notices"  # list[str]: messages for the next page render (bad URL, rejected edits ...)
 URL_DONE = "ql.url_restored"
+SEARCH_LAST = "ql.search_last"  # (Run path, message kind, text): the outcome of the last search, shown after it
+POLICY_SEEN = "ql.upload_seen"  # file id of the policy file last applied: a rerun does not apply it again
+BUNDLE_SEEN = "ql.bundle_seen"  # file id of the Run bundle last opened
+VERIFY_WATCH = "ql.verify_watch"  # id of a job this session saw running: when it ends, the whole page reruns once
+FRAGMENT_MS = "ql.fragment_ms"  # last Layers fragment render time on the server, for the benchmark
 QP_RUN, QP_POLICY = "run", "p"
 
+# --- widget keys, by page
+OPEN_FORM = "ql.open_form"  # sidebar
+FILTER_TEXT, FILTER_TYPES, SORT = "ql.filter_text", "ql.filter_types", "ql.sort"  # Layers
+BULK_SCOPE, BULK_FMT, BULK_SET = "ql.bulk_scope", "ql.bulk_fmt", "ql.bulk_set"
+BULK_N, BULK_REST, BULK_TOPN, BULK_RESET = "ql.bulk_n", "ql.bulk_rest", "ql.bulk_topn", "ql.bulk_reset"
+SEARCH_FORM = "ql.search_form"  # Search
+SEARCH_SIZE, SEARCH_LATENCY, SEARCH_DROP = "ql.s_size", "ql.s_latency", "ql.s_drop"
+SEARCH_MINIMIZE, SEARCH_GROUPS, FRONTIER_GO = "ql.s_minimize", "ql.s_groups", "ql.frontier_go"
+ACT_LAYER, ACT_LOG = "ql.act_layer", "ql.act_log"  # Activations
+POLICY_UPLOAD, DOWNLOAD_POLICY, VERIFY = "ql.policy_upload", "ql.download", "ql.verify"  # Export & share
+DOWNLOAD_REPORT, DOWNLOAD_BUNDLE, BUNDLE_UPLOAD = "ql.download_report", "ql.download_bundle", "ql.bundle_upload"
+COMPARE_A, COMPARE_B, COMPARE_FMT = "ql.compare_a", "ql.compare_b", "ql.compare_fmt"  # Compare
+COMPARE_SENS, COMPARE_FRONTIER = "ql.compare_sens", "ql.compare_frontier"
 
+
+def search_chart_key(axis: str) -> str:
+    return f"ql.search_chart_{axis}"
+
+
+def hist_key(tensor: str) -> str:
+    return f"ql.hist_{tensor}"
+
+
+# --- per Run
 def codes_key(path: str) -> str:
     return f"ql.codes::{path}"
 
@@ -34,6 +66,16 @@ def epoch_key(path: str) -> str:
 def editor_key(path: str) -> str:
     """Key of the layer table's data editor for this Run; changes whenever the table is rebuilt."""
     return f"ql.editor::{path}::{st.session_state.get(epoch_key(path), 0)}"
+
+
+def view_key(path: str) -> str:
+    """(signature, frame) of the layer table the editor shows for this Run: rows are matched to layers by it."""
+    return f"ql.view::{path}"
+
+
+def frontier_key(path: str) -> str:
+    """True once the Pareto frontier of this Run was asked for (it is computed on demand)."""
+    return f"ql.frontier_on::{path}"
 
 
 def run_dirs() -> list[str]:

@@ -1,1 +1,1 @@
-"""The dashboard pages, one module each; dashboard/views/ holds the scripts that call them."""
+"""The dashboard pages, one module each with a ``render`` function; dashboard/pages.py registers them."""

@@ -9,6 +9,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from analysis.api import get_format
+from dashboard import state
 from dashboard.components import require_run
 from dashboard.data import Loaded
 
@@ -72,18 +73,17 @@ def _figure(lo: Loaded, layer: str, tensor: str, log_y: bool) -> tuple[go.Figure
     return fig, notes
 
 
-
 def render() -> None:
-    """The page body (the script in dashboard/views/ calls it)."""
+    """The Activations page (registered in dashboard/pages.py)."""
     lo = require_run()
     st.title("Activations")
     names = lo.projector.names
     default = int(np.nanargmax(lo.layers["Δloss int4"].to_numpy())) if "Δloss int4" in lo.layers and \
         np.isfinite(lo.layers["Δloss int4"].to_numpy()).any() else 0
     c1, c2 = st.columns([4, 1], vertical_alignment="bottom")
-    layer = c1.selectbox("Layer (execution order)", names, index=default, key="ql.act_layer",
+    layer = c1.selectbox("Layer (execution order)", names, index=default, key=state.ACT_LAYER,
                          help="Defaults to the layer most sensitive at INT4.")
-    log_y = c2.toggle("log counts", value=True, key="ql.act_log")
+    log_y = c2.toggle("log counts", value=True, key=state.ACT_LOG)
     row = lo.layers.iloc[names.index(layer)]
     st.caption(f"{row['type']} · {int(row['params']):,} parameters · note: {row['note'] or '—'}")
 
@@ -92,7 +92,7 @@ def render() -> None:
         if fig is None:
             st.caption(f"No {tensor} histogram in this Run for {layer}.")
             continue
-        st.plotly_chart(fig, width="stretch", key=f"ql.hist_{tensor}")
+        st.plotly_chart(fig, width="stretch", key=state.hist_key(tensor))
         if notes:
             st.caption(" · ".join(notes))
 

@@ -1,4 +1,4 @@
-"""Compare page: two open Runs side by side — uniform results, per-layer sensitivity, frontiers.
+"""Compare: two open Runs side by side — uniform results, per-layer sensitivity, frontiers.
 
 Layers are matched by name; layers only one Run has are listed, not dropped.
 Open two Runs with ``quantlens dashboard RUN_A RUN_B`` (or a folder / bundle in the sidebar / Export page).
@@ -12,7 +12,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from analysis.api import POLICY_FORMATS
+from analysis.api import POLICY_FORMATS, match_layers
 from dashboard import state
 from dashboard.components import fmt_metric
 from dashboard.data import Loaded, frontier_frame, open_run, stamp_of
@@ -30,8 +30,8 @@ def _pick(dirs: list[str]) -> tuple[str, str]:
     other = next(i for i in range(len(dirs)) if i != active)
     labels = {i: _label(p) for i, p in enumerate(dirs)}
     a, b = st.columns(2)
-    ia = a.selectbox("Run A", list(labels), index=active, format_func=labels.get, key="ql.compare_a")
-    ib = b.selectbox("Run B", list(labels), index=other, format_func=labels.get, key="ql.compare_b")
+    ia = a.selectbox("Run A", list(labels), index=active, format_func=labels.get, key=state.COMPARE_A)
+    ib = b.selectbox("Run B", list(labels), index=other, format_func=labels.get, key=state.COMPARE_B)
     return dirs[ia], dirs[ib]
 
 
@@ -54,21 +54,6 @@ def _uniform_table(a: Loaded, b: Loaded) -> pd.DataFrame:
                          f"{a.run.meta['metric']['name']} A": [fmt_metric(x, a) for x in t["metric A"]],
                          f"{b.run.meta['metric']['name']} B": [fmt_metric(x, b) for x in t["metric B"]],
                          "size A (MB)": t["bytes A"] / 1e6, "size B (MB)": t["bytes B"] / 1e6})
-
-
-def _sensitivity(a: Loaded, b: Loaded) -> tuple[pd.DataFrame, list[str], list[str]]:
-    """Δloss per layer and format for both Runs, matched by name (A's order, then B-only layers)."""
-    na, nb = a.projector.names, b.projector.names
-    only_a, only_b = [n for n in na if n not in set(nb)], [n for n in nb if n not in set(na)]
-    out = pd.DataFrame({"layer": [*na, *only_b]})
-    out["in"] = ["A" if n in only_a else "B" if n in only_b else "both" for n in out["layer"]]
-    for tag, lo in (("A", a), ("B", b)):
-        df = lo.layers.set_index("layer")
-        for fmt in sorted(set(a.run.formats) | set(b.run.formats), reverse=True):
-            col = f"Δloss {fmt}"
-            if col in df:
-                out[f"{col} {tag}"] = df[col].reindex(out["layer"]).to_numpy()
-    return out, only_a, only_b
 
 
 def _sensitivity_chart(table: pd.DataFrame, fmt: str) -> go.Figure:
@@ -111,6 +96,7 @@ def _names(names: list[str], limit: int = 20) -> str:
 
 
 def render() -> None:
+    """The Compare page (registered in dashboard/pages.py)."""
     st.title("Compare Runs")
     dirs = state.run_dirs()
     if len(dirs) < 2:
@@ -141,8 +127,8 @@ def render() -> None:
                  column_config={c: st.column_config.NumberColumn(format="%.3f") for c in ("size A (MB)", "size B (MB)")})
 
     st.subheader("Per-layer sensitivity")
-    table, only_a, only_b = _sensitivity(a, b)
-    common = len(table) - len(only_a) - len(only_b)
+    match = match_layers(a.run, b.run)
+    table, only_a, only_b, common = match.table, match.only_a, match.only_b, match.both
     st.caption(f"{common} layer(s) in both Runs, matched by name.")
     if only_a:
         st.caption(f"Only in Run A ({len(only_a)}): {_names(only_a)}")
@@ -150,12 +136,9 @@ def render() -> None:
         st.caption(f"Only in Run B ({len(only_b)}): {_names(only_b)}")
     formats = [f for f in ("int8", "int4") if f"Δloss {f} A" in table or f"Δloss {f} B" in table]
     if common and formats:
-        fmt = st.radio("Format", formats, horizontal=True, key="ql.compare_fmt")
-        st.plotly_chart(_sensitivity_chart(table, fmt), key="ql.compare_sens")
+        fmt = st.radio("Format", formats, horizontal=True, key=state.COMPARE_FMT)
+        st.plotly_chart(_sensitivity_chart(table, fmt), key=state.COMPARE_SENS)
     st.dataframe(table, hide_index=True, width="stretch", height=min(400, 36 + 35 * len(table)))
 
     st.subheader("Frontiers")
-    st.plotly_chart(_frontier_chart(a, b), key="ql.compare_frontier")
-
-
-render()
+    st.plotly_chart(_frontier_chart(a, b), key=state.COMPARE_FRONTIER)

@@ -1,4 +1,5 @@
-"""Export & share: the policy file, a link that restores the policy, loading a policy, open Runs."""
+"""Export & share: the policy file, a link that restores the policy, loading a policy, open Runs,
+the report, the Run as a bundle, and opening a teammate's bundle."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,13 +8,12 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from analysis.api import POLICY_FORMATS, PolicyError, from_json, match_policy, policy_from_codes
+from analysis.api import (POLICY_FORMATS, BundleError, PolicyError, encode_codes, from_json, match_policy,
+                          policy_from_codes)
 from dashboard import state
 from dashboard.components import fmt_band, fmt_mb, fmt_metric, require_run
-from dashboard.data import Loaded, open_run
+from dashboard.data import Loaded, bundle_bytes, open_run, open_uploaded_bundle, report_html, stamp_of
 from dashboard.ui import verify
-
-UPLOAD_SEEN = "ql.upload_seen"
 
 
 def _share_url(lo: Loaded) -> str:
@@ -25,10 +25,10 @@ def _share_url(lo: Loaded) -> str:
 
 
 def _load_policy(lo: Loaded) -> None:
-    up = st.file_uploader("Load a policy file (JSON) to restore a state", type=["json"], key="ql.policy_upload")
-    if up is None or st.session_state.get(UPLOAD_SEEN) == up.file_id:
+    up = st.file_uploader("Load a policy file (JSON) to restore a state", type=["json"], key=state.POLICY_UPLOAD)
+    if up is None or st.session_state.get(state.POLICY_SEEN) == up.file_id:
         return
-    st.session_state[UPLOAD_SEEN] = up.file_id
+    st.session_state[state.POLICY_SEEN] = up.file_id
     try:
         policy = from_json(up.getvalue())
     except PolicyError as e:
@@ -44,9 +44,33 @@ def _load_policy(lo: Loaded) -> None:
             st.warning(msg)
 
 
+def _report_and_bundle(lo: Loaded) -> None:
+    """The report, this Run as a bundle, and opening a teammate's bundle."""
+    token, stamp, stem = encode_codes(state.codes(lo), lo.run.model_sha256), stamp_of(lo.path), Path(lo.path).name
+    st.subheader("Report and Run bundle")
+    left, right = st.columns(2)
+    left.download_button("Download report (HTML)", data=lambda: report_html(lo.path, stamp, token),
+                         file_name=f"report-{stem}.html", mime="text/html", key=state.DOWNLOAD_REPORT,
+                         icon=":material/description:")
+    left.caption("One file that opens offline in any browser, with the current policy as its chosen policy; "
+                 "readers can toggle layers in it.")
+    right.download_button("Download Run bundle (.qlrun)", data=lambda: bundle_bytes(lo.path, stamp),
+                          file_name=f"{stem}.qlrun", mime="application/zip", key=state.DOWNLOAD_BUNDLE,
+                          icon=":material/folder_zip:")
+    right.caption("The Run's tables in one zip, without model weights: a teammate opens it below.")
+    up = st.file_uploader("Open a Run bundle (.qlrun)", type=["qlrun"], key=state.BUNDLE_UPLOAD, max_upload_size=64)
+    if up is not None and st.session_state.get(state.BUNDLE_SEEN) != up.file_id:
+        st.session_state[state.BUNDLE_SEEN] = up.file_id
+        try:
+            state.add_run_dir(open_uploaded_bundle(up.getvalue(), up.name))
+        except BundleError as e:
+            st.error(f"{up.name}: not opened — {e}")
+        else:
+            st.rerun()
+
 
 def render() -> None:
-    """The page body (the script in dashboard/views/ calls it)."""
+    """The Export & share page (registered in dashboard/pages.py)."""
     lo = require_run()
     st.title("Export & share")
     _load_policy(lo)
@@ -63,7 +87,7 @@ def render() -> None:
 
     st.subheader("Policy file")
     st.download_button("Download policy JSON", policy.to_json(), file_name=f"policy-{Path(lo.path).name}.json",
-                       mime="application/json", key="ql.download", type="primary")
+                       mime="application/json", key=state.DOWNLOAD_POLICY, type="primary")
     with st.expander("Preview", expanded=False):
         st.code(policy.to_json(), language="json")
 
@@ -84,3 +108,4 @@ def render() -> None:
                          "model sha256": "—"})
     st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
     st.caption("Switch Runs in the sidebar; each Run keeps its own policy in this session.")
+    _report_and_bundle(lo)

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from analysis.api import FORMAT_CODE, POLICY_FORMATS
+from analysis.api import FORMAT_CODE, POLICY_FORMATS, fp32_for_most_sensitive, layers_of_type, with_format
 from dashboard import state
 from dashboard.components import headline, require_run
 from dashboard.data import Loaded, sensitivity_figure, stamp_of
@@ -21,11 +21,7 @@ SORTS = {
 }
 FMT_LABELS = np.array(POLICY_FORMATS, dtype=object)
 LAYER_PX, FORMAT_PX, ROW_PX = 240, 90, 35
-TIMING = "ql.fragment_ms"  # last fragment render time on the server, for the benchmark
-
-
-def _view_key(lo: Loaded) -> str:
-    return f"ql.view::{lo.path}"
+ALL, SHOWN = "all", "shown"  # bulk scopes besides a layer type; a type is chosen as ("type", name)
 
 
 def _build_view(lo: Loaded, codes: np.ndarray, text: str, types: list[str], sort: str) -> pd.DataFrame:
@@ -47,7 +43,7 @@ def _build_view(lo: Loaded, codes: np.ndarray, text: str, types: list[str], sort
 def _apply_edits(lo: Loaded, codes: np.ndarray) -> bool:
     """Apply the table's pending format edits to ``codes`` in place; True if anything changed."""
     edits = (st.session_state.get(state.editor_key(lo.path)) or {}).get("edited_rows") or {}
-    stored = st.session_state.get(_view_key(lo))
+    stored = st.session_state.get(state.view_key(lo.path))
     if not edits or stored is None:
         return False
     view = stored[1]
@@ -73,36 +69,35 @@ def _apply_edits(lo: Loaded, codes: np.ndarray) -> bool:
     return changed
 
 
+def _scope_label(scope: tuple[str, ...]) -> str:
+    return {ALL: "all layers", SHOWN: "shown layers (filter)"}.get(scope[0]) or f"all {scope[1]} layers"
+
+
 def _bulk_actions(lo: Loaded, codes: np.ndarray, shown: np.ndarray) -> np.ndarray | None:
     """Bulk controls (all rendered on every run, so none loses its state); new codes when one was used."""
     fmts = ["fp32", *lo.run.formats]
     new = None
     with st.expander("Bulk actions", expanded=False):
         a, b, c = st.columns([3, 2, 2], vertical_alignment="bottom")
-        scopes = ["all layers", "shown layers (filter)", *(f"all {t} layers" for t in lo.types)]
-        scope = a.selectbox("Layers", scopes, key="ql.bulk_scope")
-        fmt = b.selectbox("Format", fmts, key="ql.bulk_fmt", format_func=str.upper)
-        if c.button("Set", key="ql.bulk_set", width="stretch"):
-            if scope == scopes[0]:
+        scopes = [(ALL,), (SHOWN,), *(("type", t) for t in lo.types)]
+        scope = a.selectbox("Layers", scopes, key=state.BULK_SCOPE, format_func=_scope_label)
+        fmt = b.selectbox("Format", fmts, key=state.BULK_FMT, format_func=str.upper)
+        if c.button("Set", key=state.BULK_SET, width="stretch"):
+            if scope[0] == ALL:
                 sel = np.ones(len(codes), dtype=bool)
-            elif scope == scopes[1]:
-                sel = np.zeros(len(codes), dtype=bool)
-                sel[shown] = True
+            elif scope[0] == SHOWN:
+                sel = shown
             else:
-                sel = (lo.layers["type"] == scope[len("all "):-len(" layers")]).to_numpy()
-            new = codes.copy()
-            new[sel] = FORMAT_CODE[fmt]
+                sel = layers_of_type(lo.run, scope[1])
+            new = with_format(codes, sel, fmt)
         a, b, c = st.columns([3, 2, 2], vertical_alignment="bottom")
         n = a.number_input("Keep the N most sensitive layers at FP32", 0, len(codes), min(3, len(codes)),
-                           key="ql.bulk_n")
-        rest = b.selectbox("…and the rest at", lo.run.formats, key="ql.bulk_rest", format_func=str.upper)
-        if c.button("Apply", key="ql.bulk_topn", width="stretch"):
-            f = FORMAT_CODE[rest]
-            # rank by the projection's own per-layer penalty at the target format; unavailable layers stay FP32
-            delta = np.where(lo.projector.allowed[:, f], lo.projector.penalty[:, f], -np.inf)
-            new = np.full(len(codes), f, dtype=np.int8)
-            new[np.argsort(-delta, kind="stable")[: int(n)]] = 0
-        if st.button("Reset all to FP32", key="ql.bulk_reset"):
+                           key=state.BULK_N)
+        rest = b.selectbox("…and the rest at", lo.run.formats, key=state.BULK_REST, format_func=str.upper)
+        if c.button("Apply", key=state.BULK_TOPN, width="stretch"):
+            # ranked by the projection's own per-layer penalty; layers that cannot take the format stay FP32
+            new = fp32_for_most_sensitive(lo.projector, int(n), rest)
+        if st.button("Reset all to FP32", key=state.BULK_RESET):
             new = np.zeros(len(codes), dtype=np.int8)
     return new
 
@@ -117,10 +112,10 @@ def policy_editor() -> None:
     changed = _apply_edits(lo, codes)
     top = st.container()
     f1, f2, f3 = st.columns([3, 3, 3])
-    text = f1.text_input("Filter by name", key="ql.filter_text", placeholder="e.g. fc, conv, blocks.3")
-    types = f2.multiselect("Layer types", lo.types, key="ql.filter_types")
-    sort = f3.selectbox("Sort", list(SORTS), key="ql.sort")
-    stored = st.session_state.get(_view_key(lo))
+    text = f1.text_input("Filter by name", key=state.FILTER_TEXT, placeholder="e.g. fc, conv, blocks.3")
+    types = f2.multiselect("Layer types", lo.types, key=state.FILTER_TYPES)
+    sort = f3.selectbox("Sort", list(SORTS), key=state.SORT)
+    stored = st.session_state.get(state.view_key(lo.path))
     shown = stored[1].index.to_numpy() if stored is not None else np.arange(len(codes))
     new = _bulk_actions(lo, codes, shown)
     if new is not None:
@@ -132,8 +127,8 @@ def policy_editor() -> None:
         if stored is not None and stored[0][0] == sig[0]:
             state.bump_epoch(lo)  # a new filter or sort: rebuild the table under a fresh editor key
             sig = (sig[0] + 1, *sig[1:])
-        st.session_state[_view_key(lo)] = (sig, _build_view(lo, codes, text, list(types), sort))
-    view = st.session_state[_view_key(lo)][1]
+        st.session_state[state.view_key(lo.path)] = (sig, _build_view(lo, codes, text, list(types), sort))
+    view = st.session_state[state.view_key(lo.path)][1]
     if changed:
         state.sync_url(lo)
     with top:
@@ -161,12 +156,11 @@ def policy_editor() -> None:
     st.data_editor(view, key=state.editor_key(lo.path), hide_index=True, column_config=cfg, row_height=ROW_PX,
                    height=min(420, ROW_PX * (len(view) + 1) + 3),
                    disabled=[c for c in view.columns if c != "format"], width="stretch")
-    st.session_state[TIMING] = (time.perf_counter() - t0) * 1e3
-
+    st.session_state[state.FRAGMENT_MS] = (time.perf_counter() - t0) * 1e3
 
 
 def render() -> None:
-    """The page body (the script in dashboard/views/ calls it)."""
+    """The Layers page (registered in dashboard/pages.py)."""
     lo = require_run()
     st.title("Layers")
     policy_editor()

@@ -62,7 +62,7 @@ def _scatter(lo: Loaded, p) -> go.Figure:
 
 
 def render() -> None:
-    """The page body (the script in dashboard/views/ calls it)."""
+    """The Overview page (registered in dashboard/pages.py)."""
     lo = require_run()
     st.title(f"Overview — {lo.name}")
     _provenance(lo)

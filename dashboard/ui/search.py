@@ -14,13 +14,6 @@ from dashboard.components import fmt_band, fmt_mb, fmt_metric, headline, require
 from dashboard.data import MB, Loaded, coupled, frontier_frame, stamp_of
 from dashboard.ui.charts import measured_points, metric_figure
 
-LAST = "ql.search_last"  # (Run path, message kind, text): the outcome of the last search, shown after it
-
-
-def frontier_key(lo: Loaded) -> str:
-    return f"ql.frontier_on::{lo.path}"
-
-
 def _pct(lo: Loaded) -> bool:
     return lo.run.meta["metric"].get("name") in ("accuracy", "agreement")
 
@@ -38,45 +31,47 @@ def _budget_form(lo: Loaded) -> None:
     smallest = pj.other_bytes + int(np.where(pj.allowed, pj.bytes, np.iinfo(np.int64).max).min(axis=1).sum())
     lat = lo.run.meta.get("latency") or {}
     groups = coupled(lo.path, stamp_of(lo.path))
-    with st.form("ql.search_form", border=True):
+    with st.form(state.SEARCH_FORM, border=True):
         st.markdown("**Budget** — fill in one or more. With a size or latency budget the search maximises the "
                     "projected metric; with only a max drop it minimises size (or latency).")
         a, b, c = st.columns(3)
-        size = a.number_input("Max size (MB)", min_value=0.0, value=None, step=0.01, format="%.3f", key="ql.s_size",
+        size = a.number_input("Max size (MB)", min_value=0.0, value=None, step=0.01, format="%.3f",
+                              key=state.SEARCH_SIZE,
                               help=f"FP32 is {fmt_mb(pj.fp32_bytes)}; the smallest policy this Run allows is "
                                    f"{fmt_mb(smallest)}. 1 MB = 10^6 bytes.")
         latency = None
         if lo.has_latency:
             latency = b.number_input(f"Max latency ({lat.get('unit', 'ms')})", min_value=0.0, value=None, step=0.1,
-                                     format="%.3f", key="ql.s_latency",
+                                     format="%.3f", key=state.SEARCH_LATENCY,
                                      help=f"Projected from the measured per-layer latency; FP32 measured "
                                           f"{float(lat.get('fp32_ms', float('nan'))):.3f} ms.")
         else:
             b.caption("Latency: not measured in this Run, so no latency budget.")
         drop = c.number_input(_drop_label(lo), min_value=0.0, value=None, step=0.1 if _pct(lo) else 0.001,
-                              format="%.2f" if _pct(lo) else "%.4f", key="ql.s_drop")
+                              format="%.2f" if _pct(lo) else "%.4f", key=state.SEARCH_DROP)
         minimize = "size"
         if lo.has_latency:
             minimize = st.radio("With only a max drop, minimise", ["size", "latency"], horizontal=True,
-                                key="ql.s_minimize")
+                                key=state.SEARCH_MINIMIZE)
         use_groups = True
         if groups:
             use_groups = st.checkbox(f"Layers that read one tensor share a format ({len(groups)} group(s))",
-                                     value=True, key="ql.s_groups",
+                                     value=True, key=state.SEARCH_GROUPS,
                                      help="A runtime quantizes a shared input once; `quantlens search` honours "
                                           "these groups unless told --no-groups.")
         go = st.form_submit_button("Find the best policy and apply it", type="primary")
     if not go:
         return
     if size is None and latency is None and drop is None:
-        st.session_state[LAST] = (lo.path, "error", "Give a budget: a max size, a max latency or a max drop.")
+        st.session_state[state.SEARCH_LAST] = (lo.path, "error",
+                                               "Give a budget: a max size, a max latency or a max drop.")
         return
     try:
         res = best_policy(pj, max_bytes=None if size is None else size * MB, max_latency_ms=latency,
                           max_drop=None if drop is None else (drop / 100 if _pct(lo) else drop), minimize=minimize,
                           groups=groups if use_groups and groups else None)
     except SearchError as e:
-        st.session_state[LAST] = (lo.path, "error", f"No policy found: {e}. Loosen the budget.")
+        st.session_state[state.SEARCH_LAST] = (lo.path, "error", f"No policy found: {e}. Loosen the budget.")
         return
     notes = state.set_codes(lo, res.codes)
     pr = res.projection
@@ -87,7 +82,7 @@ def _budget_form(lo: Loaded) -> None:
             f"({fmt_band(pr.band, lo)}) · {fmt_mb(pr.bytes)}"
             + (f" · {pr.latency_ms:.3f} ms" if pr.latency_ms is not None else "")
             + ". The Layers table and the link follow; verify it on Export & share.")
-    st.session_state[LAST] = (lo.path, "success", text)
+    st.session_state[state.SEARCH_LAST] = (lo.path, "success", text)
     if pr.extrapolated:
         state.notice("The suggested policy lies beyond every measured point: its metric is extrapolated. "
                      "Verify it before trusting the number.")
@@ -98,19 +93,19 @@ def _budget_form(lo: Loaded) -> None:
 def _frontiers(lo: Loaded, codes: np.ndarray) -> None:
     st.subheader("Pareto frontiers")
     p = lo.projector.project(codes)
-    on = bool(st.session_state.get(frontier_key(lo)))
+    on = bool(st.session_state.get(state.frontier_key(lo.path)))
     if not on:
         st.caption(f"The frontier takes up to 40 exact solves on {len(codes)} layers; it is computed on demand and "
                    "kept for this Run version. The measured points and the current policy are drawn already.")
-        st.button("Compute the Pareto frontier", key="ql.frontier_go", icon=":material/timeline:",
-                  on_click=st.session_state.__setitem__, args=(frontier_key(lo), True))
+        st.button("Compute the Pareto frontier", key=state.FRONTIER_GO, icon=":material/timeline:",
+                  on_click=st.session_state.__setitem__, args=(state.frontier_key(lo.path), True))
     stamp = stamp_of(lo.path)
     axes = ["size", "latency"] if lo.has_latency else ["size"]
     cols = st.columns(len(axes))
     for col, axis in zip(cols, axes):
         front = frontier_frame(lo.path, stamp, axis) if on else None
         with col:
-            st.plotly_chart(metric_figure(lo, p, axis, front), key=f"ql.search_chart_{axis}", width="stretch")
+            st.plotly_chart(metric_figure(lo, p, axis, front), key=state.search_chart_key(axis), width="stretch")
             _, missing = measured_points(lo, axis)
             if axis == "latency" and missing:
                 st.caption(f"{missing} measured polic{'y has' if missing == 1 else 'ies have'} no measured "
@@ -125,17 +120,19 @@ def _frontiers(lo: Loaded, codes: np.ndarray) -> None:
 
 
 def render() -> None:
-    """The page body (the script in dashboard/views/ calls it)."""
+    """The Search page (registered in dashboard/pages.py)."""
     lo = require_run()
     st.title("Search")
     st.caption("The exact optimum of the projection (a mixed-integer program, as `quantlens search`): "
                "applied to the current policy, so the Layers table, the headline and the link follow.")
     _budget_form(lo)
-    last = st.session_state.pop(LAST, None)
+    last = st.session_state.pop(state.SEARCH_LAST, None)
     if last and last[0] == lo.path:
         (st.error if last[1] == "error" else st.success)(last[2])
     state.show_notices()
     codes = state.codes(lo)
     headline(lo, lo.projector.project(codes), codes)
-    st.page_link("views/layers.py", label="See and edit it layer by layer", icon=":material/tune:")
+    from dashboard.pages import page  # dashboard.pages imports this module
+
+    st.page_link(page("layers"), label="See and edit it layer by layer", icon=":material/tune:")
     _frontiers(lo, codes)

@@ -18,7 +18,6 @@ from dashboard import state
 from dashboard.components import fmt_band, fmt_mb, fmt_metric
 from dashboard.data import Loaded, open_run, verify_blocker, verify_jobs
 
-WATCH = "ql.verify_watch"  # id of a job this session saw running: when it ends, the whole page reruns once
 POLL_S = 0.5
 
 
@@ -57,8 +56,8 @@ def _job_panel(path: str) -> None:
         steps = " → ".join(job.steps) or "starting"
         st.info(f"Verifying in onnxruntime… {job.seconds:.0f} s · {steps}", icon=":material/hourglass_top:")
         return
-    if st.session_state.get(WATCH) == job.id:  # it ended while this session watched: redraw everything once
-        del st.session_state[WATCH]
+    if st.session_state.get(state.VERIFY_WATCH) == job.id:  # it ended while this session watched: redraw everything once
+        del st.session_state[state.VERIFY_WATCH]
         st.rerun()
     if job.error:
         st.error(f"Verify failed after {job.seconds:.1f} s: {job.error}")
@@ -88,7 +87,7 @@ def render(lo: Loaded) -> None:
     job = jobs.get(lo.path)
     running = job is not None and not job.done
     reason = verify_blocker(lo)
-    clicked = st.button("Verify (measure in onnxruntime)", key="ql.verify", icon=":material/verified:",
+    clicked = st.button("Verify (measure in onnxruntime)", key=state.VERIFY, icon=":material/verified:",
                         disabled=reason is not None or running,
                         help=reason or "Builds the current policy as a quantized ONNX model, measures its metric on "
                                        "the task's evaluation data and its latency, and stores the result in the Run.")
@@ -101,6 +100,6 @@ def render(lo: Loaded) -> None:
             st.warning(str(e))
         running = job is not None and not job.done
     if running:
-        st.session_state[WATCH] = job.id
+        st.session_state[state.VERIFY_WATCH] = job.id
     st.fragment(_job_panel, run_every=POLL_S if running else None)(lo.path)
     _comparison(lo, codes)

@@ -5,9 +5,7 @@ from pathlib import Path
 
 from streamlit.testing.v1 import AppTest
 
-from apptest_support import APP
-
-PAGE = "views/compare.py"
+from apptest_support import APP, switch_page
 
 
 def compare_app(run_dirs: list[str], a: int | None = None, b: int | None = None) -> AppTest:
@@ -16,7 +14,7 @@ def compare_app(run_dirs: list[str], a: int | None = None, b: int | None = None)
     if a is not None:
         at.session_state["ql.compare_a"], at.session_state["ql.compare_b"] = a, b
     at.run()
-    return at.switch_page(PAGE).run()
+    return switch_page(at, "compare").run()
 
 
 def texts(at) -> str:
@@ -64,7 +62,7 @@ def test_export_page_offers_report_and_bundle(syn_dir):
     at = AppTest.from_file(APP, default_timeout=60)
     at.session_state["ql.run_dirs"] = [str(Path(syn_dir).resolve())]
     at.run()
-    at.switch_page("views/export.py").run()
+    switch_page(at, "export").run()
     assert not at.exception
     labels = [b.proto.label for b in at.get("download_button")]
     assert "Download report (HTML)" in labels and "Download Run bundle (.qlrun)" in labels

@@ -14,6 +14,7 @@ from analysis.project.projection import Projector
 from analysis.store.run import load_run
 from analysis.project.search import best_policy
 from dashboard.data import verify_jobs
+from apptest_support import switch_page
 
 
 def size_bytes(at) -> int:
@@ -45,7 +46,7 @@ def test_search_applies_the_policy_and_the_headline_follows(app, syn_dir):
     token = at.query_params["p"]
     token = token if isinstance(token, str) else token[0]
     assert np.array_equal(decode_url_token(token, run).codes, want.codes)  # the link follows
-    at.switch_page("views/layers.py").run()  # and so does the table
+    switch_page(at, "layers").run()  # and so does the table
     assert not at.exception and size_bytes(at) == want.projection.bytes
     assert (at.data_editor[0].value["format"] != "fp32").sum() == int((want.codes != 0).sum())
 
@@ -82,7 +83,7 @@ def test_verify_measures_and_stores_the_current_policy(app, digits_copy):
     at = search(at, drop=2.0)
     target = codes_of(at).copy()
     assert target.any()
-    at.switch_page("views/export.py").run()
+    switch_page(at, "export").run()
     button = at.button(key="ql.verify")
     assert not button.disabled
     button.click().run()
@@ -97,7 +98,7 @@ def test_verify_measures_and_stores_the_current_policy(app, digits_copy):
     assert np.isfinite(row["metric"]) and np.isfinite(row["latency_ms"]) and row["measured_on"].startswith("onnxruntime")
     table = next(d.value for d in at.dataframe if "|measured − projected|" in d.value.columns)
     assert f"measured: {row['name']}" in table.iloc[:, 0].tolist()  # measured beside projected, from the Run on disk
-    at.switch_page("views/search.py").run()
+    switch_page(at, "search").run()
     assert not at.exception and not at.error
 
 
