@@ -9,15 +9,11 @@ from __future__ import annotations
 
 import os
 import tempfile
-import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-try:
-    import fcntl
-except ImportError:  # not POSIX: no advisory locks, writers must not overlap
-    fcntl = None
+from filelock import FileLock
 
 FILE_MODE = 0o644  # readable like any file the user writes (mkstemp alone gives 0o600)
 
@@ -48,26 +44,10 @@ def write_text_atomic(out: str | os.PathLike, text: str, *, errors: str = "stric
             f.write(text)
 
 
-_held = threading.local()  # folders this thread holds: nested calls pass through instead of deadlocking
-
-
 @contextmanager
 def folder_lock(folder: str | os.PathLike) -> Iterator[None]:
     """Exclusive advisory lock on ``folder`` (a ``.lock`` file in it), held for the block: two
     processes or threads that read, change and rewrite the same table take turns instead of
-    losing a change. Re-entrant within a thread."""
-    key = os.path.realpath(folder)
-    held = _held.__dict__.setdefault("folders", set())
-    if key in held:
+    losing a change. Re-entrant within a thread (one lock object per folder, counted per thread)."""
+    with FileLock(Path(os.path.realpath(folder)) / ".lock", is_singleton=True):
         yield
-        return
-    with open(Path(folder) / ".lock", "a") as f:
-        if fcntl is not None:
-            fcntl.flock(f, fcntl.LOCK_EX)
-        held.add(key)
-        try:
-            yield
-        finally:
-            held.discard(key)
-            if fcntl is not None:
-                fcntl.flock(f, fcntl.LOCK_UN)
