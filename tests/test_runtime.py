@@ -110,6 +110,35 @@ def test_latency_on_a_torch_run_exports_and_maps_names(digits_run, tmp_path):
     assert set(cost["layer"]) == {"conv1", "conv2", "conv3", "conv4", "fc1", "fc2", "head"}
 
 
+def test_latency_keeps_a_policies_row_a_verify_adds_while_it_runs(digits_run, tmp_path, monkeypatch):
+    """A verify merging its row between latency's read and its write of ``policies`` must not lose it."""
+    import threading
+
+    import pandas as pd
+
+    import analysis.runtime.latency as latency
+    from analysis.store.run import merge_policy_rows
+
+    run = load_run(shutil.copytree(digits_run.path, tmp_path / "run"))
+    verified = pd.DataFrame([{**run.policies.iloc[0].to_dict(), "name": "verified-1", "kind": "user", "metric": 0.5}])
+    real_replace = latency.replace_table
+    verifies = []
+
+    def replace_with_a_verify_in_between(r, name, df):
+        if name == "policies" and not verifies:  # latency holds its new table and is about to write it
+            verifies.append(threading.Thread(target=merge_policy_rows, args=(load_run(r.path), verified)))
+            verifies[0].start()
+            verifies[0].join(2.0)  # without the Run's lock it merges now and is overwritten next
+        real_replace(r, name, df)
+
+    monkeypatch.setattr(latency, "replace_table", replace_with_a_verify_in_between)
+    measure_latency(run, repeats=2, warmup=1)
+    verifies[0].join(60)
+    pol = load_run(run.path).policies.set_index("name")
+    assert "verified-1" in pol.index and pol.loc["verified-1", "metric"] == 0.5
+    assert pol.loc[["fp32", "all-int8", "all-int4"], "latency_ms"].gt(0).all()
+
+
 def test_a_policy_naming_a_missing_node_is_one_error_and_writes_nothing(run_copy, tmp_path, capsys):
     from analysis.cli.main import main
 

@@ -31,7 +31,8 @@ import onnx
 import onnxruntime as ort
 
 from analysis.runtime.onnx_quantize import QuantizedModel, layer_nodes, quantize_model
-from analysis.store.run import Run, load_run, replace_table, update_meta
+from analysis.store.atomic import folder_lock
+from analysis.store.run import Run, load_run, read_table, replace_table, update_meta
 from analysis.runtime.session import RuntimeModel, resolve_model, resolve_task
 
 PROVIDER = "CPUExecutionProvider"
@@ -224,14 +225,21 @@ def measure_latency(run: Run | str | os.PathLike, *, repeats: int = 50, warmup: 
         "pair_repeats": pair_repeats,
         "model": "exported from torch with torch.onnx" if rm.exported else "the Run's ONNX file",
     }
-    pol = run.policies.copy()
-    for i, r in pol.iterrows():
-        name = str(r["name"])
-        if r["kind"] == "baseline" and name == "fp32":
-            pol.at[i, "latency_ms"] = fp32_ms
-        elif r["kind"] == "uniform" and name.removeprefix("all-") in uniform:
-            pol.at[i, "latency_ms"] = uniform[name.removeprefix("all-")]["ms"]
     replace_table(run, "cost", cost)
-    replace_table(run, "policies", pol)
+    _store_policy_latency(run, fp32_ms, {fmt: u["ms"] for fmt, u in uniform.items()})
     update_meta(run, latency=meta)
     return meta
+
+
+def _store_policy_latency(run: Run, fp32_ms: float, uniform_ms: dict[str, float]) -> None:
+    """The fp32 and uniform rows of ``policies`` get their latency; read and rewritten under the Run's
+    lock, so a row a verify adds meanwhile (see ``merge_policy_rows``) is kept."""
+    with folder_lock(run.path):
+        pol = read_table(run, "policies")
+        for i, r in pol.iterrows():
+            name = str(r["name"])
+            if r["kind"] == "baseline" and name == "fp32":
+                pol.at[i, "latency_ms"] = fp32_ms
+            elif r["kind"] == "uniform" and name.removeprefix("all-") in uniform_ms:
+                pol.at[i, "latency_ms"] = uniform_ms[name.removeprefix("all-")]
+        replace_table(run, "policies", pol)
