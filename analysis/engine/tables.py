@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
+from analysis.engine.plan import SweepPlan
 from analysis.quant.sizes import policy_bytes
 from analysis.models.base import LayerInfo
 from analysis.quant.primitives import sqnr_db
@@ -80,3 +82,32 @@ def policies_table(baseline: dict, policy_records: dict[str, dict], policies: di
 
 def finite_or_none(x) -> float | None:
     return float(x) if x is not None and math.isfinite(x) else None
+
+
+@dataclass
+class RunTables:
+    """A sweep's tables: those known before any job runs, and the two rebuilt from the finished
+    job records (``sensitivity`` and ``policies``) each time a chunk comes back."""
+
+    plan: SweepPlan
+    formats: list[str]
+    baseline: dict
+    reaches: dict[str, bool]
+    weight_sqnr: dict[tuple[str, str], float]
+    histograms: pd.DataFrame
+    clipping: pd.DataFrame
+    cost: pd.DataFrame
+    other_bytes: int
+    measured_on: str
+
+    def build(self, done: dict[str, dict]) -> dict[str, pd.DataFrame]:
+        """Every table of the Run with the records in ``done`` (by job key); the rest are pending."""
+        plan = self.plan
+        by_layer = {(j.layer, j.format): done[j.key] for j in plan.jobs if j.is_layer and j.key in done}
+        by_policy = {j.policy_name: done[j.key] for j in plan.jobs if not j.is_layer and j.key in done}
+        return {"layers": layers_table(plan.layers, self.reaches),
+                "sensitivity": sensitivity_table(plan.layers, self.formats, plan.skip, by_layer, self.baseline,
+                                                 self.weight_sqnr),
+                "histograms": self.histograms, "clipping": self.clipping, "cost": self.cost,
+                "policies": policies_table(self.baseline, by_policy, plan.policies, self.cost, self.other_bytes,
+                                           self.measured_on, plan.kinds)}
