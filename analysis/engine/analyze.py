@@ -4,6 +4,8 @@ The Run is created (as ``partial``) as soon as the inputs are checked and the st
 tables (layers, histograms, clipping, cost) are known; each finished chunk of jobs is
 persisted at once and the sensitivity table refreshed, so a Run opened mid-sweep shows
 what is done, and ``resume=True`` after any interruption finishes without recomputing.
+Overwriting a Run, the new one replaces it only once its sweep has persisted its first
+records (``analysis.engine.runfolder``): a new Run that fails leaves the old one as it was.
 
 The steps, in order: check the options, load model and task, plan the jobs
 (``analysis.engine.plan``), open the pool, calibrate (the pool's workers start on the jobs
@@ -94,6 +96,7 @@ def sweep_to_run(model: str, task: str = "digits", out: str | Path = "runs/run",
         formats: registered format names to sweep (fp32 is always the reference).
         calib: number of calibration samples; observer: minmax | percentile | mse.
         incremental: recompute only downstream of each perturbed layer when the model traces.
+        overwrite: replace the Run at ``out``; it stays as it was if the new sweep fails before its first records.
         executor: serial | process | ray; workers: processes or Ray actors (each loads the model once).
         resume: finish an interrupted Run at ``out`` without recomputing finished jobs.
         random_policies: K random mixed policies measured whole, to calibrate and validate projections.
@@ -119,7 +122,7 @@ def sweep_to_run(model: str, task: str = "digits", out: str | Path = "runs/run",
 
     t0 = time.perf_counter()
     runner = SweepRunner(tm, t, m.name, incremental=incremental)
-    folder = RunFolder(o.out, resume=resume, overwrite=overwrite)
+    folder = RunFolder(o.out, resume=resume)
     done = folder.finished({j.key for j in plan.jobs}) if resume else {}
     todo = [j for j in plan.jobs if j.key not in done]
     n_batches = math.ceil(len(t.eval_inputs) / t.batch_size)

@@ -1,11 +1,17 @@
 """Where a sweep writes its Run and its finished job records.
 
 A new Run appears at ``out`` as soon as its static tables are known, so a Run opened mid-sweep
-shows what is done; ``--resume`` finishes the one at ``out``.
+shows what is done. Overwriting an existing Run, the new one is built in a staging folder beside
+it (``.NAME.staging-PID-*``, which ``store.run.clean_leftovers`` removes once PID is gone) and
+swapped in when the sweep has persisted its first records: until then a failure (bad input found
+late, workers that cannot load the model) or an interrupt leaves the previous Run exactly as it
+was. From the swap on, the new Run is the one at ``out`` and ``--resume`` finishes it.
 """
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -17,8 +23,10 @@ from analysis.store.run import Run, clean_leftovers, load_run, write_run
 class RunFolder:
     """The Run a sweep writes (``create``), its job records (``save``) and, after a failure, what goes (``abandon``)."""
 
-    def __init__(self, out: Path, *, resume: bool, overwrite: bool) -> None:
-        self.out, self.resume, self.overwrite = out, resume, overwrite
+    def __init__(self, out: Path, *, resume: bool) -> None:
+        self.out, self.resume = out, resume
+        self.replacing = not resume and out.is_dir() and any(out.iterdir())
+        self.stage: Path | None = None  # while replacing: the folder that holds the new Run until the swap
         self.run: Run | None = None
 
     def finished(self, keys: set[str]) -> dict[str, dict]:
@@ -30,24 +38,42 @@ class RunFolder:
 
     def create(self, meta: dict, tables: dict[str, pd.DataFrame]) -> Run:
         """The Run the sweep updates: the one at ``out`` when resuming (its metadata refreshed in memory),
-        else a new one written whole at ``out``."""
+        else a new one written whole, at ``out`` or, when it would replace a Run, staged beside it."""
         if self.resume:
             self.run = load_run(self.out)
             self.run.meta.update({k: v for k, v in meta.items() if k != "created"})
+        elif self.replacing:
+            self.stage = Path(tempfile.mkdtemp(dir=self.out.parent, prefix=f".{self.out.name}.staging-{os.getpid()}-"))
+            self.run = write_run(self.stage / self.out.name, meta, tables)
         else:
-            self.run = write_run(self.out, meta, tables, overwrite=self.overwrite)
+            self.run = write_run(self.out, meta, tables)
         return self.run
 
     def save(self, records: list[dict]) -> None:
-        """Persist finished job records (each file whole or absent)."""
+        """Persist finished job records (each file whole or absent); the first to arrive swap a staged Run in."""
         store = JobStore(self.run.path / "jobs")
         for r in records:
             store.save(r)
+        self.commit()
 
     def commit(self) -> None:
-        """Nothing to do: the Run is written at ``out`` directly."""
+        """Swap a staged Run into ``out``, in place of the previous one (a no-op when nothing is staged)."""
+        if self.stage is None:
+            return
+        old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
+        os.replace(self.out, old)
+        os.replace(self.run.path, self.out)
+        self.run.path = self.out
+        shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(self.stage, ignore_errors=True)
+        self.stage = None
+        clean_leftovers(self.out)  # staging folders of earlier writers that were killed
 
     def abandon(self, *, remove_new: bool) -> None:
-        """After a failure: a Run this sweep created goes when ``remove_new`` (bad input, no job finished)."""
-        if remove_new and not self.resume:
+        """After a failure: a staged Run goes, so the previous one stays as it was; a Run this sweep
+        created at ``out`` goes too when ``remove_new`` (bad input, no job finished): nothing half-written."""
+        if self.stage is not None:
+            shutil.rmtree(self.stage, ignore_errors=True)
+            self.stage = None
+        elif remove_new and not self.resume and not self.replacing:
             shutil.rmtree(self.out, ignore_errors=True)
