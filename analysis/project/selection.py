@@ -5,9 +5,8 @@ format code per layer in execution order (``fp32=0, int8=1, int4=2``), as everyw
 Selections say what was asked for; formats a layer cannot take are left to ``Projector.sanitize``,
 which keeps those layers at fp32 and says why.
 
-    >>> mask = layers_of_type(run, "Linear")
-    >>> codes = with_format(codes, mask, "int8")              # every Linear layer at INT8
-    >>> codes = fp32_for_most_sensitive(Projector(run), 3, "int4")  # 3 layers FP32, the rest INT4
+    >>> codes = with_format(codes, layers_of_type(run, "Linear"), "int8")  # every Linear layer at INT8
+    >>> codes = fp32_for_most_sensitive(Projector(run), 3, "int4")  # the 3 most sensitive FP32, the rest INT4
 """
 from __future__ import annotations
 
