@@ -9,6 +9,9 @@ The generator keeps the relations a real Run has: bytes follow the formats' stor
 layout exactly, INT4 hurts more than INT8, a layer whose input dimension is not a
 multiple of 32 is skipped for INT4, a few layers do not reach the output (zero
 sensitivity), and whole-model losses are slightly super-additive in the layers'.
+
+:func:`explicit_run` writes a small Run holding exactly the numbers it is given, for
+checks (search, projection, report) whose answer is worked out by hand.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ from datetime import datetime, timezone
 import numpy as np
 import pandas as pd
 
-from analysis.store.run import Run, write_run
+from analysis.store.run import TABLE_COLUMNS, Run, write_run
 
 BINS = 128
 GROUP = 32
@@ -192,4 +195,69 @@ def synthetic_run(path: str | os.PathLike, n_layers: int, seed: int = 0, *, n_ra
     }
     tables = {"layers": pd.DataFrame(layers), "sensitivity": pd.DataFrame(sens), "histograms": pd.DataFrame(hists),
               "clipping": pd.DataFrame(clip), "cost": cost_df, "policies": pd.DataFrame(policy_rows)}
+    return write_run(path, meta, tables, overwrite=overwrite)
+
+
+def explicit_run(path: str | os.PathLike, layers: dict[str, dict[str, tuple[int, float, float]]], *,
+                 baseline: tuple[float, float], measured: list[tuple[str, str, dict[str, str], float, float]] = (),
+                 other_bytes: int = 0, higher_is_better: bool = True, overwrite: bool = False) -> Run:
+    """A synthetic Run holding exactly the numbers given: for checks whose answer is worked out by hand.
+
+    Args:
+        layers: per layer, in execution order, ``{format: (bytes, loss_delta, metric)}``; ``"fp32"`` gives the
+            layer's FP32 bytes (its other two numbers are ignored). A format a layer lacks is skipped for it.
+        baseline: the FP32 model's ``(loss, metric)``.
+        measured: whole-model policies as measured: ``(name, kind, {layer: format}, loss, metric)``; a kind
+            of ``"random"`` switches the projection to its calibrated form.
+
+    Example:
+        >>> run = explicit_run("/tmp/x", {"a": {"fp32": (400, 0, 0), "int8": (100, 0.02, 0.89)}},
+        ...                    baseline=(0.3, 0.9))  # doctest: +SKIP
+    """
+    base_loss, base_metric = baseline
+    formats = [f for f in ("int8", "int4") if any(f in by_fmt for by_fmt in layers.values())]
+    rows: dict[str, list[dict]] = {t: [] for t in ("layers", "sensitivity", "cost")}
+    for i, (name, by_fmt) in enumerate(layers.items()):
+        rows["layers"].append({"name": name, "type": "Linear", "order": i, "weight_shape": "", "params": 0,
+                               "macs": 0, "in_features": 0, "out_features": 0, "reaches_output": True,
+                               "input_group": name})
+        for fmt in ("fp32", *formats):
+            if fmt in by_fmt:
+                rows["cost"].append({"layer": name, "format": fmt, "bytes": int(by_fmt[fmt][0]), "latency_ms": np.nan,
+                                     "latency_spread_ms": np.nan, "latency_source": ""})
+            if fmt == "fp32":
+                continue
+            _, delta, metric = by_fmt.get(fmt, (0, np.nan, np.nan))
+            ok = fmt in by_fmt
+            rows["sensitivity"].append({"layer": name, "format": fmt, "status": "ok" if ok else "skipped",
+                                        "reason": "" if ok else "not given", "metric": metric,
+                                        "metric_delta": metric - base_metric, "loss": base_loss + delta,
+                                        "loss_delta": delta, "kl": delta, "output_sqnr_db": np.nan,
+                                        "weight_sqnr_db": np.nan})
+
+    def size(pol: dict[str, str]) -> int:
+        return other_bytes + sum(by_fmt[pol.get(n, "fp32")][0] for n, by_fmt in layers.items())
+
+    policies = [("fp32", "baseline", {}, base_loss, base_metric), *measured]
+    policy_rows = [{"name": n, "kind": kind, "layers_json": json.dumps(pol), "metric": metric, "loss": loss,
+                    "bytes": size(pol), "latency_ms": np.nan, "measured_on": SYNTHETIC_NOTE,
+                    "projected_metric": np.nan, "projected_band": np.nan, "kl": loss - base_loss}
+                   for n, kind, pol, loss, metric in policies]
+    fp32_bytes = size({})
+    sha = hashlib.sha256(json.dumps([layers, baseline, list(measured)], sort_keys=True).encode()).hexdigest()
+    meta = {
+        "status": "complete", "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "synthetic": True,
+        "model": {"name": f"synthetic:{len(layers)}", "kind": "torch", "source": SYNTHETIC_NOTE, "sha256": sha,
+                  "params": 0, "fp32_bytes": fp32_bytes, "other_bytes": other_bytes},
+        "data": {"task": "synthetic", "source": SYNTHETIC_NOTE, "n_calib": 0, "n_eval": 0},
+        "metric": {"name": "accuracy" if higher_is_better else "error", "higher_is_better": higher_is_better,
+                   "loss": "cross_entropy", "unit": "fraction"},
+        "formats": formats, "format_specs": {},
+        "baseline": {"metric": base_metric, "loss": base_loss, "bytes": fp32_bytes},
+        "uniform": {}, "sweep": {"path": "synthetic", "jobs": len(rows["sensitivity"]), "seconds": 0.0},
+        "versions": {}, "seed": 0, "cpu": {},
+    }
+    empty = {t: pd.DataFrame(columns=TABLE_COLUMNS[t]) for t in ("histograms", "clipping")}
+    tables = {"layers": pd.DataFrame(rows["layers"]), "sensitivity": pd.DataFrame(rows["sensitivity"]),
+              "cost": pd.DataFrame(rows["cost"]), "policies": pd.DataFrame(policy_rows), **empty}
     return write_run(path, meta, tables, overwrite=overwrite)
