@@ -46,6 +46,25 @@ def mlp_graph(*, opset: int = 17, batch: int | str = "N", constant_weight: bool 
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=7)
 
 
+def residual_mlp_graph(width: int = 256, blocks: int = 12, classes: int = 10) -> onnx.ModelProto:
+    """x -> ``blocks`` x (h + Relu(MatMul(h, W_i))) -> Gemm(head) -> y, seeded: a sweep of 2 x (blocks + 1) layer
+    jobs on a thousand samples lasts a few seconds (long enough to be interrupted)."""
+    rng = np.random.default_rng(2)
+    nodes, inits, h = [], [], "x"
+    for i in range(blocks):
+        inits.append(numpy_helper.from_array(rng.normal(0, 0.5 / np.sqrt(width), (width, width)).astype(np.float32), f"W{i}"))
+        nodes += [helper.make_node("MatMul", [h, f"W{i}"], [f"m{i}"], name=f"block{i}/mm"),
+                  helper.make_node("Relu", [f"m{i}"], [f"r{i}"], name=f"block{i}/relu"),
+                  helper.make_node("Add", [h, f"r{i}"], [f"h{i}"], name=f"block{i}/add")]
+        h = f"h{i}"
+    inits += [numpy_helper.from_array(rng.normal(0, 0.1, (classes, width)).astype(np.float32), "Wh"),
+              numpy_helper.from_array(np.zeros(classes, np.float32), "bh")]
+    nodes.append(helper.make_node("Gemm", [h, "Wh", "bh"], ["y"], name="head", transB=1))
+    graph = helper.make_graph(nodes, "residual_mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", width])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", classes])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
 def mlp_data(folder: Path, n: int = 96, d_in: int = 64) -> Path:
     x = np.random.default_rng(1).normal(0, 1, (n, d_in)).astype(np.float32)
     np.savez(folder / "mlp.npz", inputs=x)
