@@ -103,3 +103,11 @@ def test_onnx_sweep_shows_a_progress_bar_on_stderr(small, tmp_path, capsys):
     analyze(*small, tmp_path / "quiet", **QUIET)
     assert capsys.readouterr().err == ""
 
+
+def test_weights_for_an_onnx_model_is_bad_input_not_ignored(small, tmp_path):
+    from analysis.errors import InputError
+
+    (tmp_path / "w.safetensors").write_bytes(b"")
+    with pytest.raises(InputError, match=r"--weights .*w\.safetensors.*mlp\.onnx"):
+        analyze(*small, tmp_path / "r", weights=str(tmp_path / "w.safetensors"), **QUIET)
+    assert not (tmp_path / "r").exists()

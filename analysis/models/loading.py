@@ -116,6 +116,9 @@ def load_model(spec: str, example: torch.Tensor, *, weights: str | Path | None =
     if Path(spec).suffix.lower() == ".onnx":
         if not Path(spec).is_file():
             raise ModelError(f"{spec}: no such file")
+        if weights is not None:
+            raise ModelError(f"--weights {weights}: applies to 'package.module:factory' models; {spec} is an ONNX "
+                             f"file that holds its own weights")
         from analysis.models.onnx_model import load_onnx_model
 
         return load_onnx_model(spec, example, source_hint=source_hint)
