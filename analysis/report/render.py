@@ -221,7 +221,7 @@ def _body(c: ReportContent, generated: str) -> str:
 {_table(["policy", name, _e(m['metric'].get('loss', 'loss')), "size MB", "layers kept FP32"], uni, num={1, 2, 3})}
 <h2>Chosen policy — toggle layers to see the projection change</h2>
 <p class="sub">Chosen: {_e(c.chosen_label)}. Projected numbers are recomputed here with the formula of
-<code>analysis/projection.py</code>; ± is the largest error on measured whole-model policies.</p>
+<code>analysis/project/projection.py</code>; ± is the largest error on measured whole-model policies.</p>
 <div class="cards">
  <div class="card"><div class="label">Projected {name}</div><div class="value" id="ql-metric">{fmt_metric(pj.metric, run)}</div>
   <div class="note" id="ql-band">{_e(fmt_band(pj.band, run))}</div><div class="note" id="ql-delta"></div>
