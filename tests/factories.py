@@ -54,6 +54,48 @@ def inplace_after_use() -> nn.Module:
     return InPlaceAfterUse()
 
 
+class InPlaceAfterLast(TinyMLP):
+    """After the last layer, scales fc2's activation in place and reads it again: ``out`` has read it
+    already, so a recomputation that starts at ``out`` would see it stale (one starting at fc2 would not)."""
+
+    def forward(self, x):
+        x = x.reshape(x.shape[0], -1)
+        g = F.relu(self.fc2(F.relu(self.fc1(x))))
+        y = self.out(g)
+        g.mul_(0.5)
+        return y + g[:, :10]
+
+
+def inplace_after_last() -> nn.Module:
+    return InPlaceAfterLast()
+
+
+class InplaceResidual(nn.Module):
+    """A ResNet-style block: ``out += identity`` where the identity branch holds a layer (``down``), then
+    in-place ReLUs; nothing reads ``out`` as it was before the addition."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(4)
+        self.fc1 = nn.Linear(64, 64)
+        self.fc2 = nn.Linear(64, 32)
+        self.down = nn.Linear(64, 32)
+        self.relu = nn.ReLU(inplace=True)
+        self.out = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = self.relu(self.fc1(x.reshape(x.shape[0], -1)))
+        identity = self.down(x)
+        out = self.fc2(x)
+        out += identity
+        out = F.relu(out, inplace=True)
+        return self.out(out)
+
+
+def inplace_residual() -> nn.Module:
+    return InplaceResidual()
+
+
 class DeadBranch(TinyMLP):
     """`unused` runs but its output never reaches the model's output."""
 

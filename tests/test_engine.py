@@ -1,5 +1,6 @@
 """The torch adapter, the sweep paths and the size model."""
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -94,6 +95,21 @@ def test_in_place_mutation_is_caught_by_the_probe_and_falls_back():
     full = run_sweep(tm, task, "accuracy", jobs, {}, incremental=False)
     for job in jobs:
         assert res.jobs[job].state.result() == full.jobs[job].state.result()
+
+
+def test_residual_add_in_place_stays_incremental_and_equals_full_forward_exactly(tmp_path):
+    """``out += identity`` with a layer on the identity branch: the add writes into a copy, so cached values hold."""
+    from analysis import analyze
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "x.npz", inputs=rng.normal(size=(160, 64)).astype(np.float32), labels=rng.integers(0, 10, 160))
+    args = dict(progress=False, latency=False)
+    inc = analyze("factories:inplace_residual", str(tmp_path / "x.npz"), tmp_path / "inc", **args)
+    full = analyze("factories:inplace_residual", str(tmp_path / "x.npz"), tmp_path / "full", incremental=False, **args)
+    assert inc.meta["sweep"]["path"] == INCREMENTAL and full.meta["sweep"]["path"] == FULL_FORWARD
+    assert set(inc.layers.name) == {"fc1", "down", "fc2", "out"} and inc.layers.reaches_output.all()
+    pd.testing.assert_frame_equal(inc.sensitivity, full.sensitivity, check_exact=True)
+    pd.testing.assert_frame_equal(inc.policies, full.policies, check_exact=True)
 
 
 @pytest.mark.parametrize("factory", [factories.dead_branch, lambda: factories.Untraceable()])

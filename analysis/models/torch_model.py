@@ -195,7 +195,9 @@ class TorchModel:
     def forward(self, x: torch.Tensor, capture=()) -> tuple[object, dict[str, torch.Tensor]]:
         """The output for a batch under the policy applied now, and the outputs of the ``capture`` layers."""
         outs: dict[str, torch.Tensor] = {}
-        hooks = [self.modules[n].register_forward_hook(lambda m, i, o, n=n: outs.__setitem__(n, o)) for n in capture]
+        # a copy: a later in-place op (``out += identity``) would otherwise change the captured output
+        hooks = [self.modules[n].register_forward_hook(lambda m, i, o, n=n: outs.__setitem__(n, o.clone()))
+                 for n in capture]
         try:
             y = self.module(x)
         finally:
