@@ -1,4 +1,6 @@
 """The torch adapter, the sweep paths and the size model."""
+from unittest import mock
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -7,6 +9,7 @@ import torch
 from analysis.quant.sizes import layer_bytes
 from analysis.quant.formats import INT4, INT8, FP32, get_format
 from analysis.models.base import LayerInfo
+from analysis.models.torch_graph import TracedGraph
 from analysis.models.torch_model import TorchModel
 from analysis.engine.stats import calibrate, collect_activation_stats
 from analysis.engine.sweep import FULL_FORWARD, INCREMENTAL, run_sweep
@@ -86,15 +89,60 @@ def test_untraceable_model_falls_back_and_says_why():
     assert res.path == FULL_FORWARD and "trace" in res.path_reason
 
 
-def test_in_place_mutation_is_caught_by_the_probe_and_falls_back():
+@pytest.mark.parametrize("factory, node", [(factories.inplace_after_use, "fc1"), (factories.inplace_after_last, "relu_1")],
+                         ids=["after-first-layer", "after-last-layer"])
+def test_in_place_op_whose_tensor_is_read_again_falls_back_and_says_why(factory, node):
     task = _task()
-    tm = _prepared(factories.inplace_after_use(), task)
+    tm = _prepared(factory(), task)
     jobs = [("fc1", "int8"), ("fc2", "int8"), ("out", "int4")]
-    res = run_sweep(tm, task, "accuracy", jobs, {}, incremental=True)  # probes fc2, whose input goes stale
-    assert res.path == FULL_FORWARD and "in-place" in res.path_reason
+    res = run_sweep(tm, task, "accuracy", jobs, {}, incremental=True)
+    assert res.path == FULL_FORWARD
+    assert f"in-place operation 'mul_' modifies '{node}'" in res.path_reason and "trace" not in res.path_reason
     full = run_sweep(tm, task, "accuracy", jobs, {}, incremental=False)
     for job in jobs:
         assert res.jobs[job].state.result() == full.jobs[job].state.result()
+
+
+def _unguarded():
+    """TracedGraph as it was before it looked for in-place nodes: it neither copies nor refuses them."""
+    return mock.patch.object(TracedGraph, "_copyable_inplace", lambda self: set())
+
+
+def _old_middle_layer_probe(tm: TorchModel, x: torch.Tensor) -> bool:
+    """The check the incremental path once had: perturb the middle layer only and compare outputs.
+    True when it would have let the incremental path through."""
+    names = [info.name for info in tm.layers()]
+    probe = names[len(names) // 2]
+    with _unguarded(), tm.no_inplace(), torch.no_grad():
+        graph = TracedGraph(tm.module, names)
+        env = graph.forward_all(x)
+        w = tm.modules[probe].weight
+        saved = w.data
+        w.data = saved + 0.05 * saved.abs().mean() * torch.sign(saved)
+        try:
+            y_inc, _ = graph.rerun_from(env, probe, x)
+            y_full = tm.module(x)
+        finally:
+            w.data = saved
+    return torch.allclose(y_inc, y_full, rtol=1e-5, atol=1e-6)
+
+
+def test_every_layer_check_catches_what_the_middle_layer_probe_missed():
+    task = _task()
+    x = torch.from_numpy(task.eval_inputs[:2])
+    first, last = _prepared(factories.inplace_after_use(), task), _prepared(factories.inplace_after_last(), task)
+    assert not _old_middle_layer_probe(first, x)  # fc2 reads fc1's stale output: caught
+    assert _old_middle_layer_probe(last, x)  # recomputing from fc2 redoes the in-place op on a fresh tensor: missed
+    with _unguarded():
+        recompute, reason = last.incremental(x)  # without the graph's own refusal, perturbing every layer finds it
+        assert recompute is None and "after layer 'out'" in reason
+        graph = TracedGraph(last.module, ["fc1", "fc2", "out"])
+        with last.evaluating():
+            env = graph.forward_all(x)
+            with last.quantized({"out": "int4"}):
+                y_inc, _ = graph.rerun_from(env, "out", x)
+                y_full = last.module(x)
+    assert not torch.allclose(y_inc, y_full)  # what the old probe let through measured another model
 
 
 def test_residual_add_in_place_stays_incremental_and_equals_full_forward_exactly(tmp_path):

@@ -15,7 +15,7 @@ from torch import nn
 
 from analysis.quant.formats import QuantFormat, get_format
 from analysis.models.base import LayerInfo, ModelError
-from analysis.models.torch_graph import TracedGraph
+from analysis.models.torch_graph import InplaceError, TracedGraph
 from analysis.quant.act import ActivationStats, ActQuant
 from analysis.quant.primitives import HIST_BINS, RangeObserver, StreamingHistogram, fake_quantize_weight, group_size_error
 
@@ -230,6 +230,8 @@ class TorchModel:
         with self.no_inplace(), torch.no_grad():
             try:
                 graph = TracedGraph(self.module, names)
+            except InplaceError as e:
+                return None, f"{e}: cached values cannot be reused"
             except Exception as e:  # fx raises many types for untraceable code
                 return None, f"torch.fx could not trace the model ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
             env = graph.forward_all(x)
