@@ -2,7 +2,7 @@
 // QuantLens report: in-page what-if. No framework, no network; every Run string reaches the
 // page through textContent or Plotly text already escaped by analysis/report/render.py and figures.py.
 
-// ---- The projection: the same formula as analysis/project/projection.py-----------------------------
+// ---- The projection: the same formula as analysis/project/projection.py ---------------------
 // The arrays come from analysis.report.render.projection_model(); keep the two in step.
 //   s      = offset + scale * sum_i penalty[i][code_i]
 //            (v2: offset 0, scale a, penalty per analysis/project/calibration.py; v1: baseline loss, 1, Δloss)
