@@ -52,6 +52,25 @@ def test_ray_local_cluster_matches_serial_and_retries_a_dead_actor(data, serial_
     _same(run.path, serial_run.path)
 
 
+@pytest.mark.slow
+def test_ray_worker_that_loads_another_model_stops_the_sweep_with_the_reason(data, monkeypatch):
+    """A constructor that raises is not restarted by Ray: the sweep stops at once and says why."""
+    pytest.importorskip("ray")
+    from analysis.engine.executors import ExecutorError, RayPool, WorkerSpec
+    from analysis.engine.sweep import Job
+
+    monkeypatch.setenv("RAY_memory_monitor_refresh_ms", "0")
+    spec = WorkerSpec(model="factories:tiny_mlp", weights=None, task=data, task_metric=None, calib=None, seed=0,
+                      metric_name="accuracy", model_sha256="0" * 64, formats=[], incremental=False)
+    pool = RayPool(spec, 1)
+    try:
+        pool.submit([Job("k", policy_name="p", policy=())], [])
+        with pytest.raises(ExecutorError, match=r"stopped for good \(.*expected 000000000000"):
+            list(pool.results())
+    finally:
+        pool.close()
+
+
 def test_unknown_executor_is_bad_input(data, tmp_path):
     from analysis.api import AnalysisError
 

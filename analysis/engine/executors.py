@@ -5,7 +5,8 @@ plain-data ``WorkerSpec``) and start on the jobs that need no calibration (weigh
 formats) while the parent measures activation ranges; chunks that quantize activations
 carry the calibrated ranges with them. Results come back as plain records, in the order
 chunks finish, and the caller persists each chunk as it arrives. A worker that dies has
-its unfinished chunks retried on a fresh worker, up to ``RETRIES`` times.
+its unfinished chunks retried on a fresh worker, up to ``RETRIES`` times (Ray does this
+itself for its actors: a chunk is a pure function of its jobs, so running it twice is safe).
 """
 from __future__ import annotations
 
@@ -212,16 +213,17 @@ class RayPool:
             raise ValueError("--executor ray: Ray is not installed (pip install 'quantlens[ray]')") from None
         from ray.exceptions import OutOfMemoryError, RayActorError, WorkerCrashedError
 
-        self.ray, self.spec, self.failures = ray, spec, 0
-        self.dead_worker = (RayActorError, WorkerCrashedError, OutOfMemoryError)  # retry the chunk elsewhere
+        self.ray = ray
+        self.dead_worker = (RayActorError, WorkerCrashedError, OutOfMemoryError)  # after Ray's own retries
         self.started_here = not ray.is_initialized()
         if self.started_here:
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")
             kwargs = {"address": address} if address else {"num_cpus": workers, "include_dashboard": False}
             ray.init(log_to_driver=False, configure_logging=False,
                      runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(spec.sys_path)}}, **kwargs)
-        self.actor_cls = ray.remote(num_cpus=1, max_restarts=0)(_RayWorker)
-        self.actors = [self.actor_cls.remote(spec) for _ in range(workers)]  # they load while the parent works
+        # a dead actor is restarted (its constructor reloads the model) and its unfinished chunks rerun there
+        actor_cls = ray.remote(num_cpus=1, max_restarts=RETRIES, max_task_retries=RETRIES)(_RayWorker)
+        self.actors = [actor_cls.remote(spec) for _ in range(workers)]  # they load while the parent works
         self.queue: list[dict] = []
         self.pending: dict = {}  # object ref -> (actor, payload)
 
@@ -241,24 +243,15 @@ class RayPool:
         self._dispatch()
         while self.pending:
             ready, _ = self.ray.wait(list(self.pending), num_returns=1)
-            actor, payload = self.pending.pop(ready[0])
+            self.pending.pop(ready[0])
             try:
                 records = self.ray.get(ready[0])
-            except self.dead_worker:
-                self._replace(actor, payload)
-            else:
-                yield records
+            except self.dead_worker as e:  # restarts used up, or a constructor that raised (never restarted)
+                why = next((line.strip() for line in reversed(str(e).splitlines()) if line.strip()), type(e).__name__)
+                raise ExecutorError(f"a Ray worker stopped for good ({why[:300]}); finished jobs are saved, "
+                                    f"resume with --resume") from e
+            yield records
             self._dispatch()
-
-    def _replace(self, actor, payload: dict) -> None:
-        """``actor`` died: its in-flight chunks go back to the queue, a fresh actor takes its place."""
-        self.failures += 1
-        if self.failures > RETRIES:
-            raise ExecutorError(f"Ray workers died {self.failures} times; finished jobs are saved, resume with --resume")
-        lost = [payload] + [p for ref, (a, p) in list(self.pending.items()) if a is actor]
-        self.pending = {ref: (a, p) for ref, (a, p) in self.pending.items() if a is not actor}
-        self.queue[:0] = lost
-        self.actors[self.actors.index(actor)] = self.actor_cls.remote(self.spec)
 
     def close(self) -> None:
         if self.started_here:
