@@ -36,7 +36,7 @@ jobs = plan_jobs({}, [(l.name, "int4") for l in tm.layers()[-12:]], {})
 fwd, sweep = [], []
 with torch.no_grad():
     for _ in range(int(sys.argv[2])):
-        t0 = time.perf_counter(); env = runner.graph.forward_all(x); fwd.append(time.perf_counter() - t0); del env
+        t0 = time.perf_counter(); env = runner.recompute.forward_all(x); fwd.append(time.perf_counter() - t0); del env
         t0 = time.perf_counter(); runner.run(jobs); sweep.append(time.perf_counter() - t0)
 print(json.dumps({"forward_all": statistics.median(fwd), "jobs": statistics.median(sweep)}))
 """

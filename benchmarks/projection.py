@@ -18,7 +18,7 @@ import numpy as np
 from scipy.stats import spearmanr
 
 from analysis import analyze, load_run
-from analysis.api import random_mixed_policies
+from analysis.engine.plan import random_mixed_policies
 from analysis.store.policy import FORMAT_CODE
 from analysis.project.projection import Projector
 from analysis.engine.remeasure import measure_policies
