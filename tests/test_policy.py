@@ -95,7 +95,7 @@ def test_url_token_with_a_short_or_long_hash_prefix_is_refused(run, prefix):
 
 @pytest.mark.parametrize("token, part", [
     ("q1.abc.3", "4 dot-separated"), ("q9.abc.3.JA", "version"), ("q1.abc.x.JA", "layer count"),
-    ("q1.abc.3.J*A", "base64url"), ("q1.abc.9.JA", "bytes of codes"), ("q1.abc.1.Aw", "names no format"),
+    ("q1.abc.3.J*A", "base64url"), ("q1.abc.9.JA", "bytes of codes"),
 ])
 def test_bad_tokens(token, part):
     with pytest.raises(PolicyError, match=part):
@@ -103,7 +103,7 @@ def test_bad_tokens(token, part):
 
 
 @settings(derandomize=True, max_examples=200, deadline=None)
-@given(st.lists(st.integers(0, 2), min_size=0, max_size=1100), st.text("0123456789abcdef", min_size=12, max_size=64))
+@given(st.lists(st.integers(0, 3), min_size=0, max_size=1100), st.text("0123456789abcdef", min_size=12, max_size=64))
 def test_codes_round_trip_exactly(codes, sha):
     token = encode_codes(codes, sha)
     assert set(token) <= set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")

@@ -23,7 +23,7 @@ def _add_search(sub) -> None:
 
 def _cmd_search(args) -> int:
     from analysis.store.atomic import write_text_atomic
-    from analysis.store.policy import policy_from_codes
+    from analysis.store.policy import FORMAT_CODE, policy_from_codes
     from analysis.project.projection import Projector
     from analysis.store.run import load_run
     from analysis.project.groups import coupled_groups
@@ -47,7 +47,7 @@ def _cmd_search(args) -> int:
     pr = res.projection
     m = run.meta["metric"]["name"]
     band = f" ± {pr.band:.4f}" if pr.band is not None else " (error unknown: no measured policy to validate against)"
-    counts = {f: int((res.codes == c).sum()) for c, f in enumerate(("fp32", "int8", "int4"))}
+    counts = {f: int((res.codes == FORMAT_CODE[f]).sum()) for f in p.formats}
     lat = f", latency {pr.latency_ms:.3f} ms" if pr.latency_ms is not None else ""
     print(f"projected {m} {pr.metric:.4f}{band} (fp32 {run.meta['baseline']['metric']:.4f}); size "
           f"{pr.bytes / 1e6:.3f} MB ({pr.size_ratio:.2f}x smaller){lat}; layers: "

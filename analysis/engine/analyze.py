@@ -207,7 +207,7 @@ def _calibrate(o: SweepOptions, runner: SweepRunner, fmts: list[QuantFormat], to
     """Activation statistics, and the calibrated ranges set on the model. A pool gets the jobs that need no
     ranges (weight-only formats) first, so its workers measure meanwhile, and the rest, with the ranges, after."""
     cut = _chunker(o, runner, todo)
-    uses_ranges = {f.name for f in fmts if f.activation is not None}
+    uses_ranges = {f.name for f in fmts if f.activation is not None and not f.activation.dynamic}
     needs = {j.key for j in todo if j.format in uses_ranges or any(fn in uses_ranges for _, fn in j.policy or ())}
     if pool is not None:
         for chunk in cut([j for j in todo if j.key not in needs]):

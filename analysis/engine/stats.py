@@ -20,11 +20,12 @@ STORED_BINS = 128  # bins kept in the Run (the 2048 fine bins are summed in grou
 
 
 def calibrate(model, stats: ActivationStats, formats: list[QuantFormat]) -> None:
-    """Fill ``model.act_quant`` for every layer and every format that quantizes activations."""
+    """Fill ``model.act_quant`` for every layer and every format that quantizes activations from a
+    calibrated range (dynamic formats take theirs from each tensor at run time)."""
     for info in model.layers():
         key = (info.name, "input")
         for fmt in formats:
-            if fmt.activation is None:
+            if fmt.activation is None or fmt.activation.dynamic:
                 continue
             a = fmt.activation
             lo, hi = activation_range(a.observer, stats.ranges[key], stats.hists[key], a.bits, a.symmetric)
@@ -48,7 +49,8 @@ def _activation_sqnr(h: StreamingHistogram, aq: ActQuant) -> float:
 
 
 def statistics_tables(model, stats: ActivationStats, formats: list[QuantFormat]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The ``histograms`` and ``clipping`` tables of a Run."""
+    """The ``histograms`` and ``clipping`` tables of a Run (no input row for dynamic formats: nothing is clipped
+    to a calibrated range)."""
     hist_rows, clip_rows = [], []
     for info in model.layers():
         W = model.weight(info.name)
@@ -64,7 +66,7 @@ def statistics_tables(model, stats: ActivationStats, formats: list[QuantFormat])
                                   "clip_lo": float(Wq.min()), "clip_hi": float(Wq.max()),
                                   "clipped_fraction": 0.0,  # min-max weight ranges never clip
                                   "sqnr_db": weight_sqnr(W, Wq)})
-            if fmt.activation is not None:
+            if fmt.activation is not None and not fmt.activation.dynamic:
                 aq = model.act_quant[(info.name, fmt.name)]
                 h = stats.hists[(info.name, "input")]
                 qmin, qmax = qrange(fmt.activation.bits, fmt.activation.symmetric)

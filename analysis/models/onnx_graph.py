@@ -26,6 +26,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from analysis.models.base import ModelError
+from analysis.quant.formats import DYNAMIC_CONV_REASON
 
 MIN_OPSET = 13  # per-channel QuantizeLinear/DequantizeLinear (axis) arrived in opset 13
 OLDEST_OPSET = 11
@@ -173,6 +174,16 @@ class OnnxLayer:
     bias: str | None
     input: str
     output: str
+
+
+def dynamic_skip_reason(node: onnx.NodeProto) -> str | None:
+    """Why onnxruntime's dynamic int8 (``MatMulInteger``, which ``quantize_dynamic`` builds for MatMul only)
+    cannot run a layer node, or None: a Gemm must be plain enough to be rewritten as MatMul [+ Add]."""
+    if node.op_type == "Conv":
+        return DYNAMIC_CONV_REASON
+    if node.op_type == "Gemm" and (_attr(node, "transA", 0) or _attr(node, "alpha", 1.0) != 1.0):
+        return "dynamic int8 runs a Gemm as MatMul + Add, which needs alpha=1 and no transA"
+    return None
 
 
 def find_layers(model: onnx.ModelProto) -> list[OnnxLayer]:

@@ -5,7 +5,10 @@ becomes a graph input (fed either the FP32 weight or its fake-quantized copy), a
 layer's input passes through ``QuantizeLinear -> DequantizeLinear`` with a calibrated
 scale and zero point, selected by a per-layer switch (``Where``). That is how the
 runtime quantizes an activation, so the sweep sees the rounding and clipping it will
-see. Layer inputs and outputs are also graph outputs, for statistics and output SQNR.
+see. MatMul and Gemm layers also get ``DynamicQuantizeLinear -> DequantizeLinear``
+behind a second switch, for dynamic formats: the very operator the runtime runs, with
+its range taken from each tensor fed. Layer inputs and outputs are also graph outputs,
+for statistics and output SQNR.
 """
 from __future__ import annotations
 
@@ -20,8 +23,8 @@ from onnx import TensorProto, helper
 
 from analysis.quant.formats import QuantFormat, get_format
 from analysis.models.base import LayerInfo, ModelError
-from analysis.models.onnx_graph import (InputBinding, OnnxLayer, bind_input, downstream_tensors, find_layers,
-                                        initializer_array, load_onnx, shared_weights)
+from analysis.models.onnx_graph import (InputBinding, OnnxLayer, bind_input, downstream_tensors, dynamic_skip_reason,
+                                        find_layers, initializer_array, load_onnx, shared_weights)
 from analysis.quant.act import ActivationStats, ActQuant
 from analysis.quant.primitives import HIST_BINS, RangeObserver, StreamingHistogram, fake_quantize_weight, group_size_error
 
@@ -38,7 +41,8 @@ def session_options(threads: int = 1, level=ort.GraphOptimizationLevel.ORT_ENABL
 
 
 def probe_graph(model: onnx.ModelProto, layers: list[OnnxLayer]) -> tuple[onnx.ModelProto, dict[str, dict[str, str]]]:
-    """The probe model and, per layer, the names of its feeds (weight, switch, scale, zero)."""
+    """The probe model and, per layer, the names of its feeds (weight, switch, scale, zero, and for
+    layers dynamic formats can run, the dynamic switch ``dyn``)."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
     g = m.graph
@@ -53,6 +57,16 @@ def probe_graph(model: onnx.ModelProto, layers: list[OnnxLayer]) -> tuple[onnx.M
             nodes += [helper.make_node("QuantizeLinear", [l.input, f["scale"], f["zero"]], [qa], name=f"{PROBE}/Q/{i}"),
                       helper.make_node("DequantizeLinear", [qa, f["scale"], f["zero"]], [dqa], name=f"{PROBE}/DQ/{i}"),
                       helper.make_node("Where", [f["on"], dqa, l.input], [xa], name=f"{PROBE}/Where/{i}")]
+            if dynamic_skip_reason(node) is None:
+                f["dyn"] = f"{PROBE}/dyn/{i}"
+                dq = [f"{PROBE}/dynq/{i}/{k}" for k in ("q", "scale", "zero")]
+                xd = f"{PROBE}/xd/{i}"
+                nodes += [helper.make_node("DynamicQuantizeLinear", [l.input], dq, name=f"{PROBE}/DynQ/{i}"),
+                          helper.make_node("DequantizeLinear", dq, [f"{PROBE}/dyndq/{i}"], name=f"{PROBE}/DynDQ/{i}"),
+                          helper.make_node("Where", [f["dyn"], f"{PROBE}/dyndq/{i}", xa], [xd],
+                                           name=f"{PROBE}/DynWhere/{i}")]
+                g.input.append(helper.make_tensor_value_info(f["dyn"], TensorProto.BOOL, []))
+                xa = xd
             node.input[0], node.input[1] = xa, f["w"]
             feeds[l.name] = f
             w = initializer_array(model, l.weight)
@@ -114,6 +128,8 @@ class OnnxModel:
             f = self.feeds[l.name]
             self._base_feed.update({f["w"]: self._weights[l.name], f["on"]: np.array(False),
                                     f["scale"]: np.array(1.0, np.float32), f["zero"]: np.array(0, np.uint8)})
+            if "dyn" in f:
+                self._base_feed[f["dyn"]] = np.array(False)
         self._layers = self._discover(example)
 
     # ---- running -------------------------------------------------------------------------------
@@ -126,7 +142,9 @@ class OnnxModel:
             f = self.feeds[name]
             if fmt.weight is not None:
                 feed[f["w"]] = self._fake_stored(name, fmt)
-            if fmt.activation is not None:
+            if fmt.is_dynamic:
+                feed[f["dyn"]] = np.array(True)
+            elif fmt.activation is not None:
                 aq = self.act_quant[(name, fmt.name)]
                 feed[f["on"]] = np.array(True)
                 feed[f["scale"]] = np.array(float(aq.scale), np.float32)
@@ -201,6 +219,8 @@ class OnnxModel:
         raise KeyError(f"unknown layer '{name}'")
 
     def skip_reason(self, name: str, fmt: QuantFormat) -> str | None:
+        if fmt.is_dynamic and (why := dynamic_skip_reason(self.model.graph.node[self.by_name[name].index])):
+            return why
         if fmt.weight is None:
             return None
         return group_size_error(self.layer(name).weight_shape, fmt.weight)

@@ -2,8 +2,9 @@
 
 A policy is applied in place and undone on exit: each quantized layer's weight is
 swapped for its fake-quantized copy (cached, computed once per layer and format), and
-formats that quantize activations get a forward pre-hook on the layer's input. The
-model is never deep-copied.
+formats that quantize activations get a forward pre-hook on the layer's input: a calibrated
+quantizer, or for dynamic formats one from each input tensor's own range, per call (what
+onnxruntime's ``DynamicQuantizeLinear`` does). The model is never deep-copied.
 """
 from __future__ import annotations
 
@@ -13,10 +14,10 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from analysis.quant.formats import QuantFormat, get_format
+from analysis.quant.formats import DYNAMIC_CONV_REASON, QuantFormat, get_format
 from analysis.models.base import LayerInfo, ModelError
 from analysis.models.torch_graph import InplaceError, TracedGraph
-from analysis.quant.act import ActivationStats, ActQuant
+from analysis.quant.act import ActivationStats, ActQuant, fake_quantize_dynamic
 from analysis.quant.primitives import HIST_BINS, RangeObserver, StreamingHistogram, fake_quantize_weight, group_size_error
 
 QUANTIZABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -107,6 +108,8 @@ class TorchModel:
 
     def skip_reason(self, name: str, fmt: QuantFormat) -> str | None:
         """Why a layer cannot take a format (recorded in the Run), or None."""
+        if fmt.is_dynamic and not isinstance(self.modules[name], nn.Linear):
+            return DYNAMIC_CONV_REASON
         if fmt.weight is None:
             return None
         return group_size_error(self.layer(name).weight_shape, fmt.weight)
@@ -178,7 +181,11 @@ class TorchModel:
                 if fmt.weight is not None:
                     saved.append((mod, mod.weight.data))
                     mod.weight.data = self.fake_weight(name, fmt)
-                if fmt.activation is not None:
+                if fmt.is_dynamic:
+                    a = fmt.activation
+                    hooks.append(mod.register_forward_pre_hook(
+                        lambda m, args, a=a: (fake_quantize_dynamic(args[0], a.bits, a.symmetric), *args[1:])))
+                elif fmt.activation is not None:
                     aq = self.act_quant[(name, fmt.name)]
                     hooks.append(mod.register_forward_pre_hook(lambda m, args, aq=aq: (aq(args[0]), *args[1:])))
             yield self

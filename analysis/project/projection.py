@@ -17,7 +17,8 @@
   ``fp32_ms + sum of (latency[layer, format] - latency[layer, fp32])``; otherwise ``None``.
 
 A :class:`Projector` precomputes arrays once; projecting a policy (codes per layer in
-execution order: ``fp32=0, int8=1, int4=2``) is O(layers) numpy.
+execution order: ``fp32=0, int8=1, int4=2, int8-dyn=3``) is O(layers) numpy. The arrays have a
+column per policy format; a format the Run did not measure is allowed for no layer.
 """
 from __future__ import annotations
 
@@ -63,6 +64,8 @@ class Projector:
         self.names = run.layer_names
         index = {n: i for i, n in enumerate(self.names)}
         n, nf = len(self.names), len(POLICY_FORMATS)
+        # what a policy may choose from: fp32 and the formats the Run measured, in code order
+        self.formats = [f for f in POLICY_FORMATS if f == "fp32" or f in run.formats]
         self.higher_is_better = run.higher_is_better
         self.base_loss = float(run.meta["baseline"]["loss"])
         self.base_metric = float(run.meta["baseline"]["metric"])

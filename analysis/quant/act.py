@@ -1,7 +1,8 @@
 """Activations: streamed statistics of a layer's input and output, and the calibrated quantizer.
 
 Backend-neutral: the torch and ONNX adapters fill ``ActivationStats`` while observing, and
-the engine turns its ranges into one ``ActQuant`` per layer and format.
+the engine turns its ranges into one ``ActQuant`` per layer and format. Dynamic formats
+quantize each tensor with its own range (``fake_quantize_dynamic``) and need no calibration.
 """
 from __future__ import annotations
 
@@ -35,3 +36,11 @@ class ActQuant:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return fake_quantize(x, self.scale, self.zero, self.qmin, self.qmax)
+
+
+def fake_quantize_dynamic(x: torch.Tensor, bits: int = 8, symmetric: bool = False) -> torch.Tensor:
+    """``x`` quantized with one scale and zero point from its own min and max (widened to include 0),
+    as onnxruntime's ``DynamicQuantizeLinear`` does at run time over the whole tensor it is fed."""
+    scale, zero = choose_qparams(x.detach().min(), x.detach().max(), bits, symmetric)
+    qmin, qmax = qrange(bits, symmetric)
+    return fake_quantize(x, scale, zero, qmin, qmax).to(x.dtype)

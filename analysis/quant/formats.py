@@ -15,6 +15,12 @@ Built-in formats:
   dimension (codes in [0, 15], groups of 32, one fp32 scale and one 4-bit zero
   point per group), activations left in floating point. This is the layout of
   onnxruntime's ``MatMulNBits`` with its default (asymmetric) settings.
+* ``int8-dyn`` -- W8A8 with the input quantized at run time, as onnxruntime's
+  ``quantize_dynamic`` runs it (``DynamicQuantizeLinear`` + ``MatMulInteger``):
+  weights as ``int8``; the input of each call asymmetric uint8 with ONE scale and
+  zero point over the whole tensor fed (not per row: onnxruntime's dynamic kernels
+  are per tensor), so the result depends on the batch. Nothing is calibrated.
+  MatMul / Gemm / Linear only; convolutions take static ``int8``.
 
 Example:
     >>> register_format(QuantFormat("int8w", "int8 weight-only",
@@ -75,15 +81,21 @@ class WeightSpec:
 
 @dataclass(frozen=True)
 class ActivationSpec:
+    """How a layer's input is quantized: per tensor, from a calibrated range, or (``dynamic``) from
+    the min and max of each tensor at run time, in which case ``observer`` is not used."""
+
     bits: int = 8
     symmetric: bool = False
     observer: str = "minmax"
+    dynamic: bool = False
 
     def __post_init__(self) -> None:
         if not 2 <= self.bits <= 8:
             raise ValueError(f"activation bits={self.bits} must be in 2..8")
         if self.observer not in OBSERVERS:
             raise ValueError(f"unknown observer '{self.observer}'; known: {', '.join(OBSERVERS)}")
+        if self.dynamic and (self.bits != 8 or self.symmetric):
+            raise ValueError("dynamic activations are asymmetric 8-bit (onnxruntime's DynamicQuantizeLinear)")
 
 
 @dataclass(frozen=True)
@@ -97,8 +109,16 @@ class QuantFormat:
     def is_float(self) -> bool:
         return self.weight is None and self.activation is None
 
+    @property
+    def is_dynamic(self) -> bool:
+        """The input is quantized at run time (no calibrated range)."""
+        return self.activation is not None and self.activation.dynamic
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["activation"] is not None and not d["activation"]["dynamic"]:
+            del d["activation"]["dynamic"]  # static specs keep the dict (and the sweep keys) older Runs hold
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "QuantFormat":
@@ -138,8 +158,8 @@ def known_formats() -> list[str]:
 
 
 def with_observer(fmt: QuantFormat, observer: str) -> QuantFormat:
-    """The same format with another activation observer (weights are unaffected)."""
-    if fmt.activation is None:
+    """The same format with another activation observer (weights are unaffected; dynamic inputs have none)."""
+    if fmt.activation is None or fmt.activation.dynamic:
         return fmt
     act = ActivationSpec(fmt.activation.bits, fmt.activation.symmetric, observer)
     return QuantFormat(fmt.name, fmt.description, fmt.weight, act)
@@ -169,3 +189,13 @@ INT4 = register_format(
         weight=WeightSpec(4, symmetric=False, granularity=PerGroup(32)),
     )
 )
+INT8_DYN = register_format(
+    QuantFormat(
+        "int8-dyn",
+        "W8A8 dynamic: int8 weights per output channel (symmetric), uint8 input quantized at run time "
+        "per tensor (onnxruntime DynamicQuantizeLinear + MatMulInteger); MatMul/Gemm only",
+        weight=WeightSpec(8, symmetric=True, granularity=PerChannel(0)),
+        activation=ActivationSpec(8, symmetric=False, observer="minmax", dynamic=True),
+    )
+)
+DYNAMIC_CONV_REASON = "dynamic int8 runs MatMul/Gemm only; convolutions take static int8"

@@ -4,9 +4,11 @@ Bytes count what a runtime stores for the layer:
 
 * weight codes, packed (``ceil(n * bits / 8)``; 4-bit codes two to a byte);
 * one fp32 scale per tensor / channel / group;
-* zero points for asymmetric weights, packed at the code width (symmetric ones are 0);
+* zero points for asymmetric weights, packed at the code width (symmetric ones are 0),
+  and for dynamic formats, whose ``quantize_dynamic`` file stores one per channel even when 0;
 * the bias in fp32 (an int32 bias in integer kernels has the same size);
-* for formats that quantize the input activation: its fp32 scale and its zero point.
+* for formats that quantize the input activation from a calibrated range: its fp32 scale and
+  its zero point (dynamic formats compute them at run time and store none).
 
 Latency is measured by onnxruntime and filled in separately (NaN until then).
 """
@@ -46,9 +48,9 @@ def layer_bytes(info: LayerInfo, fmt: QuantFormat) -> int:
     else:
         w = fmt.weight
         s = n_scales(info.weight_shape, fmt)
-        zeros = 0 if w.symmetric else math.ceil(s * w.bits / 8)
+        zeros = math.ceil(s * w.bits / 8) if not w.symmetric or fmt.is_dynamic else 0
         total = math.ceil(n_weight * w.bits / 8) + s * FP32_BYTES + zeros + bias
-    if fmt.activation is not None:
+    if fmt.activation is not None and not fmt.activation.dynamic:
         total += FP32_BYTES + math.ceil(fmt.activation.bits / 8)
     return total
 

@@ -11,9 +11,14 @@ Which kernel each format gets (recorded per layer in ``QuantizedModel.kernels``)
   have no group-wise 4-bit path for these, so the weight is stored as uint4 codes with
   a blocked ``DequantizeLinear`` (opset 21, ``block_size`` 32 along the flattened K) in
   front of the float kernel; codes, scales and zero points are the engine's own.
+* ``int8-dyn`` on ``MatMul`` (and plain ``Gemm``, rewritten as for int4): ``quantize_dynamic``,
+  per channel, symmetric int8 weights -> ``DynamicQuantizeLinear`` + ``MatMulInteger``. Each
+  layer reads its input through its own ``Identity``, so the quantizer cannot reuse a static
+  layer's ``QuantizeLinear`` of the same tensor (it does, silently, by tensor name).
 
 Order matters (see ``quantize_model``): opset conversion, then the blocked DQ weights,
-then ``MatMulNBits``, then ``quantize_static``, which calibrates the graph as it then is.
+then ``MatMulNBits``, then ``quantize_static``, which calibrates the graph as it then is
+(dynamic layers still in float, as the engine calibrates), then ``quantize_dynamic``.
 """
 from __future__ import annotations
 
@@ -29,11 +34,12 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from analysis.quant.formats import QuantFormat, get_format
-from analysis.models.onnx_graph import InputBinding, OnnxLayer, default_opset, initializer_array
+from analysis.models.onnx_graph import InputBinding, OnnxLayer, default_opset, dynamic_skip_reason, initializer_array
 from analysis.quant.primitives import group_size_error, quantize_weight
 from analysis.errors import InputError
 
 BLOCKED_DQ_OPSET = 21
+BUILDABLE = ("fp32", "int8", "int4", "int8-dyn")  # registered formats this module can build
 KERNEL_OPS = ("QLinearConv", "QGemm", "QLinearMatMul", "MatMulInteger", "ConvInteger", "MatMulNBits",
               "Conv", "Gemm", "MatMul")
 
@@ -195,6 +201,20 @@ def _quantize_static(model: onnx.ModelProto, names: list[str], binding: InputBin
         return onnx.load(str(out))
 
 
+def _quantize_dynamic(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    for name in names:  # a private input per layer (see the module docstring)
+        node = _node(model, name)
+        _insert_before(model, name, [helper.make_node("Identity", [node.input[0]], [f"{name}/input"], name=f"{name}/input")])
+        node.input[0] = f"{name}/input"
+    with tempfile.TemporaryDirectory(prefix="quantlens-dyn-") as tmp, _quiet():
+        out = Path(tmp) / "dyn.onnx"
+        quantize_dynamic(model, str(out), per_channel=True, weight_type=QuantType.QInt8, nodes_to_quantize=list(names),
+                         op_types_to_quantize=["MatMul"])
+        return onnx.load(str(out))
+
+
 def layer_nodes(model: onnx.ModelProto, layer: OnnxLayer) -> list[onnx.NodeProto]:
     """The nodes that carry out ``layer`` in a model built here (named after it or its tensors)."""
     own = (f"{layer.name}_", f"{layer.name}/")
@@ -221,7 +241,7 @@ def quantize_model(model: onnx.ModelProto, layers: list[OnnxLayer], policy: dict
     """The quantized model for ``policy`` (ONNX layer name -> format); see the module docstring.
 
     Layers that share one weight take one format: the least aggressive one the policy gives
-    any of them (fp32 before int8 before int4), so the stored weight stays consistent.
+    any of them (fp32 before int8-dyn before int8 before int4), so the stored weight stays consistent.
 
     Raises:
         QuantizeError: a layer the model lacks, an unknown format, or a format the layer cannot take.
@@ -231,14 +251,16 @@ def quantize_model(model: onnx.ModelProto, layers: list[OnnxLayer], policy: dict
     for name, f in policy.items():
         if name not in by_name:
             raise QuantizeError(f"policy names layer '{name}', which the model does not have as a quantizable node")
-        fmt = get_format(f) if f in ("fp32", "int8", "int4") else None
+        fmt = get_format(f) if f in BUILDABLE else None
         if fmt is None:
-            raise QuantizeError(f"policy gives layer '{name}' format {f!r}; known: fp32, int4, int8")
+            raise QuantizeError(f"policy gives layer '{name}' format {f!r}; known: {', '.join(BUILDABLE)}")
+        if fmt.is_dynamic and (why := dynamic_skip_reason(_node(model, name))):
+            raise QuantizeError(f"layer '{name}' cannot take {f}: {why}")
         if fmt.weight is not None and (why := group_size_error(_weight_oik(model, by_name[name]).shape, fmt.weight)):
             raise QuantizeError(f"layer '{name}' cannot take {f}: {why}")
         fmts[name] = f
     notes: list[str] = []
-    rank = {"fp32": 0, "int8": 1, "int4": 2}
+    rank = {"fp32": 0, "int8-dyn": 1, "int8": 2, "int4": 3}
     groups: dict[str, list[str]] = {}
     for l in layers:
         groups.setdefault(l.weight, []).append(l.name)
@@ -254,6 +276,7 @@ def quantize_model(model: onnx.ModelProto, layers: list[OnnxLayer], policy: dict
     m.CopyFrom(model)
     int4 = [l for l in layers if fmts.get(l.name) == "int4"]
     int8 = [l.name for l in layers if fmts.get(l.name) == "int8"]
+    dyn = [l for l in layers if fmts.get(l.name) == "int8-dyn"]
     fmt4 = get_format("int4")
     g = fmt4.weight.granularity.group_size
     matmul4, blocked4 = [], []
@@ -274,7 +297,7 @@ def quantize_model(model: onnx.ModelProto, layers: list[OnnxLayer], policy: dict
         notes.append(f"converted to opset {BLOCKED_DQ_OPSET} for blocked int4 DequantizeLinear")
     for l in blocked4:
         _blocked_dq_weight(m, l, fmt4)
-    for l in matmul4:
+    for l in matmul4 + dyn:
         if l.op == "Gemm":
             _gemm_as_matmul(m, l)
     _drop_unused_initializers(m)
@@ -282,6 +305,8 @@ def quantize_model(model: onnx.ModelProto, layers: list[OnnxLayer], policy: dict
         m = _matmul_nbits(m, [l.name for l in matmul4], g)
     if int8:
         m = _quantize_static(m, int8, binding, calib)
+    if dyn:
+        m = _quantize_dynamic(m, [l.name for l in dyn])
     _drop_unused_initializers(m)
     kernels = {}
     for l in layers:

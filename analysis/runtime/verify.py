@@ -25,7 +25,7 @@ import torch
 from analysis.store.atomic import atomic_path
 from analysis.quant.sizes import policy_bytes
 from analysis.runtime.onnx_quantize import QuantizedModel, quantize_model
-from analysis.store.policy import Policy, PolicyError, from_json, match_policy, parse_policy
+from analysis.store.policy import POLICY_FORMATS, Policy, PolicyError, from_json, match_policy, parse_policy
 from analysis.store.run import Run, load_run, merge_policy_rows
 from analysis.runtime.session import RuntimeModel, resolve_model, resolve_task
 from analysis.data.tasks import MetricState, Task
@@ -90,7 +90,7 @@ def resolve_policy(run: Run, policy: Policy) -> tuple[dict[str, str], list[str]]
                           f"{', '.join(m.unknown_layers[:5])}")
     if m.unknown_formats:
         k, v = next(iter(m.unknown_formats.items()))
-        raise VerifyError(f"field 'layers.{k}': unknown format {v!r}; known: fp32, int8, int4")
+        raise VerifyError(f"field 'layers.{k}': unknown format {v!r}; known: {', '.join(POLICY_FORMATS)}")
     formats = {n: policy.format_of(n) for n in run.layer_names}
     formats = {n: ("fp32" if n in m.unavailable else f) for n, f in formats.items()}
     blocked = set(run.sensitivity.loc[run.sensitivity["status"] != "ok", ["layer", "format"]].itertuples(index=False, name=None))

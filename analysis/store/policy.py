@@ -3,7 +3,7 @@
 A policy file reads::
 
     {"schema": "quantlens.policy/1", "model": {"sha256": "..."},
-     "default": "fp32", "layers": {"<layer name>": "int8" | "int4" | "fp32"}}
+     "default": "fp32", "layers": {"<layer name>": "int8" | "int4" | "int8-dyn" | "fp32"}}
 
 Precedence: a layer named in ``layers`` takes that format; every other layer takes
 ``default``. Layer names are the framework's own fully qualified names.
@@ -14,7 +14,8 @@ formats, formats a layer was skipped for and another model's hash come back as a
 :class:`PolicyMatch` report, so a caller can warn and apply what matches.
 
 The URL token (:func:`encode_url_token`) packs one 2-bit code per layer in execution
-order (``fp32=0, int8=1, int4=2``) into base64url, prefixed with a token version, the
+order (``fp32=0, int8=1, int4=2, int8-dyn=3``; codes are only ever appended, so older tokens
+read the same) into base64url, prefixed with a token version, the
 first 12 hex digits of the model hash and the layer count:
 ``q1.<sha12>.<n_layers>.<base64url>``. 1,000 layers take 334 characters.
 """
@@ -33,7 +34,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from analysis.store.run import Run
 
 POLICY_SCHEMA = "quantlens.policy/1"
-POLICY_FORMATS: tuple[str, ...] = ("fp32", "int8", "int4")  # index = 2-bit code in URL tokens
+POLICY_FORMATS: tuple[str, ...] = ("fp32", "int8", "int4", "int8-dyn")  # index = 2-bit code in URL tokens
 FORMAT_CODE: dict[str, int] = {f: i for i, f in enumerate(POLICY_FORMATS)}
 URL_VERSION = "q1"
 URL_SHA_DIGITS = 12
