@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import streamlit as st
 
-from analysis.api import POLICY_FORMATS
+from analysis.api import FORMAT_CODE, POLICY_FORMATS
 from analysis.api import Projection
 from dashboard import state
 from dashboard.data import MB, Loaded, open_run
@@ -160,7 +160,7 @@ def headline(loaded: Loaded, p: Projection, codes: np.ndarray) -> None:
         c[2].metric("Latency", "not measured", help="This Run holds no per-layer latency measurement.")
     counts = np.bincount(np.asarray(codes, dtype=np.intp), minlength=len(POLICY_FORMATS))
     c[3].metric("Layers quantized", f"{int(counts[1:].sum())} / {len(codes)}",
-                delta=" · ".join(f"{POLICY_FORMATS[i].upper()} {int(counts[i])}" for i in range(len(counts))),
+                delta=" · ".join(f"{f.upper()} {int(counts[FORMAT_CODE[f]])}" for f in loaded.projector.formats),
                 delta_color="off", delta_arrow="off")
     notes = []
     nearest = getattr(p, "nearest", "")

@@ -91,8 +91,8 @@ def _layer_frame(run: Run, pj: Projector) -> pd.DataFrame:
         if waiting:  # an empty Δ cell of an unfinished sweep must not read as "harmless"
             which = "" if len(waiting) == len(run.formats) else " at " + ", ".join(f.upper() for f in waiting)
             parts.append(f"NOT MEASURED YET{which}: the sweep has not reached it; kept FP32 until it does")
-        parts += [f"no {POLICY_FORMATS[f]}: {pj.reasons[(i, f)]}" for f in (1, 2)
-                  if (i, f) in pj.reasons and POLICY_FORMATS[f] not in waiting]
+        parts += [f"no {f}: {pj.reasons[(i, FORMAT_CODE[f])]}" for f in pj.formats
+                  if (i, FORMAT_CODE[f]) in pj.reasons and f not in waiting]
         notes.append("; ".join(parts))
     df["note"] = notes
     return df
@@ -134,7 +134,7 @@ def sensitivity_figure(path: str, stamp: tuple[float, ...]):
     # numeric x and plain-list names: Streamlit copies the figure on every render, and object arrays copy slowly
     x = np.arange(len(df))
     fig = go.Figure()
-    colors = {"int8": "#4C78A8", "int4": "#E45756"}
+    colors = {"int8": "#4C78A8", "int4": "#E45756", "int8-dyn": "#54A24B"}
     for fmt in loaded.run.formats:
         col = f"sensitivity {fmt}"
         if col in df:

@@ -4,7 +4,7 @@ Every ``st.session_state`` key of the dashboard, widget keys included, is define
 here; pages use these names (tests and the benchmark address widgets by the same strings).
 
 The policy being edited lives in ``st.session_state`` as one int8 code per layer in
-execution order (``fp32=0, int8=1, int4=2``), one array per open Run. The query string
+execution order (``fp32=0, int8=1, int4=2, int8-dyn=3``), one array per open Run. The query string
 mirrors it (``?run=<index>&p=<token>``, see ``analysis.store.policy.encode_codes``), so the
 address bar is always a link that restores the exact policy.
 """

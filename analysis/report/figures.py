@@ -17,7 +17,7 @@ from analysis.store.policy import POLICY_FORMATS
 if TYPE_CHECKING:  # pragma: no cover
     from analysis.report.content import ReportContent
 
-COLORS = {"int8": "#4C78A8", "int4": "#E45756", "fp32": "#72B7B2"}
+COLORS = {"int8": "#4C78A8", "int4": "#E45756", "fp32": "#72B7B2", "int8-dyn": "#54A24B"}
 FONT = {"family": "system-ui, sans-serif", "size": 12, "color": "#1F2430"}
 
 
@@ -75,7 +75,7 @@ def sensitivity_figure(c: "ReportContent") -> dict:
 
 def _mix(codes) -> str:
     counts = np.bincount(np.asarray(codes, dtype=np.intp), minlength=len(POLICY_FORMATS))
-    return " · ".join(f"{POLICY_FORMATS[i].upper()} {int(counts[i])}" for i in range(len(counts)))
+    return " · ".join(f"{POLICY_FORMATS[i].upper()} {int(counts[i])}" for i in range(len(counts)) if counts[i] or i == 0)
 
 
 def frontier_figure(c: "ReportContent") -> tuple[dict, int]:

@@ -30,7 +30,7 @@ from analysis.project.projection import Projection, Projector
 from analysis.report.content import ReportContent, build_content
 from analysis.report.figures import figures
 from analysis.store.atomic import write_text_atomic
-from analysis.store.policy import POLICY_FORMATS, Policy
+from analysis.store.policy import FORMAT_CODE, POLICY_FORMATS, Policy
 from analysis.store.run import Run
 
 HERE = Path(__file__).parent
@@ -169,13 +169,15 @@ def _layer_table(c: ReportContent) -> str:
     head = ["#", "layer", "type", "params", "format", "KB"] + [f"Δloss {f}" for f in run.formats] + ["note"]
     rows = []
     for i, name in enumerate(p.names):
+        # only the formats the Run measured are offered; a layer skipped for one of them has it disabled
         opts = "".join(f'<option value="{f}"{" selected" if k == c.chosen[i] else ""}'
-                       f'{"" if p.allowed[i, k] else " disabled"}>{f}</option>' for k, f in enumerate(POLICY_FORMATS))
+                       f'{"" if p.allowed[i, k] else " disabled"}>{f}</option>'
+                       for k, f in ((FORMAT_CODE[f], f) for f in p.formats))
         deltas = []
         for f in run.formats:
             v = sens["loss_delta"].get((name, f), np.nan)
             deltas.append(f"{v:+.3g}" if isinstance(v, float) and math.isfinite(v) else "—")
-        notes = [f"no {POLICY_FORMATS[k]}: {p.reasons[(i, k)]}" for k in (1, 2) if (i, k) in p.reasons]
+        notes = [f"no {f}: {p.reasons[(i, FORMAT_CODE[f])]}" for f in p.formats if (i, FORMAT_CODE[f]) in p.reasons]
         if name in lay.index and not bool(lay.at[name, "reaches_output"]):
             notes.insert(0, "does not reach the output (sensitivity 0 by construction)")
         rows.append([str(i), _e(name), _e(lay.at[name, "type"] if name in lay.index else ""),
@@ -210,7 +212,7 @@ def _body(c: ReportContent, generated: str) -> str:
             f"{r['bytes'] / 1e6:.3f}" if r["bytes"] else "—", _e(", ".join(r["kept"]) or "—")] for r in uniform_rows(run)]
     hists = "".join(f'<div id="fig-hist-{i}" class="fig small"></div>' for i in range(len(most_sensitive(run))))
     name = _e(m["metric"]["name"])
-    fmt_buttons = "".join(f'<button type="button" data-all="{f}">all {f.upper()}</button>' for f in POLICY_FORMATS)
+    fmt_buttons = "".join(f'<button type="button" data-all="{f}">all {f.upper()}</button>' for f in c.projector.formats)
     return f"""
 <h1>QuantLens report — {_e(m['model'].get('name'))}</h1>
 <p class="sub">Which layers can go to INT8 or INT4, and what each choice costs. Generated {_e(generated)}.</p>
@@ -260,6 +262,7 @@ def render_html(run: Run, policy: Policy | None = None, policy_source: str | Non
     generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     figs, current_trace = figures(c, most_sensitive(run))
     data = {"model": projection_model(c.projector), "layers": c.projector.names, "formats": list(POLICY_FORMATS),
+            "offered": [FORMAT_CODE[f] for f in c.projector.formats],
             "chosen": [int(x) for x in c.chosen], "sha256": run.model_sha256,
             "baseline_metric": float(run.meta["baseline"]["metric"]),
             "pct": run.meta["metric"].get("name") in ("accuracy", "agreement"),
@@ -285,11 +288,12 @@ def render_markdown(run: Run, policy: Policy | None = None, policy_source: str |
     m, pj, p = run.meta, c.projection, c.projector
     name = m["metric"]["name"]
     counts = np.bincount(c.chosen.astype(np.intp), minlength=len(POLICY_FORMATS))
+    shown = [FORMAT_CODE[f] for f in p.formats]
     out = [f"### QuantLens: {_md(m['model'].get('name'))}", "",
            f"Model sha256 `{_md(run.model_sha256[:16])}…`, task {_md(m.get('data', {}).get('task'))} "
            f"({_md(m.get('data', {}).get('n_eval'))} eval samples), metric {_md(name)}, Run status {_md(run.status)}.", "",
            f"**Chosen policy** ({_md(c.chosen_label)}): "
-           + ", ".join(f"{POLICY_FORMATS[i].upper()} {int(counts[i])}" for i in range(len(counts)))
+           + ", ".join(f"{POLICY_FORMATS[i].upper()} {int(counts[i])}" for i in shown)
            + f" → projected {_md(name)} **{fmt_metric(pj.metric, run)}** ({_md(fmt_band(pj.band, run))}), "
            f"**{pj.bytes / 1e6:.3f} MB** ({pj.size_ratio:.2f}× smaller than FP32)"
            + (f", {pj.latency_ms:.2f} ms" if pj.latency_ms is not None else "") + ".", ""]

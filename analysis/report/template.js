@@ -54,7 +54,7 @@ if (typeof module !== "undefined") module.exports = {qlProject, qlCurve};
 // ---- The page ---------------------------------------------------------------------------------
 function qlInit() {
   const data = JSON.parse(document.getElementById("ql-data").textContent);
-  const m = data.model, fmts = data.formats;
+  const m = data.model, fmts = data.formats;  // fmts[code]; data.offered: the codes the Run measured
   const selects = Array.from(document.querySelectorAll("select.ql-fmt"));
   const plotConfig = {displaylogo: false, responsive: true, showLink: false, showSendToCloud: false,
                       modeBarButtonsToRemove: ["sendDataToCloud"]};
@@ -83,10 +83,10 @@ function qlInit() {
     set("ql-size", fmtMB(p.bytes));
     set("ql-bytes", p.bytes.toLocaleString("en-US") + " B · " + p.size_ratio.toFixed(2) + "× smaller than FP32");
     set("ql-latency", p.latency_ms === null ? "not measured" : p.latency_ms.toFixed(2) + " ms");
-    const counts = [0, 0, 0];
+    const counts = fmts.map(() => 0);
     c.forEach((k) => counts[k]++);
-    set("ql-count", (counts[1] + counts[2]) + " / " + c.length);
-    set("ql-mix", fmts.map((f, k) => f.toUpperCase() + " " + counts[k]).join(" · "));
+    set("ql-count", (c.length - counts[0]) + " / " + c.length);
+    set("ql-mix", data.offered.map((k) => fmts[k].toUpperCase() + " " + counts[k]).join(" · "));
     const changed = c.filter((k, i) => k !== data.chosen[i]).length;
     set("ql-changed", changed ? changed + " layer(s) changed from the chosen policy" : "the chosen policy");
     selects.forEach((s, i) => {

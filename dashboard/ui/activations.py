@@ -13,7 +13,7 @@ from dashboard import state
 from dashboard.components import require_run
 from dashboard.data import Loaded
 
-COLORS = {"int8": "#4C78A8", "int4": "#E45756"}
+COLORS = {"int8": "#4C78A8", "int4": "#E45756", "int8-dyn": "#54A24B"}
 TENSORS = {"weight": "Weight", "input": "Input activation", "output": "Output activation"}
 
 

@@ -134,7 +134,7 @@ def render() -> None:
         st.caption(f"Only in Run A ({len(only_a)}): {_names(only_a)}")
     if only_b:
         st.caption(f"Only in Run B ({len(only_b)}): {_names(only_b)}")
-    formats = [f for f in ("int8", "int4") if f"Δloss {f} A" in table or f"Δloss {f} B" in table]
+    formats = [f for f in POLICY_FORMATS[1:] if f"Δloss {f} A" in table or f"Δloss {f} B" in table]
     if common and formats:
         fmt = st.radio("Format", formats, horizontal=True, key=state.COMPARE_FMT)
         st.plotly_chart(_sensitivity_chart(table, fmt), key=state.COMPARE_SENS)

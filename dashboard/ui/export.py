@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from analysis.api import (POLICY_FORMATS, BundleError, PolicyError, encode_codes, from_json, match_policy,
+from analysis.api import (FORMAT_CODE, POLICY_FORMATS, BundleError, PolicyError, encode_codes, from_json, match_policy,
                           policy_from_codes)
 from dashboard import state
 from dashboard.components import fmt_band, fmt_mb, fmt_metric, require_run
@@ -79,8 +79,8 @@ def render() -> None:
     proj = lo.projector.project(codes)
     counts = np.bincount(codes.astype(np.intp), minlength=len(POLICY_FORMATS))
     band = f" ({fmt_band(proj.band, lo)})"
-    st.markdown(f"**Current policy:** " + ", ".join(f"{POLICY_FORMATS[i].upper()} {int(counts[i])}"
-                                                      for i in range(len(counts)))
+    st.markdown(f"**Current policy:** " + ", ".join(f"{f.upper()} {int(counts[FORMAT_CODE[f]])}"
+                                                      for f in lo.projector.formats)
                 + f" · projected {lo.run.meta['metric']['name']} {fmt_metric(proj.metric, lo)}{band}"
                 + f" · {fmt_mb(proj.bytes)} ({proj.size_ratio:.2f}× smaller than FP32)")
     verify.render(lo)

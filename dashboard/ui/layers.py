@@ -16,6 +16,7 @@ SORTS = {
     "execution order": None,
     "most sensitive at INT4": ("sensitivity int4", False),
     "most sensitive at INT8": ("sensitivity int8", False),
+    "most sensitive at INT8-DYN": ("sensitivity int8-dyn", False),
     "largest (parameters)": ("params", False),
     "name": ("layer", True),
 }
@@ -137,7 +138,7 @@ def policy_editor() -> None:
     # fixed widths for the pinned columns: the format cell sits at a known place in the grid
     cfg = {"layer": st.column_config.TextColumn("layer", width=LAYER_PX, pinned=True),
            "format": st.column_config.SelectboxColumn("format", options=["fp32", *lo.run.formats], required=True,
-                                                      help="FP32, INT8 or INT4 for this layer", width=FORMAT_PX,
+                                                      help="FP32 or a format the Run measured", width=FORMAT_PX,
                                                       pinned=True),
            "params": st.column_config.NumberColumn("params", format="localized"),
            "MACs": st.column_config.NumberColumn("MACs", format="compact", help="multiply-accumulates per sample"),
