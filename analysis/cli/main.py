@@ -31,7 +31,9 @@ def _add_analyze(sub) -> None:
     p.add_argument("--task", default=None, help="bundled task (digits) or an .npz with 'inputs' [and 'labels']; "
                                                 "default: the demo's own task")
     p.add_argument("--out", required=True, help="Run folder to create (absent or empty)")
-    p.add_argument("--formats", default="int8,int4", help="comma-separated formats (default: int8,int4)")
+    p.add_argument("--formats", default="int8,int4",
+                   help="comma-separated formats: int8, int4, int8-dyn (dynamic int8, MatMul/Linear only; "
+                        "default: int8,int4)")
     p.add_argument("--calib", type=int, default=None, help="number of calibration samples")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--observer", choices=OBSERVERS, default="minmax", help="activation range observer")
@@ -116,6 +118,8 @@ DEMOS = {"digits": ("demo:digits", "digits"), "minilm": ("demo:minilm", "minilm"
 # Per-layer onnxruntime latency of MiniLM's 72 single-layer models takes far longer than its sweep
 # (~4 min on 2 cores); the demo skips it, `quantlens analyze demo:minilm` measures it.
 DEMO_LATENCY = {"digits": True, "minilm": False}
+# MiniLM is all Linear layers: it measures dynamic INT8 too, the format onnxruntime runs fastest on CPUs
+DEMO_FORMATS = {"digits": ("int8", "int4"), "minilm": ("int8", "int4", "int8-dyn")}
 
 
 def _add_demo(sub) -> None:
@@ -148,9 +152,10 @@ def _demo_run(name: str, runs: Path):
         return run
     if run is not None:
         print(f"resuming the interrupted {model} Run at {out} ...", file=sys.stderr)
-        return analyze(model, task, out, threads=1, resume=True, latency=DEMO_LATENCY[name])
+        return analyze(model, task, out, threads=1, resume=True, latency=DEMO_LATENCY[name], formats=run.formats)
     print(f"analysing {model} into {out} ...", file=sys.stderr)
-    return analyze(model, task, out, threads=1, overwrite=out.exists(), latency=DEMO_LATENCY[name])
+    return analyze(model, task, out, threads=1, overwrite=out.exists(), latency=DEMO_LATENCY[name],
+                   formats=DEMO_FORMATS[name])
 
 
 def _complete(folder: Path) -> bool:

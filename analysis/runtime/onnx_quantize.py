@@ -205,9 +205,9 @@ def _quantize_dynamic(model: onnx.ModelProto, names: list[str]) -> onnx.ModelPro
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     for name in names:  # a private input per layer (see the module docstring)
-        node = _node(model, name)
-        _insert_before(model, name, [helper.make_node("Identity", [node.input[0]], [f"{name}/input"], name=f"{name}/input")])
-        node.input[0] = f"{name}/input"
+        x = _node(model, name).input[0]
+        _insert_before(model, name, [helper.make_node("Identity", [x], [f"{name}/input"], name=f"{name}/input")])
+        _node(model, name).input[0] = f"{name}/input"  # after the insertion: it rebuilds the node list
     with tempfile.TemporaryDirectory(prefix="quantlens-dyn-") as tmp, _quiet():
         out = Path(tmp) / "dyn.onnx"
         quantize_dynamic(model, str(out), per_channel=True, weight_type=QuantType.QInt8, nodes_to_quantize=list(names),
