@@ -30,7 +30,7 @@ RAY_IN_FLIGHT = 2  # chunks queued per Ray actor while the parent is busy, so no
 MIN_CHUNKS = 8
 CHUNKS_PER_WORKER = 3
 
-ActQuantRows = list[tuple[str, str, float, int, int, int]]  # (layer, format, scale, zero, qmin, qmax)
+ActQuantRows = list[tuple[str, str, str, float, int, int, int]]  # (layer, format, tensor, scale, zero, qmin, qmax)
 
 
 class ExecutorError(RuntimeError):
@@ -56,8 +56,11 @@ class WorkerSpec:
 
 
 def act_quant_rows(model) -> ActQuantRows:
-    """A model's calibrated activation quantizers as plain data (they travel with chunks)."""
-    return [(l, f, float(a.scale), int(a.zero), a.qmin, a.qmax) for (l, f), a in sorted(model.act_quant.items())]
+    """A model's calibrated activation quantizers, of layer inputs and outputs, as plain data (they travel
+    with chunks)."""
+    return [(l, f, tensor, float(a.scale), int(a.zero), a.qmin, a.qmax)
+            for tensor, quantizers in (("input", model.act_quant), ("output", model.out_quant))
+            for (l, f), a in sorted(quantizers.items())]
 
 
 def set_act_quant(model, rows: ActQuantRows) -> None:
@@ -65,8 +68,10 @@ def set_act_quant(model, rows: ActQuantRows) -> None:
 
     from analysis.quant.act import ActQuant
 
-    for layer, fmt, scale, zero, qmin, qmax in rows:
-        model.act_quant[(layer, fmt)] = ActQuant(torch.tensor(scale), torch.tensor(zero, dtype=torch.int32), qmin, qmax)
+    quantizers = {"input": model.act_quant, "output": model.out_quant}
+    for layer, fmt, tensor, scale, zero, qmin, qmax in rows:
+        zero_point = torch.tensor(zero, dtype=torch.int32)
+        quantizers[tensor][(layer, fmt)] = ActQuant(torch.tensor(scale), zero_point, qmin, qmax)
 
 
 def build_runner(spec: WorkerSpec):

@@ -20,8 +20,9 @@ STORED_BINS = 128  # bins kept in the Run (the 2048 fine bins are summed in grou
 
 
 def calibrate(model, stats: ActivationStats, formats: list[QuantFormat]) -> None:
-    """Fill ``model.act_quant`` for every layer and every format that quantizes activations from a
-    calibrated range (dynamic formats take theirs from each tensor at run time)."""
+    """Fill ``model.act_quant`` (input) and ``model.out_quant`` (output) for every layer and every format
+    that quantizes activations from a calibrated range (dynamic formats take theirs from each tensor at
+    run time)."""
     for info in model.layers():
         key = (info.name, "input")
         for fmt in formats:
@@ -30,6 +31,12 @@ def calibrate(model, stats: ActivationStats, formats: list[QuantFormat]) -> None
             a = fmt.activation
             lo, hi = activation_range(a.observer, stats.ranges[key], stats.hists[key], a.bits, a.symmetric)
             model.act_quant[(info.name, fmt.name)] = ActQuant.from_range(lo, hi, a.bits, a.symmetric)
+            # static integer kernels requantize their output too; a tensor's statistics give one quantizer
+            # whichever layer records them, so a layer's output that is the next layer's input (one tensor,
+            # one quantizer in onnxruntime) gets the same on both sides
+            out = (info.name, "output")
+            lo, hi = activation_range(a.observer, stats.ranges[out], stats.hists[out], a.bits, a.symmetric)
+            model.out_quant[(info.name, fmt.name)] = ActQuant.from_range(lo, hi, a.bits, a.symmetric)
 
 
 def _hist_row(layer: str, tensor: str, h: StreamingHistogram) -> dict:
@@ -50,7 +57,8 @@ def _activation_sqnr(h: StreamingHistogram, aq: ActQuant) -> float:
 
 def statistics_tables(model, stats: ActivationStats, formats: list[QuantFormat]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The ``histograms`` and ``clipping`` tables of a Run (no input row for dynamic formats: nothing is clipped
-    to a calibrated range)."""
+    to a calibrated range). Input and output rows carry their quantizer's ``scale`` and ``zero_point``:
+    apply and verify hand those to onnxruntime instead of letting it calibrate again."""
     hist_rows, clip_rows = [], []
     for info in model.layers():
         W = model.weight(info.name)
@@ -67,15 +75,17 @@ def statistics_tables(model, stats: ActivationStats, formats: list[QuantFormat])
                                   "clipped_fraction": 0.0,  # min-max weight ranges never clip
                                   "sqnr_db": weight_sqnr(W, Wq)})
             if fmt.activation is not None and not fmt.activation.dynamic:
-                aq = model.act_quant[(info.name, fmt.name)]
-                h = stats.hists[(info.name, "input")]
                 qmin, qmax = qrange(fmt.activation.bits, fmt.activation.symmetric)
-                lo = float((qmin - aq.zero) * aq.scale)
-                hi = float((qmax - aq.zero) * aq.scale)
-                clip_rows.append({"layer": info.name, "tensor": "input", "format": fmt.name,
-                                  "clip_lo": lo, "clip_hi": hi, "clipped_fraction": h.fraction_outside(lo, hi),
-                                  "sqnr_db": _activation_sqnr(h, aq)})
-    cols = ["layer", "tensor", "format", "clip_lo", "clip_hi", "clipped_fraction", "sqnr_db"]
+                for tensor, quantizers in (("input", model.act_quant), ("output", model.out_quant)):
+                    aq = quantizers[(info.name, fmt.name)]
+                    h = stats.hists[(info.name, tensor)]
+                    lo = float((qmin - aq.zero) * aq.scale)
+                    hi = float((qmax - aq.zero) * aq.scale)
+                    clip_rows.append({"layer": info.name, "tensor": tensor, "format": fmt.name,
+                                      "clip_lo": lo, "clip_hi": hi, "clipped_fraction": h.fraction_outside(lo, hi),
+                                      "sqnr_db": _activation_sqnr(h, aq), "scale": float(aq.scale),
+                                      "zero_point": int(aq.zero)})
+    cols = ["layer", "tensor", "format", "clip_lo", "clip_hi", "clipped_fraction", "sqnr_db", "scale", "zero_point"]
     return pd.DataFrame(hist_rows), pd.DataFrame(clip_rows, columns=cols)
 
 

@@ -21,7 +21,7 @@ from analysis.models.base import ModelAdapter
 
 INCREMENTAL = "fx-incremental"
 FULL_FORWARD = "full-forward"
-SWEEP_CODE_VERSION = "sweep/1"  # bump when a job's numbers would change for the same inputs
+SWEEP_CODE_VERSION = "sweep/2"  # bump when a job's numbers would change for the same inputs (2: outputs requantized)
 
 
 class SweepError(InputError):

@@ -55,6 +55,7 @@ class ModelAdapter(Protocol):
     source: str
     sha256: str
     act_quant: dict  # (layer, format) -> quant.act.ActQuant, filled by the engine's calibration
+    out_quant: dict  # (layer, format) -> quant.act.ActQuant requantizing the layer's output (static kernels)
     formats: dict  # format name -> QuantFormat: the analysis' own overrides of the registry
 
     def layers(self) -> list[LayerInfo]: ...

@@ -5,9 +5,10 @@ becomes a graph input (fed either the FP32 weight or its fake-quantized copy), a
 layer's input passes through ``QuantizeLinear -> DequantizeLinear`` with a calibrated
 scale and zero point, selected by a per-layer switch (``Where``). That is how the
 runtime quantizes an activation, so the sweep sees the rounding and clipping it will
-see. MatMul and Gemm layers also get ``DynamicQuantizeLinear -> DequantizeLinear``
-behind a second switch, for dynamic formats: the very operator the runtime runs, with
-its range taken from each tensor fed. Layer inputs and outputs are also graph outputs,
+see. Each layer's output gets the same behind its own switch: static integer kernels
+write their output requantized to uint8. MatMul and Gemm layers also get
+``DynamicQuantizeLinear -> DequantizeLinear`` behind a second switch, for dynamic
+formats: the very operator the runtime runs, with its range taken from each tensor fed. Layer inputs and outputs are also graph outputs,
 for statistics and output SQNR.
 """
 from __future__ import annotations
@@ -41,8 +42,9 @@ def session_options(threads: int = 1, level=ort.GraphOptimizationLevel.ORT_ENABL
 
 
 def probe_graph(model: onnx.ModelProto, layers: list[OnnxLayer]) -> tuple[onnx.ModelProto, dict[str, dict[str, str]]]:
-    """The probe model and, per layer, the names of its feeds (weight, switch, scale, zero, and for
-    layers dynamic formats can run, the dynamic switch ``dyn``)."""
+    """The probe model and, per layer, the names of its feeds (weight, switch, scale, zero, the same three
+    for the output: ``out_on``, ``out_scale``, ``out_zero``, and for layers dynamic formats can run, the
+    dynamic switch ``dyn``)."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
     g = m.graph
@@ -50,6 +52,7 @@ def probe_graph(model: onnx.ModelProto, layers: list[OnnxLayer]) -> tuple[onnx.M
     by_index = {l.index: (i, l) for i, l in enumerate(layers)}
     nodes, used_weights = [], set()
     for j, node in enumerate(g.node):
+        after = []
         if j in by_index:
             i, l = by_index[j]
             f = {k: f"{PROBE}/{k}/{i}" for k in ("w", "on", "scale", "zero")}
@@ -68,13 +71,25 @@ def probe_graph(model: onnx.ModelProto, layers: list[OnnxLayer]) -> tuple[onnx.M
                 g.input.append(helper.make_tensor_value_info(f["dyn"], TensorProto.BOOL, []))
                 xa = xd
             node.input[0], node.input[1] = xa, f["w"]
+            # the output too, as static integer kernels write it; downstream nodes read the switch's result
+            f.update({k: f"{PROBE}/{k}/{i}" for k in ("out_on", "out_scale", "out_zero")})
+            ya, qy, dqy = f"{PROBE}/y/{i}", f"{PROBE}/qy/{i}", f"{PROBE}/dqy/{i}"
+            node.output[0] = ya
+            after = [helper.make_node("QuantizeLinear", [ya, f["out_scale"], f["out_zero"]], [qy],
+                                      name=f"{PROBE}/Qy/{i}"),
+                     helper.make_node("DequantizeLinear", [qy, f["out_scale"], f["out_zero"]], [dqy],
+                                      name=f"{PROBE}/DQy/{i}"),
+                     helper.make_node("Where", [f["out_on"], dqy, ya], [l.output], name=f"{PROBE}/Wherey/{i}")]
+            g.input.extend([helper.make_tensor_value_info(f["out_on"], TensorProto.BOOL, []),
+                            helper.make_tensor_value_info(f["out_scale"], TensorProto.FLOAT, []),
+                            helper.make_tensor_value_info(f["out_zero"], TensorProto.UINT8, [])])
             feeds[l.name] = f
             w = initializer_array(model, l.weight)
             g.input.extend([helper.make_tensor_value_info(f["w"], TensorProto.FLOAT, list(w.shape)),
                             helper.make_tensor_value_info(f["on"], TensorProto.BOOL, []),
                             helper.make_tensor_value_info(f["scale"], TensorProto.FLOAT, []),
                             helper.make_tensor_value_info(f["zero"], TensorProto.UINT8, [])])
-        nodes.append(node)
+        nodes += [node, *after]
         used_weights.update(node.input)
     del g.node[:]
     g.node.extend(nodes)
@@ -104,6 +119,7 @@ class OnnxModel:
         self.name, self.source, self.sha256 = name, source, sha256
         self.notes = list(notes or [])
         self.act_quant: dict[tuple[str, str], ActQuant] = {}
+        self.out_quant: dict[tuple[str, str], ActQuant] = {}  # (layer, format) -> requantization of the output
         self.formats: dict[str, QuantFormat] = {}  # this analysis' formats (observer/group overrides)
         self._policy: dict[str, str] = {}
         self._olayers = find_layers(model)
@@ -127,7 +143,9 @@ class OnnxModel:
         for l in self._olayers:
             f = self.feeds[l.name]
             self._base_feed.update({f["w"]: self._weights[l.name], f["on"]: np.array(False),
-                                    f["scale"]: np.array(1.0, np.float32), f["zero"]: np.array(0, np.uint8)})
+                                    f["scale"]: np.array(1.0, np.float32), f["zero"]: np.array(0, np.uint8),
+                                    f["out_on"]: np.array(False), f["out_scale"]: np.array(1.0, np.float32),
+                                    f["out_zero"]: np.array(0, np.uint8)})
             if "dyn" in f:
                 self._base_feed[f["dyn"]] = np.array(False)
         self._layers = self._discover(example)
@@ -149,6 +167,10 @@ class OnnxModel:
                 feed[f["on"]] = np.array(True)
                 feed[f["scale"]] = np.array(float(aq.scale), np.float32)
                 feed[f["zero"]] = np.array(int(aq.zero), np.uint8)
+            if (oq := self.out_quant.get((name, fmt.name))) is not None:
+                feed[f["out_on"]] = np.array(True)
+                feed[f["out_scale"]] = np.array(float(oq.scale), np.float32)
+                feed[f["out_zero"]] = np.array(int(oq.zero), np.uint8)
         return feed
 
     def run_outputs(self, x, names: list[str], policy: dict[str, str] | None = None) -> list[np.ndarray]:

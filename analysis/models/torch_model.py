@@ -4,7 +4,9 @@ A policy is applied in place and undone on exit: each quantized layer's weight i
 swapped for its fake-quantized copy (cached, computed once per layer and format), and
 formats that quantize activations get a forward pre-hook on the layer's input: a calibrated
 quantizer, or for dynamic formats one from each input tensor's own range, per call (what
-onnxruntime's ``DynamicQuantizeLinear`` does). The model is never deep-copied.
+onnxruntime's ``DynamicQuantizeLinear`` does). Calibrated formats also requantize the layer's
+output with a calibrated quantizer (a forward hook), as onnxruntime's static integer kernels
+write it. The model is never deep-copied.
 """
 from __future__ import annotations
 
@@ -55,8 +57,10 @@ class TorchModel:
         self.sha256 = state_sha256(module)
         self.modules = dict(module.named_modules())
         self.act_quant: dict[tuple[str, str], ActQuant] = {}
+        self.out_quant: dict[tuple[str, str], ActQuant] = {}  # (layer, format) -> requantization of the output
         self.formats: dict[str, QuantFormat] = {}  # this analysis' formats (observer/group overrides)
         self._weight_cache: dict[tuple[str, str], torch.Tensor] = {}
+        self._bias_after: set[str] = set()  # Linear layers the ONNX export runs as MatMul, then Add(bias)
         self._layers = self._discover(example)
         if not self._layers:
             raise ModelError(f"{source}: no quantizable layers (Linear, Conv1d/2d/3d) run on the task's inputs")
@@ -74,6 +78,10 @@ class TorchModel:
                 W = mod.weight
                 x = inputs[0]
                 alive.append(x)
+                # torch.onnx writes Gemm for a 2-D input with a bias, else MatMul [+ Add]: the kernel's output,
+                # which onnxruntime requantizes, is then the product before the bias is added
+                if isinstance(mod, nn.Linear) and mod.bias is not None and x.dim() != 2:
+                    self._bias_after.add(name)
                 ident = (x.data_ptr(), tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else (id(x),)
                 group = readers.setdefault(ident, name)
                 seen[name] = LayerInfo(
@@ -157,7 +165,7 @@ class TorchModel:
         for info in self._layers:
             def fn(m, inputs, out, name=info.name):
                 on_tensor(name, "input", inputs[0])
-                on_tensor(name, "output", out)
+                on_tensor(name, "output", self._kernel_output(name, out))
 
             hooks.append(self.modules[info.name].register_forward_hook(fn))
         try:
@@ -167,6 +175,17 @@ class TorchModel:
         finally:
             for h in hooks:
                 h.remove()
+
+    def _kernel_output(self, name: str, out: torch.Tensor) -> torch.Tensor:
+        """What the layer's ONNX kernel writes: ``out``, or ``out`` less the bias the export adds after it."""
+        return out - self.modules[name].bias if name in self._bias_after else out
+
+    def _requantized(self, name: str, out: torch.Tensor, oq: ActQuant) -> torch.Tensor:
+        """``out`` after the kernel's requantization (static integer kernels write uint8, not float)."""
+        if name in self._bias_after:
+            bias = self.modules[name].bias
+            return oq(out - bias) + bias
+        return oq(out)
 
     @contextmanager
     def quantized(self, policy: dict[str, str]):
@@ -188,6 +207,9 @@ class TorchModel:
                 elif fmt.activation is not None:
                     aq = self.act_quant[(name, fmt.name)]
                     hooks.append(mod.register_forward_pre_hook(lambda m, args, aq=aq: (aq(args[0]), *args[1:])))
+                if (oq := self.out_quant.get((name, fmt.name))) is not None:
+                    hooks.append(mod.register_forward_hook(lambda m, args, out, name=name, oq=oq:
+                                                           self._requantized(name, out, oq)))
             yield self
         finally:
             for h in hooks:

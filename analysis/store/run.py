@@ -9,7 +9,10 @@ Tables (schema ``quantlens.run/1``; columns are listed in ``TABLE_COLUMNS``):
 * ``layers``      one row per quantizable layer, in execution order
 * ``sensitivity`` one row per layer x format: the task metric and losses with only that layer quantized
 * ``histograms``  one row per layer x tensor (weight / input / output): a fixed-bin histogram
-* ``clipping``    one row per layer x tensor x format: calibrated clip range, clipped share, SQNR
+* ``clipping``    one row per layer x tensor x format: calibrated clip range, clipped share, SQNR;
+                  activation rows (input, and output for static kernels) also hold the quantizer's
+                  ``scale`` and ``zero_point`` that apply and verify hand to onnxruntime (optional
+                  columns: older Runs lack them and still open)
 * ``cost``        one row per layer x format (fp32 included): exact bytes, measured latency
 * ``policies``    one row per whole-model policy that was measured (baseline, uniform, mixed)
 """
