@@ -165,7 +165,9 @@ def measure_latency(run: Run | str | os.PathLike, *, repeats: int = 50, warmup: 
     built: dict[str, QuantizedModel] = {}
     for fmt in run.formats:
         say(f"building all-{fmt} model")
-        built[fmt] = quantize_model(rm.model, rm.layers, rm.onnx_policy(uniform_policy(run, fmt)), rm.binding, calib)
+        uniform = uniform_policy(run, fmt)
+        built[fmt] = quantize_model(rm.model, rm.layers, rm.onnx_policy(uniform), rm.binding, calib,
+                                    rm.onnx_quantizers(run, uniform))
         models[f"all-{fmt}"] = built[fmt].model
     say(f"timing {len(models)} whole models round-robin")
     times = timed_runs(models, feed, threads=threads, repeats=repeats, warmup=warmup)
@@ -181,7 +183,8 @@ def measure_latency(run: Run | str | os.PathLike, *, repeats: int = 50, warmup: 
     kernel_of: dict[str, str] = {}
     say(f"timing {len(jobs)} single-layer models against fp32 ({pair_repeats} paired repeats each)")
     for layer, fmt in jobs:
-        q = quantize_model(rm.model, rm.layers, {rm.to_onnx[layer]: fmt}, rm.binding, calib)
+        q = quantize_model(rm.model, rm.layers, {rm.to_onnx[layer]: fmt}, rm.binding, calib,
+                           rm.onnx_quantizers(run, {layer: fmt}))
         pair = timed_runs({"fp32": fp32_session, "q": q.model}, feed, threads=threads, repeats=pair_repeats,
                           warmup=min(warmup, 2))
         times[f"{layer}|{fmt}"] = pair["q"] - pair["fp32"]

@@ -3,8 +3,11 @@
 Which kernel each format gets (recorded per layer in ``QuantizedModel.kernels``):
 
 * ``int8`` (W8A8, calibrated activations): ``quantize_static`` in QOperator format, per
-  channel, symmetric int8 weights, asymmetric uint8 activations, min-max calibration on
-  the task's calibration data -> ``QLinearConv`` / ``QGemm`` / ``QLinearMatMul``.
+  channel, symmetric int8 weights, asymmetric uint8 activations -> ``QLinearConv`` /
+  ``QGemm`` / ``QLinearMatMul``, which also requantize their output to uint8. Input and
+  output take the engine's quantizers (scale and zero point, ``TensorQuantOverrides``);
+  only a tensor without one (a Run from before they were stored) gets onnxruntime's
+  min-max calibration on the task's calibration data.
 * ``int4`` on ``MatMul`` (and on plain ``Gemm``, rewritten to ``MatMul`` + ``Add`` first):
   ``MatMulNBitsQuantizer``, blocks of 32 along K, asymmetric -> ``MatMulNBits``.
 * ``int4`` on ``Conv`` (and on a ``Gemm`` that cannot be rewritten): onnxruntime's tools
@@ -187,17 +190,50 @@ class _Reader:
         self.i = 0
 
 
-def _quantize_static(model: onnx.ModelProto, names: list[str], binding: InputBinding, calib: np.ndarray) -> onnx.ModelProto:
+Quantizers = dict[str, dict[str, tuple[float, int]]]  # layer -> {"input" | "output": (scale, zero point)}
+
+
+def static_quantizers(layers: list[OnnxLayer], names: list[str],
+                      quantizers: Quantizers) -> dict[str, tuple[float, int]]:
+    """``(scale, zero point)`` by tensor name for the inputs and outputs of the ``names`` layers.
+
+    onnxruntime has one quantizer per tensor: layers reading one tensor (Q, K, V) share it, and so do a
+    layer's output and the next layer's input when nothing lies between them. The engine derives each
+    quantizer from the tensor's own statistics with one observer, so both sides agree; a disagreement
+    is a bug in the engine, not a choice to make here.
+    """
+    by_name = {l.name: l for l in layers}
+    out: dict[str, tuple[float, int]] = {}
+    owner: dict[str, str] = {}
+    for name in names:
+        for tensor, (scale, zero) in quantizers.get(name, {}).items():
+            t = by_name[name].input if tensor == "input" else by_name[name].output
+            if t in out and (not np.isclose(out[t][0], scale, rtol=1e-6, atol=0) or out[t][1] != zero):
+                raise RuntimeError(f"tensor '{t}' gets two quantizers: {out[t]} as a tensor of layer '{owner[t]}', "
+                                   f"{(scale, zero)} as the {tensor} of layer '{name}'")
+            out.setdefault(t, (scale, zero))
+            owner.setdefault(t, name)
+    return out
+
+
+def _quantize_static(model: onnx.ModelProto, names: list[str], binding: InputBinding, calib: np.ndarray,
+                     given: dict[str, tuple[float, int]]) -> onnx.ModelProto:
+    """``quantize_static`` of the ``names`` layers; the tensors in ``given`` take those (scale, zero point)
+    instead of onnxruntime's min-max calibration."""
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat as OrtFormat,
                                           QuantType, quantize_static)
 
+    # 0-d arrays: onnxruntime's QuantizationParams refuses numpy scalars
+    overrides = {t: [{"scale": np.array(scale, np.float32), "zero_point": np.array(zero, np.uint8)}]
+                 for t, (scale, zero) in given.items()}
     reader = type("Reader", (_Reader, CalibrationDataReader), {})(binding, calib)
     with tempfile.TemporaryDirectory(prefix="quantlens-q8-") as tmp, _quiet():
         out = Path(tmp) / "q8.onnx"
         quantize_static(model, str(out), reader, quant_format=OrtFormat.QOperator, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_quantize=list(names),
                         op_types_to_quantize=["Conv", "Gemm", "MatMul"], calibrate_method=CalibrationMethod.MinMax,
-                        extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+                        extra_options={"ActivationSymmetric": False, "WeightSymmetric": True,
+                                       "TensorQuantOverrides": overrides})
         return onnx.load(str(out))
 
 
@@ -237,11 +273,13 @@ def _kernel_label(nodes: list[onnx.NodeProto]) -> str:
 
 
 def quantize_model(model: onnx.ModelProto, layers: list[OnnxLayer], policy: dict[str, str], binding: InputBinding,
-                   calib: np.ndarray) -> QuantizedModel:
+                   calib: np.ndarray, quantizers: Quantizers | None = None) -> QuantizedModel:
     """The quantized model for ``policy`` (ONNX layer name -> format); see the module docstring.
 
     Layers that share one weight take one format: the least aggressive one the policy gives
     any of them (fp32 before int8-dyn before int8 before int4), so the stored weight stays consistent.
+    ``quantizers`` are the engine's for the int8 layers' inputs and outputs (the Run stores them); a
+    tensor without one is calibrated min-max on ``calib`` by onnxruntime.
 
     Raises:
         QuantizeError: a layer the model lacks, an unknown format, or a format the layer cannot take.
@@ -304,7 +342,10 @@ def quantize_model(model: onnx.ModelProto, layers: list[OnnxLayer], policy: dict
     if matmul4:
         m = _matmul_nbits(m, [l.name for l in matmul4], g)
     if int8:
-        m = _quantize_static(m, int8, binding, calib)
+        given = static_quantizers(layers, int8, quantizers or {})
+        needed = {t for l in layers if l.name in int8 for t in (l.input, l.output)}
+        # onnxruntime calibrates every tensor it quantizes; where all are given, one sample is enough
+        m = _quantize_static(m, int8, binding, calib if needed - set(given) else calib[:1], given)
     if dyn:
         m = _quantize_dynamic(m, [l.name for l in dyn])
     _drop_unused_initializers(m)

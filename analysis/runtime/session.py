@@ -51,6 +51,26 @@ class RuntimeModel:
         """A policy keyed by Run layer names, re-keyed by ONNX node names."""
         return {self.to_onnx[k]: v for k, v in policy.items() if k in self.to_onnx}
 
+    def onnx_quantizers(self, run: Run, policy: dict[str, str]) -> dict[str, dict[str, tuple[float, int]]]:
+        """``stored_quantizers`` of the Run for ``policy``, keyed by ONNX node names."""
+        return {self.to_onnx[k]: v for k, v in stored_quantizers(run, policy).items() if k in self.to_onnx}
+
+
+def stored_quantizers(run: Run, policy: dict[str, str]) -> dict[str, dict[str, tuple[float, int]]]:
+    """The engine's activation quantizers for ``{layer: format}``, from the Run's ``clipping`` table:
+    ``{layer: {"input" | "output": (scale, zero point)}}``. A Run from before they were stored has none
+    (onnxruntime then calibrates those tensors itself)."""
+    clip = run.clipping
+    if "scale" not in clip.columns:
+        return {}
+    out: dict[str, dict[str, tuple[float, int]]] = {}
+    rows = clip[clip["tensor"].isin(("input", "output")) & clip["scale"].notna()]
+    for layer, tensor, fmt, scale, zero in rows[["layer", "tensor", "format", "scale", "zero_point"]].itertuples(
+            index=False, name=None):
+        if policy.get(layer) == fmt:
+            out.setdefault(layer, {})[tensor] = (float(scale), int(zero))
+    return out
+
 
 def export_torch(module: torch.nn.Module, example: torch.Tensor) -> onnx.ModelProto:
     """FP32 ONNX of a torch module, batch (and token-sequence) dimension dynamic, weights inline."""

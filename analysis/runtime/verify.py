@@ -100,8 +100,9 @@ def resolve_policy(run: Run, policy: Policy) -> tuple[dict[str, str], list[str]]
 
 
 def _build(run: Run, formats: dict[str, str], rm: RuntimeModel, task: Task) -> AppliedPolicy:
-    q: QuantizedModel = quantize_model(rm.model, rm.layers, rm.onnx_policy({k: v for k, v in formats.items() if v != "fp32"}),
-                                       rm.binding, task.calib_inputs)
+    policy = {k: v for k, v in formats.items() if v != "fp32"}
+    q: QuantizedModel = quantize_model(rm.model, rm.layers, rm.onnx_policy(policy), rm.binding, task.calib_inputs,
+                                       rm.onnx_quantizers(run, policy))
     back = {v: k for k, v in rm.to_onnx.items()}
     return AppliedPolicy(q.model, {back[k]: v for k, v in q.formats.items() if k in back},
                          {back[k]: v for k, v in q.kernels.items() if k in back}, rm.notes + q.notes)
