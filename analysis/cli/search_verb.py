@@ -18,6 +18,8 @@ def _add_search(sub) -> None:
                    help="largest projected metric drop from FP32, in metric units (0.01 = one point of accuracy)")
     p.add_argument("--minimize", choices=("size", "latency"), default="size", help="with --max-drop alone (default size)")
     p.add_argument("--no-groups", action="store_true", help="let layers that read one tensor take different formats")
+    p.add_argument("--allow-slower", action="store_true",
+                   help="also consider policies projected slower than FP32 (left out by default where latency was measured)")
     p.add_argument("--out", required=True, help="policy JSON to write")
 
 
@@ -39,7 +41,7 @@ def _cmd_search(args) -> int:
     p = Projector(run)
     res = best_policy(p, max_bytes=None if args.max_size_mb is None else args.max_size_mb * 1e6,
                       max_latency_ms=args.max_latency_ms, max_drop=args.max_drop, minimize=args.minimize,
-                      groups=None if args.no_groups else coupled_groups(run))
+                      groups=None if args.no_groups else coupled_groups(run), allow_slower=args.allow_slower)
     policy = policy_from_codes(run, res.codes)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -52,6 +54,8 @@ def _cmd_search(args) -> int:
     print(f"projected {m} {pr.metric:.4f}{band} (fp32 {run.meta['baseline']['metric']:.4f}); size "
           f"{pr.bytes / 1e6:.3f} MB ({pr.size_ratio:.2f}x smaller){lat}; layers: "
           + ", ".join(f"{n} {f}" for f, n in counts.items()))
+    for note in res.notes:
+        print(f"note: {note}", file=sys.stderr)
     if pr.extrapolated:
         print("note: beyond every measured point; verify it (quantlens verify) before trusting the number", file=sys.stderr)
     print(f"wrote {out}")

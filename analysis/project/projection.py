@@ -66,6 +66,10 @@ class Projector:
         n, nf = len(self.names), len(POLICY_FORMATS)
         # what a policy may choose from: fp32 and the formats the Run measured, in code order
         self.formats = [f for f in POLICY_FORMATS if f == "fp32" or f in run.formats]
+        # formats whose input quantizer is calibrated once per tensor: layers reading one tensor share it
+        specs = run.meta.get("format_specs") or {"int8": {"activation": {"dynamic": False}}}
+        self.shared_input_codes = sorted(FORMAT_CODE[f] for f, spec in specs.items() if f in FORMAT_CODE
+                                         and (spec or {}).get("activation") and not spec["activation"].get("dynamic"))
         self.higher_is_better = run.higher_is_better
         self.base_loss = float(run.meta["baseline"]["loss"])
         self.base_metric = float(run.meta["baseline"]["metric"])

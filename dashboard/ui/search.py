@@ -71,7 +71,7 @@ def _budget_form(lo: Loaded) -> None:
                           max_drop=None if drop is None else (drop / 100 if _pct(lo) else drop), minimize=minimize,
                           groups=groups if use_groups and groups else None)
     except SearchError as e:
-        st.session_state[state.SEARCH_LAST] = (lo.path, "error", f"No policy found: {e}. Loosen the budget.")
+        st.session_state[state.SEARCH_LAST] = (lo.path, "error", f"No policy found: {e}.")
         return
     notes = state.set_codes(lo, res.codes)
     pr = res.projection
@@ -86,7 +86,7 @@ def _budget_form(lo: Loaded) -> None:
     if pr.extrapolated:
         state.notice("The suggested policy lies beyond every measured point: its metric is extrapolated. "
                      "Verify it before trusting the number.")
-    for msg in notes:
+    for msg in [*res.notes, *notes]:
         state.notice(msg)
 
 
