@@ -11,6 +11,11 @@ simulation below is off by more than ten times the bound on the same batch. The 
 """
 from __future__ import annotations
 
+import json
+import re
+import shutil
+import subprocess
+
 import numpy as np
 import onnx
 import pytest
@@ -29,6 +34,7 @@ from analysis.quant.formats import (DYNAMIC_CONV_REASON, INT8, INT8_DYN, Activat
                                     with_observer)
 from analysis.quant.sizes import layer_bytes
 from analysis.models.base import LayerInfo
+from analysis.report.render import render_html
 from analysis.runtime.latency import session
 from analysis.runtime.onnx_quantize import QuantizeError, quantize_model
 from analysis.runtime.session import export_torch
@@ -285,3 +291,39 @@ def test_apply_and_verify_run_dynamic_int8(dyn_run, tmp_path):
     assert stored + 4 * bias == sum(int(cost[(n, "int8-dyn")]) for n in linear)
     row = verify_policy(dyn_run, policy, repeats=3)
     assert row["metric"] == pytest.approx(dyn_run.meta["uniform"]["int8-dyn"]["metric"], abs=0.01)
+
+
+def script(page: str, id_: str) -> str:
+    return re.search(rf'<script[^>]*id="{id_}"[^>]*>(.*?)</script>', page, re.S).group(1)
+
+
+def _options(page: str, layer: str) -> list[str]:
+    """The ``<option>`` tags of a layer's format select in the report."""
+    select = re.search(rf'<select class="ql-fmt"[^>]*aria-label="format of {re.escape(layer)}">(.*?)</select>', page).group(1)
+    return re.findall(r"<option [^>]*>", select)
+
+
+def test_report_offers_int8_dyn_where_measured_and_projects_it_as_python_does(dyn_run, digits_run, tmp_path):
+    page = render_html(dyn_run)
+    assert 'data-all="int8-dyn"' in page
+    assert [o for o in _options(page, "fc1") if "int8-dyn" in o] == ['<option value="int8-dyn">']
+    assert [o for o in _options(page, "conv1") if "int8-dyn" in o] == ['<option value="int8-dyn" disabled>']
+    old = render_html(digits_run)
+    assert 'data-all="int8-dyn"' not in old and not any("int8-dyn" in o for o in _options(old, "fc1"))
+    if shutil.which("node") is None:
+        return
+    p = Projector(dyn_run)
+    rng = np.random.default_rng(0)
+    policies = [[int(rng.choice(np.flatnonzero(p.allowed[i]))) for i in range(len(p.names))] for _ in range(50)]
+    (tmp_path / "app.js").write_text(script(page, "ql-app"))
+    (tmp_path / "data.json").write_text(script(page, "ql-data"))
+    (tmp_path / "codes.json").write_text(json.dumps(policies))
+    (tmp_path / "run.js").write_text(
+        "const {qlProject} = require('./app.js'); const fs = require('fs');\n"
+        "const m = JSON.parse(fs.readFileSync('data.json')).model;\n"
+        "console.log(JSON.stringify(JSON.parse(fs.readFileSync('codes.json')).map(c => qlProject(m, c))));\n")
+    out = json.loads(subprocess.run(["node", "run.js"], cwd=tmp_path, capture_output=True, text=True, check=True).stdout)
+    assert any(FORMAT_CODE["int8-dyn"] in c for c in policies)
+    for codes, js in zip(policies, out):
+        py = p.project(np.array(codes))
+        assert js["bytes"] == py.bytes and js["metric"] == pytest.approx(py.metric, abs=1e-9)

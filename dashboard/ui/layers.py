@@ -57,7 +57,8 @@ def _apply_edits(lo: Loaded, codes: np.ndarray) -> bool:
         i = int(view.index[pos])
         code = FORMAT_CODE.get(fmt)
         if code is None or not lo.projector.allowed[i, code]:
-            why = lo.projector.reasons.get((i, code), "unknown format") if code is not None else "unknown format"
+            why = ("unknown format" if code is None
+                   else lo.projector.reasons.get((i, code), "not measured in this Run"))
             rejected.append(f"{lo.projector.names[i]} cannot be {fmt} ({why}); kept at {POLICY_FORMATS[codes[i]]}.")
             continue
         if codes[i] != code:
