@@ -13,6 +13,7 @@ torch or onnxruntime (measuring, verifying) is imported on first use, so opening
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -43,6 +44,9 @@ __all__ = [
 ]
 
 
+DEFAULT_VERIFIED = 4  # random mixed policies verified in onnxruntime by analyze, besides the uniform ones
+VERIFIED_SUFFIX = " (onnxruntime)"
+
 _LAZY = {"AnalysisError": "analysis.engine.analyze", "cpu_info": "analysis.engine.analyze",
          "versions": "analysis.engine.analyze", "VerifyError": "analysis.runtime.verify",
          "apply_policy": "analysis.runtime.verify"}
@@ -57,14 +61,17 @@ def __getattr__(name: str):
 
 
 def analyze(model: str, task: str = "digits", out: str | os.PathLike = "runs/run", *, latency: bool = True,
-            threads: int | None = None, progress: bool = True, **options) -> Run:
+            verify_policies: int = DEFAULT_VERIFIED, threads: int | None = None, progress: bool = True,
+            **options) -> Run:
     """Measure every quantizable layer of ``model`` under each format on ``task``; write a Run at ``out``.
 
     Two measurements, one after the other: the sensitivity sweep (``analysis.engine.analyze.sweep_to_run``,
     whose keyword options this takes: formats, calib, seed, observer, group_size, metric, weights,
     incremental, overwrite, executor, workers, ray_address, resume, chunk_size, random_policies), then,
-    with ``latency``, per-layer and end-to-end latency in onnxruntime. If the runtime cannot take the
-    model, the sensitivity Run stands and ``run.json`` says why latency is missing.
+    with ``latency``, per-layer and end-to-end latency in onnxruntime, then the uniform policies and
+    ``verify_policies`` of the random mixed ones verified in onnxruntime, so the projection is fitted
+    to the model as shipped (0 turns that off). If the runtime cannot take the model, the sensitivity
+    Run stands and ``run.json`` says why latency or the runtime check is missing.
 
     Returns:
         The Run as written (same as ``load_run(out)``).
@@ -75,7 +82,36 @@ def analyze(model: str, task: str = "digits", out: str | os.PathLike = "runs/run
     if latency:
         _measure_latency(run, threads or 1, progress)
         run = load_run(Path(out))
+    if verify_policies > 0:
+        _verify_sweep_policies(run, verify_policies, threads or 1, progress)
+        run = load_run(Path(out))
     return run
+
+
+def _verify_sweep_policies(run: Run, k: int, threads: int, progress: bool) -> None:
+    """Measure the uniform policies and ``k`` random mixed ones in onnxruntime: the rows the projection
+    is then fitted to (``Projector``), instead of the sweep's own fake-quant of the same policies."""
+    pol = run.policies
+    chosen = [r for r in pol.itertuples(index=False) if r.kind == "uniform"]
+    chosen += [r for r in pol.itertuples(index=False) if r.kind == "random"][:k]
+    say = (lambda s: print(f"verify: {s}", file=sys.stderr)) if progress else None
+    done = 0
+    try:
+        for i, r in enumerate(chosen, start=1):
+            if say:
+                say(f"{i}/{len(chosen)} {r.name} in onnxruntime")
+            layers = json.loads(r.layers_json) if r.layers_json else {}
+            verify_policy(run, Policy(run.model_sha256, layers), name=f"{r.name}{VERIFIED_SUFFIX}", kind="verified",
+                          threads=threads, repeats=3)
+            done += 1
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:  # noqa: BLE001 - the runtime check is reported, not fatal: the engine's Run stands
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+        update_meta(run, runtime_check={"verified": done, "error": reason})
+        print(f"note: policies not verified in onnxruntime ({reason}); projections are the engine's", file=sys.stderr)
+        return
+    update_meta(run, runtime_check={"verified": done, "policies": [f"{r.name}{VERIFIED_SUFFIX}" for r in chosen]})
 
 
 def _measure_latency(run: Run, threads: int, progress: bool) -> None:

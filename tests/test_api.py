@@ -70,8 +70,8 @@ def test_load_run_round_trips(digits_run):
 @pytest.mark.slow
 def test_same_seed_gives_identical_tables(digits_run, tmp_path):
     """Byte-identical tables; latency is a timing, so it is left out of this comparison."""
-    one = analyze("demo:digits", "digits", tmp_path / "one", progress=False, latency=False)
-    two = analyze("demo:digits", "digits", tmp_path / "two", progress=False, latency=False)
+    one = analyze("demo:digits", "digits", tmp_path / "one", progress=False, latency=False, verify_policies=0)
+    two = analyze("demo:digits", "digits", tmp_path / "two", progress=False, latency=False, verify_policies=0)
     for name in TABLES:
         assert (one.path / f"{name}.parquet").read_bytes() == (two.path / f"{name}.parquet").read_bytes(), name
     timed = ["latency_ms", "latency_spread_ms", "latency_source"]
@@ -92,7 +92,7 @@ def test_custom_format_is_swept_without_touching_the_sweep(tmp_path):
 
     fmt = register_format(QuantFormat("int8w", "int8 weight-only", weight=WeightSpec(8, True, PerChannel(0))))
     try:
-        run = analyze("factories:tiny_mlp", _npz(tmp_path), tmp_path / "r", formats=["int8w"], progress=False, latency=False)
+        run = analyze("factories:tiny_mlp", _npz(tmp_path), tmp_path / "r", formats=["int8w"], progress=False, latency=False, verify_policies=0)
     finally:
         _REGISTRY.pop(fmt.name)
     assert set(run.sensitivity.format) == {"int8w"} and (run.sensitivity.status == "ok").all()
@@ -110,14 +110,14 @@ def _npz(tmp_path, labels=True, n=80):
 
 
 def test_unlabeled_data_measures_agreement_with_fp32(tmp_path):
-    run = analyze("factories:tiny_mlp", _npz(tmp_path, labels=False), tmp_path / "r", progress=False, latency=False)
+    run = analyze("factories:tiny_mlp", _npz(tmp_path, labels=False), tmp_path / "r", progress=False, latency=False, verify_policies=0)
     assert run.meta["metric"]["name"] == "agreement"
     assert run.meta["baseline"]["metric"] == 1.0 and run.meta["baseline"]["loss"] == pytest.approx(0.0, abs=1e-12)
 
 
 def test_embedding_model_measures_cosine(tmp_path):
     # an (N, 16) embedding looks like class scores, so the metric is named explicitly
-    run = analyze("factories:embedder", _npz(tmp_path, labels=False), tmp_path / "r", metric="cosine", progress=False, latency=False)
+    run = analyze("factories:embedder", _npz(tmp_path, labels=False), tmp_path / "r", metric="cosine", progress=False, latency=False, verify_policies=0)
     assert run.meta["metric"]["name"] == "cosine"
     assert run.meta["baseline"]["metric"] == pytest.approx(1.0)
     ok = run.sensitivity[run.sensitivity.status == "ok"]

@@ -96,7 +96,7 @@ def test_weights_flag_loads_a_state_dict(tmp_path, npz, capsys):
         m.fc1.weight.mul_(2)
     w = tmp_path / "w.safetensors"
     save_file(m.state_dict(), str(w))
-    code = main(["analyze", "factories:tiny_mlp", "--task", npz, "--weights", str(w), "--out", str(tmp_path / "r"), "--quiet", "--no-latency"])
+    code = main(["analyze", "factories:tiny_mlp", "--task", npz, "--weights", str(w), "--out", str(tmp_path / "r"), "--quiet", "--no-latency", "--verify-policies", "0"])
     assert code == 0
     from analysis import load_run
     from analysis.models.torch_model import state_sha256

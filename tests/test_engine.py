@@ -151,7 +151,7 @@ def test_residual_add_in_place_stays_incremental_and_equals_full_forward_exactly
 
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "x.npz", inputs=rng.normal(size=(160, 64)).astype(np.float32), labels=rng.integers(0, 10, 160))
-    args = dict(progress=False, latency=False)
+    args = dict(progress=False, latency=False, verify_policies=0)
     inc = analyze("factories:inplace_residual", str(tmp_path / "x.npz"), tmp_path / "inc", **args)
     full = analyze("factories:inplace_residual", str(tmp_path / "x.npz"), tmp_path / "full", incremental=False, **args)
     assert inc.meta["sweep"]["path"] == INCREMENTAL and full.meta["sweep"]["path"] == FULL_FORWARD

@@ -19,7 +19,7 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def serial_run(data, tmp_path_factory):
-    return analyze("factories:tiny_mlp", data, tmp_path_factory.mktemp("serial") / "r", progress=False, latency=False)
+    return analyze("factories:tiny_mlp", data, tmp_path_factory.mktemp("serial") / "r", progress=False, latency=False, verify_policies=0)
 
 
 def _same(a: Path, b: Path):
@@ -37,7 +37,7 @@ def crash_env(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_process_pool_matches_serial_and_retries_a_dead_worker(data, serial_run, tmp_path, crash_env):
-    run = analyze("factories:crash_once", data, tmp_path / "p", executor="process", workers=2, chunk_size=2, progress=False, latency=False)
+    run = analyze("factories:crash_once", data, tmp_path / "p", executor="process", workers=2, chunk_size=2, progress=False, latency=False, verify_policies=0)
     assert crash_env.exists()  # a worker really died mid-sweep
     assert run.meta["sweep"]["executor"] == "process" and run.status == "complete"
     _same(run.path, serial_run.path)  # crash_once computes exactly what tiny_mlp does
@@ -46,7 +46,7 @@ def test_process_pool_matches_serial_and_retries_a_dead_worker(data, serial_run,
 @pytest.mark.slow
 def test_ray_local_cluster_matches_serial_and_retries_a_dead_actor(data, serial_run, tmp_path, crash_env, monkeypatch):
     monkeypatch.setenv("RAY_memory_monitor_refresh_ms", "0")  # other tests' memory must not get workers killed
-    run = analyze("factories:crash_once", data, tmp_path / "ray", executor="ray", workers=2, chunk_size=2, progress=False, latency=False)
+    run = analyze("factories:crash_once", data, tmp_path / "ray", executor="ray", workers=2, chunk_size=2, progress=False, latency=False, verify_policies=0)
     assert crash_env.exists()
     assert run.meta["sweep"]["executor"] == "ray" and run.meta["sweep"]["workers"] == 2
     _same(run.path, serial_run.path)
@@ -75,7 +75,7 @@ def test_unknown_executor_is_bad_input(data, tmp_path):
     from analysis.api import AnalysisError
 
     with pytest.raises(AnalysisError, match="--executor: unknown executor 'dask'"):
-        analyze("factories:tiny_mlp", data, tmp_path / "x", executor="dask", progress=False, latency=False)
+        analyze("factories:tiny_mlp", data, tmp_path / "x", executor="dask", progress=False, latency=False, verify_policies=0)
     assert not (tmp_path / "x").exists()
 
 
@@ -104,4 +104,4 @@ def test_chunk_size_below_one_is_bad_input(data, tmp_path):
     from analysis.api import AnalysisError
 
     with pytest.raises(AnalysisError, match="--chunk-size 0: must be at least 1"):
-        analyze("factories:tiny_mlp", data, tmp_path / "x", chunk_size=0, progress=False, latency=False)
+        analyze("factories:tiny_mlp", data, tmp_path / "x", chunk_size=0, progress=False, latency=False, verify_policies=0)

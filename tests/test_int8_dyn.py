@@ -230,7 +230,7 @@ def test_a_tensor_read_by_a_static_and_a_dynamic_layer_is_quantized_at_run_time_
 def dyn_run(tmp_path_factory):
     """The digits CNN (four Conv2d, three Linear) at int8, int4 and int8-dyn."""
     return analyze("demo:digits", "digits", tmp_path_factory.mktemp("dyn") / "run", formats=["int8", "int4", "int8-dyn"],
-                   progress=False, latency=False, random_policies=4)
+                   progress=False, latency=False, verify_policies=0, random_policies=4)
 
 
 def test_run_measures_int8_dyn_and_skips_convolutions(dyn_run):

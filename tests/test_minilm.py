@@ -114,7 +114,7 @@ def test_sweep_takes_the_incremental_path_and_matches_a_full_forward(model, smal
 def test_analyze_writes_retrieval_agreement_and_flags_the_unused_pooler(small_npz, tmp_path):
     from analysis import analyze
 
-    run = analyze("demo:minilm", str(small_npz), tmp_path / "run", metric="embedding", progress=False, latency=False)
+    run = analyze("demo:minilm", str(small_npz), tmp_path / "run", metric="embedding", progress=False, latency=False, verify_policies=0)
     assert run.meta["sweep"]["path"] == INCREMENTAL and run.meta["model"]["n_layers"] == 37
     sens = run.sensitivity.set_index(["layer", "format"])
     assert "retrieval_agreement" in sens.columns and sens["retrieval_agreement"].between(0, 1).all()

@@ -44,11 +44,11 @@ def test_sweep_rows_are_refreshed_and_verified_rows_kept(tmp_path):
     npz = tmp_path / "d.npz"
     np.savez(npz, inputs=rng.normal(size=(96, 64)).astype(np.float32), labels=rng.integers(0, 10, 96))
     out = tmp_path / "r"
-    run = analyze("factories:tiny_mlp", str(npz), out, progress=False, latency=False, random_policies=2)
+    run = analyze("factories:tiny_mlp", str(npz), out, progress=False, latency=False, verify_policies=0, random_policies=2)
     original = run.policies.copy()
     merge_policy_rows(run, _row(run, "verified-1"))
     merge_policy_rows(run, _row(run, "all-int8", kind="uniform"))  # a stale copy of a sweep row
-    again = analyze("factories:tiny_mlp", str(npz), out, progress=False, latency=False, random_policies=2, resume=True)
+    again = analyze("factories:tiny_mlp", str(npz), out, progress=False, latency=False, verify_policies=0, random_policies=2, resume=True)
     pol = again.policies
     assert list(pol["name"]) == list(original["name"]) + ["verified-1"]
     sweep = pol[pol["name"] != "verified-1"].reset_index(drop=True)

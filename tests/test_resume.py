@@ -26,7 +26,7 @@ def data(tmp_path_factory):
 
 def _cmd(data, out, *extra):
     return [QUANTLENS, "analyze", "factories:residual_mlp", "--task", data, "--out", str(out), "--calib", "32",
-            "--chunk-size", "1", "--quiet", "--no-latency", *extra]
+            "--chunk-size", "1", "--quiet", "--no-latency", "--verify-policies", "0", *extra]
 
 
 def _env():
@@ -69,7 +69,7 @@ def test_kill_9_mid_sweep_then_resume_gives_identical_tables(data, tmp_path):
     assert run.status == "complete" and run.meta["sweep"]["resumed"] is True
     assert run.meta["progress"]["done"] == run.meta["progress"]["total"]
 
-    fresh = analyze("factories:residual_mlp", data, tmp_path / "fresh", calib=32, progress=False, latency=False)
+    fresh = analyze("factories:residual_mlp", data, tmp_path / "fresh", calib=32, progress=False, latency=False, verify_policies=0)
     _assert_same_tables(out, fresh.path)
 
 
@@ -77,7 +77,7 @@ def test_resume_refuses_a_run_made_with_other_settings(data, tmp_path, capsys):
     from analysis.cli.main import main
 
     out = tmp_path / "r"
-    analyze("factories:tiny_mlp", _small(tmp_path), out, progress=False, latency=False)
+    analyze("factories:tiny_mlp", _small(tmp_path), out, progress=False, latency=False, verify_policies=0)
     code = main(["analyze", "factories:tiny_mlp", "--task", _small(tmp_path), "--out", str(out), "--resume",
                  "--formats", "int8", "--quiet"])
     assert code == 2 and "sweep.context_key" in capsys.readouterr().err
@@ -88,10 +88,10 @@ def test_resume_refuses_a_run_made_with_other_settings(data, tmp_path, capsys):
 
 def test_resume_of_a_complete_run_recomputes_nothing(tmp_path):
     out = tmp_path / "r"
-    analyze("factories:tiny_mlp", _small(tmp_path), out, progress=False, latency=False)
+    analyze("factories:tiny_mlp", _small(tmp_path), out, progress=False, latency=False, verify_policies=0)
     stamp = {p.name: p.stat().st_mtime_ns for p in (out / "jobs").iterdir()}
     before = {name: (out / f"{name}.parquet").read_bytes() for name in TABLES}
-    analyze("factories:tiny_mlp", _small(tmp_path), out, resume=True, progress=False, latency=False)
+    analyze("factories:tiny_mlp", _small(tmp_path), out, resume=True, progress=False, latency=False, verify_policies=0)
     assert {p.name: p.stat().st_mtime_ns for p in (out / "jobs").iterdir()} == stamp
     assert {name: (out / f"{name}.parquet").read_bytes() for name in TABLES} == before
 

@@ -53,7 +53,7 @@ def mlp_run(tmp_path_factory):
     """x -> MatMul(W1 64x64) -> Relu -> MatMul(W2 64x64), no bias and no other weights."""
     d = tmp_path_factory.mktemp("sizes")
     onnx.save(mlp_graph(), d / "mlp.onnx")
-    return analyze(str(d / "mlp.onnx"), str(mlp_data(d)), d / "run", progress=False, latency=False,
+    return analyze(str(d / "mlp.onnx"), str(mlp_data(d)), d / "run", progress=False, latency=False, verify_policies=0,
                    random_policies=0)
 
 

@@ -20,7 +20,7 @@ from onnx_fixtures import mlp_data, mlp_graph, residual_mlp_graph
 
 QUANTLENS = str(Path(sys.executable).parent / "quantlens")
 TIMED = ("seconds", "latency_ms", "latency_spread_ms", "latency_source")  # timings differ between any two runs
-QUIET = dict(progress=False, latency=False)
+QUIET = dict(progress=False, latency=False, verify_policies=0)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def test_onnx_sweep_killed_with_sigkill_resumes_to_the_uninterrupted_tables(deep
     model, data = deep
     out = tmp_path / "killed"
     cmd = [QUANTLENS, "analyze", model, "--task", data, "--out", str(out), "--calib", "32", "--chunk-size", "1",
-           "--quiet", "--no-latency"]
+           "--quiet", "--no-latency", "--verify-policies", "0"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     jobs = out / "jobs"
     deadline = time.time() + 120
@@ -96,7 +96,7 @@ def test_onnx_on_a_worker_pool_matches_serial(small, small_serial, executor, tmp
 
 
 def test_onnx_sweep_shows_a_progress_bar_on_stderr(small, tmp_path, capsys):
-    run = analyze(*small, tmp_path / "r", progress=True, latency=False)
+    run = analyze(*small, tmp_path / "r", progress=True, latency=False, verify_policies=0)
     n_batches = math.ceil(run.meta["data"]["n_eval"] / load_task(small[1]).batch_size)
     err = capsys.readouterr().err
     assert "sweep:" in err and f"/{run.meta['sweep']['jobs'] * n_batches} " in err, err[-300:]

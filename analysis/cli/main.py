@@ -51,6 +51,9 @@ def _add_analyze(sub) -> None:
     p.add_argument("--random-policies", type=int, default=8,
                    help="random mixed policies measured whole, to calibrate and validate projections (default 8)")
     p.add_argument("--no-latency", action="store_true", help="skip the onnxruntime latency measurement")
+    p.add_argument("--verify-policies", type=int, default=4, metavar="K",
+                   help="verify the uniform policies and K of the random mixed ones in onnxruntime, so projections "
+                        "are fitted to the model as shipped (default 4; 0: projections stay the engine's)")
     p.add_argument("--chunk-size", type=int, default=None,
                    help="most jobs per unit of work and of persistence (default: 8 serial; process|ray cut at least 8 "
                         "chunks of balanced cost, 3 per worker beyond that)")
@@ -65,6 +68,8 @@ def _check_analyze_flags(args) -> None:
     g = args.group_size
     if g is not None and (g < 2 or g & (g - 1)):
         raise UsageError(f"--group-size {g}: must be a power of two >= 2")
+    if args.verify_policies < 0:
+        raise UsageError(f"--verify-policies {args.verify_policies}: must be 0 or more")
     if args.executor == "ray" and importlib.util.find_spec("ray") is None:
         raise UsageError("--executor ray: Ray is not installed (pip install 'quantlens[ray]')")
 
@@ -88,7 +93,8 @@ def _cmd_analyze(args) -> int:
                   incremental=not args.no_incremental, overwrite=args.overwrite, threads=args.threads,
                   progress=not args.quiet, executor=args.executor, workers=args.workers,
                   ray_address=args.ray_address, resume=args.resume, chunk_size=args.chunk_size,
-                  random_policies=args.random_policies, latency=not args.no_latency)
+                  random_policies=args.random_policies, latency=not args.no_latency,
+                  verify_policies=args.verify_policies)
     print(summary(run))
     print(f"wrote {run.path}")
     return 0

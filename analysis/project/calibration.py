@@ -56,14 +56,17 @@ class Calibration:
     """Everything projection v2 needs from a Run: per-layer penalties, the map, its validation."""
 
     def __init__(self, penalty: np.ndarray, base_metric: float, single_pen: np.ndarray, single_metric: np.ndarray,
-                 policies: list[tuple[str, np.ndarray, float, float]], higher_is_better: bool, kind: str) -> None:
+                 policies: list[tuple[str, np.ndarray, float, float]], higher_is_better: bool, kind: str,
+                 source: str = "engine") -> None:
         """
         Args:
             penalty: (layers, formats) per-layer penalties (0 for fp32 and for unavailable cells).
             single_pen / single_metric: the single-layer jobs' measured penalty and metric.
             policies: (name, codes, measured metric, measured penalty) per measured whole-model policy.
+            source: where those policies were measured: "onnxruntime" (the model as shipped) or "engine"
+                (the sweep's fake-quant).
         """
-        self.penalty, self.kind, self.higher_is_better = penalty, kind, higher_is_better
+        self.penalty, self.kind, self.higher_is_better, self.source = penalty, kind, higher_is_better, source
         self.rows = np.arange(penalty.shape[0])
         self.names = [p[0] for p in policies]
         self.codes = [p[1] for p in policies]
@@ -105,7 +108,9 @@ class Calibration:
 
     def method(self) -> str:
         what = "KL divergence to the FP32 outputs" if self.kind == "kl" else "loss increase"
-        return (f"calibrated: {what} summed over layers, scaled by a = {self.map.a:.3g} and mapped to the metric by an "
+        where = ("projected for onnxruntime: fitted to policies verified in onnxruntime" if self.source == "onnxruntime"
+                 else "projected for the engine's fake-quant (no policies verified in onnxruntime yet)")
+        return (f"{where}; {what} summed over layers, scaled by a = {self.map.a:.3g} and mapped to the metric by an "
                 f"isotonic fit; band = largest leave-one-out error over {len(self.validations)} measured policies "
                 f"({', '.join(self.names)}); mean absolute error {self.mae:.3g}")
 

@@ -57,6 +57,14 @@ class Validation:
     held_out: bool  # its own point was left out of the loss -> metric map
 
 
+RUNTIME_PREFIX = "onnxruntime"  # measured_on of a policy measured in the runtime (verify), not the engine
+
+
+def is_runtime_row(row) -> bool:
+    """Whether a policies-table row was measured in onnxruntime (``verify``) rather than by the sweep's fake-quant."""
+    return str(getattr(row, "measured_on", "") or "").startswith(RUNTIME_PREFIX)
+
+
 class Projector:
     """Per-layer arrays of one Run, ready to project any policy fast."""
 
@@ -150,22 +158,29 @@ class Projector:
         # normalised squared error, which 1 - cosine tracks) adds up across layers more faithfully
         classifier = run.meta.get("metric", {}).get("name") in ("accuracy", "agreement")
         use_kl = classifier and "kl" in pol.columns and bool(np.isfinite(ok["kl"]).all()) and len(ok) > 0
-        measured = []
-        for r in pol.itertuples(index=False):
-            # calibrate on what the sweep measured the same way as the per-layer jobs (torch fake-quant);
-            # verified runtime rows are compared with the projection, they do not move it
-            if r.kind not in ("uniform", "random") or not np.isfinite(r.metric):
-                continue
-            pen = float(getattr(r, "kl", np.nan)) if use_kl else max(float(r.loss) - self.base_loss, 0.0)
-            codes = self.codes_of(r.layers_json, index)
-            if codes is not None and np.isfinite(pen):
-                measured.append((str(r.name), codes, float(r.metric), pen))
+        # The runtime is the ground truth: where enough whole-model policies were measured in onnxruntime
+        # (verify rows: analyze verifies the uniform and some random policies, users verify more), the map
+        # and its band are fitted to those; otherwise to the policies the sweep measured with its own
+        # fake-quant, and the projection says it is the engine's.
+        runtime = [r for r in pol.itertuples(index=False) if is_runtime_row(r)]
+        engine = [r for r in pol.itertuples(index=False) if r.kind in ("uniform", "random") and not is_runtime_row(r)]
+        for rows, source in ((runtime, "onnxruntime"), (engine, "engine")):
+            measured = []
+            for r in rows:
+                if not np.isfinite(r.metric):
+                    continue
+                pen = float(getattr(r, "kl", np.nan)) if use_kl else max(float(r.loss) - self.base_loss, 0.0)
+                codes = self.codes_of(r.layers_json, index)
+                if codes is not None and np.isfinite(pen) and codes.any():
+                    measured.append((str(r.name), codes, float(r.metric), pen))
+            if len(measured) >= MIN_POLICIES:
+                break
         if len(measured) < MIN_POLICIES:
             return None
         penalty = penalty_array(ok, index, len(POLICY_FORMATS), FORMAT_CODE, use_kl)
         single_pen = ok["kl"].to_numpy(float) if use_kl else np.clip(ok["loss_delta"].to_numpy(float), 0, None)
         return Calibration(penalty, self.base_metric, single_pen, ok["metric"].to_numpy(float), measured,
-                           self.higher_is_better, "kl" if use_kl else "loss")
+                           self.higher_is_better, "kl" if use_kl else "loss", source)
 
     def metric_of_penalty(self, penalty_sum: float) -> float:
         """Projected metric for a summed per-layer ``penalty`` (monotone: more penalty never helps)."""

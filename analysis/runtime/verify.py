@@ -196,13 +196,15 @@ def verify_policy(run: Run | str | os.PathLike, policy: Policy | dict | str | os
     row = {"name": name, "kind": kind, "layers_json": json.dumps(explicit, sort_keys=True), "metric": r["metric"],
            "loss": r["loss"], "bytes": policy_bytes(run.cost, explicit, int(run.meta["model"].get("other_bytes", 0))),
            "latency_ms": lat["policy"][0], "measured_on": measured_on,
-           "projected_metric": proj.get("metric", np.nan), "projected_band": proj.get("band", np.nan)}
+           "projected_metric": proj.get("metric", np.nan), "projected_band": proj.get("band", np.nan),
+           # the penalty a calibrated projection fits to, and the built file beside the size model's count
+           "kl": r.get("kl", np.nan), "file_bytes": applied.model.ByteSize()}
     def named(on_disk: pd.DataFrame) -> pd.DataFrame:  # another verify may have taken a name since the Run was read
         row["name"] = name or _next_name(on_disk)
         return pd.DataFrame([row])
 
     merge_policy_rows(run, named)
-    return {**row, "file_bytes": applied.model.ByteSize(), "latency_spread_ms": lat["policy"][1],
+    return {**row, "latency_spread_ms": lat["policy"][1],
             "fp32_latency_ms": lat["fp32"][0], "projected_latency_ms": proj.get("latency_ms"),
             "formats": applied.formats, "kernels": applied.kernels, "notes": notes + applied.notes}
 

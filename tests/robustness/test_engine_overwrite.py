@@ -13,7 +13,7 @@ from analysis.engine.executors import ExecutorError
 from analysis.engine.sweep import SweepRunner
 from analysis.errors import InputError
 
-ARGS = dict(progress=False, latency=False, random_policies=2)
+ARGS = dict(progress=False, latency=False, verify_policies=0, random_policies=2)
 
 
 def _files(folder: Path) -> dict[str, bytes]:

@@ -14,7 +14,7 @@ import pytest
 from analysis import analyze
 from analysis.store.run import RunError, TABLES, load_run
 
-ARGS = dict(progress=False, latency=False, random_policies=2, chunk_size=1)
+ARGS = dict(progress=False, latency=False, verify_policies=0, random_policies=2, chunk_size=1)
 
 
 def _die_on(target: str, nth: int, npz: str, out: str, overwrite: bool = False) -> None:
