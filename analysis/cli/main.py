@@ -107,15 +107,15 @@ def summary(run) -> str:
     lines = [f"model {m['model']['name']} ({m['model']['params']:,} params, {m['model']['n_layers']} quantizable layers), "
              f"task {m['data']['task']} ({m['data']['n_eval']} eval samples), sweep path {m['sweep']['path']} "
              f"in {m['sweep']['seconds']:.1f} s",
-             f"{'policy':<10} {name:>10} {m['metric']['loss']:>14} {'size MB':>9}",
-             f"{'fp32':<10} {m['baseline']['metric']:>10.4f} {m['baseline']['loss']:>14.5f} {m['baseline']['bytes'] / 1e6:>9.3f}"]
+             f"{'policy':<12} {name:>10} {m['metric']['loss']:>14} {'size MB':>9}",
+             f"{'fp32':<12} {m['baseline']['metric']:>10.4f} {m['baseline']['loss']:>14.5f} {m['baseline']['bytes'] / 1e6:>9.3f}"]
     for fmt, u in m["uniform"].items():
         note = f"  ({len(u['skipped_layers'])} layer(s) kept fp32)" if u["skipped_layers"] else ""
-        lines.append(f"{'all-' + fmt:<10} {u['metric']:>10.4f} {u['loss']:>14.5f} {u['bytes'] / 1e6:>9.3f}{note}")
+        lines.append(f"{'all-' + fmt:<12} {u['metric']:>10.4f} {u['loss']:>14.5f} {u['bytes'] / 1e6:>9.3f}{note}")
     s = run.sensitivity[run.sensitivity["status"] == "ok"].sort_values("kl", ascending=False).head(5)
     lines.append("most sensitive (KL to fp32 with only that layer quantized):")
     for _, r in s.iterrows():
-        lines.append(f"  {r['layer']:<24} {r['format']:<5} {name} {r['metric_delta']:+.4f}  KL {r['kl']:.2e}  "
+        lines.append(f"  {r['layer']:<24} {r['format']:<8} {name} {r['metric_delta']:+.4f}  KL {r['kl']:.2e}  "
                      f"output SQNR {r['output_sqnr_db']:.1f} dB")
     return "\n".join(lines)
 
