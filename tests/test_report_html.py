@@ -147,6 +147,8 @@ def _ql_project_in_python(m: dict, codes) -> tuple[float, bool]:
     x, y = m["knots_x"], m["knots_y"]
     if s > x[-1]:
         metric = y[-1] + m["tail_slope"] * (s - x[-1])
+        if m.get("metric_range"):
+            metric = min(max(metric, m["metric_range"][0]), m["metric_range"][1])
     elif s <= x[0]:
         metric = y[0]
     else:
@@ -267,3 +269,31 @@ def test_write_is_atomic(digits_run, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):
         write_report(digits_run, out)
     assert out.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["r.html"]
+
+
+# A fourth layer whose int4 costs a whole unit of loss: the chord beyond the last point (0.20 at loss 1.30,
+# slope -0.7) would project accuracy -0.465 for all-int4 (loss 2.25); accuracy stops at 0.
+STEEP = {**KNOWN, "D": {"fp32": (400, 0, 0), "int8": (100, 0.01, 0.895), "int4": (50, 1.0, 0.2)}}
+
+
+def test_projections_stay_inside_the_metric_range_in_python_and_on_the_page(tmp_path):
+    run = explicit_run(tmp_path / "steep", STEEP, baseline=(0.30, 0.90))
+    pj = Projector(run)
+    assert run.meta["metric"]["name"] == "accuracy" and pj.metric_range == (0.0, 1.0)
+    every4, two4 = np.array([2, 2, 2, 2]), np.array([0, 2, 0, 2])
+    assert pj.project(every4).metric == 0.0 and pj.project(every4).extrapolated
+    assert pj.project(two4).metric == pytest.approx(0.20 - 0.7 * 0.05)  # loss 1.35, inside the range: the chord
+    m = projection_model(pj)
+    assert m["metric_range"] == [0.0, 1.0]
+    assert _ql_project_in_python(m, every4.tolist()) == (0.0, True)
+    if NODE is not None:
+        page = render_html(run)
+        (tmp_path / "app.js").write_text(script(page, "ql-app"))
+        (tmp_path / "data.json").write_text(script(page, "ql-data"))
+        (tmp_path / "run.js").write_text(
+            "const {qlProject} = require('./app.js'); const fs = require('fs');\n"
+            "const m = JSON.parse(fs.readFileSync('data.json')).model;\n"
+            "console.log(JSON.stringify([[2, 2, 2, 2], [0, 2, 0, 2]].map(c => qlProject(m, c).metric)));\n")
+        out = json.loads(subprocess.run([NODE, "run.js"], cwd=tmp_path, capture_output=True, text=True,
+                                        check=True).stdout)
+        assert out == [0.0, pytest.approx(0.20 - 0.7 * 0.05)]

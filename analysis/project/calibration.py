@@ -41,11 +41,11 @@ class PenaltyMap:
     """``metric = g(a * summed penalty)`` fitted on points and measured policies."""
 
     def __init__(self, pen_points: np.ndarray, metric_points: np.ndarray, policy_sums: np.ndarray,
-                 policy_pens: np.ndarray, higher_is_better: bool) -> None:
+                 policy_pens: np.ndarray, higher_is_better: bool, bounds: tuple[float, float] | None = None) -> None:
         ok = (policy_sums > 0) & np.isfinite(policy_pens)
         ratios = policy_pens[ok] / policy_sums[ok]
         self.a = float(np.median(ratios)) if ok.any() else 1.0
-        self.g = LossToMetric(pen_points, metric_points, higher_is_better)  # baseline first: anchored
+        self.g = LossToMetric(pen_points, metric_points, higher_is_better, bounds)  # baseline first: anchored
         self.max_penalty = self.g.max_loss
 
     def __call__(self, penalty_sum: float) -> float:
@@ -57,7 +57,7 @@ class Calibration:
 
     def __init__(self, penalty: np.ndarray, base_metric: float, single_pen: np.ndarray, single_metric: np.ndarray,
                  policies: list[tuple[str, np.ndarray, float, float]], higher_is_better: bool, kind: str,
-                 source: str = "engine") -> None:
+                 source: str = "engine", bounds: tuple[float, float] | None = None) -> None:
         """
         Args:
             penalty: (layers, formats) per-layer penalties (0 for fp32 and for unavailable cells).
@@ -67,6 +67,7 @@ class Calibration:
                 (the sweep's fake-quant).
         """
         self.penalty, self.kind, self.higher_is_better, self.source = penalty, kind, higher_is_better, source
+        self.bounds = bounds
         self.rows = np.arange(penalty.shape[0])
         self.names = [p[0] for p in policies]
         self.codes = [p[1] for p in policies]
@@ -91,7 +92,7 @@ class Calibration:
         base_metric, sp, sm, sums, metrics, pens = self._data
         pen_pts = np.concatenate([[0.0], sp, pens[keep]])
         met_pts = np.concatenate([[base_metric], sm, metrics[keep]])
-        return PenaltyMap(pen_pts, met_pts, sums[keep], pens[keep], self.higher_is_better)
+        return PenaltyMap(pen_pts, met_pts, sums[keep], pens[keep], self.higher_is_better, self.bounds)
 
     def sum(self, codes: np.ndarray) -> float:
         return float(self.penalty[self.rows, np.asarray(codes, dtype=np.intp)].sum())

@@ -23,7 +23,8 @@ class LossToMetric:
 
     ANCHOR = 1e12  # the baseline's weight: the map passes through it, so FP32 projects to the measured FP32
 
-    def __init__(self, loss: np.ndarray, metric: np.ndarray, higher_is_better: bool) -> None:
+    def __init__(self, loss: np.ndarray, metric: np.ndarray, higher_is_better: bool,
+                 bounds: tuple[float, float] | None = None) -> None:
         ok = np.isfinite(loss) & np.isfinite(metric)
         if not ok[0]:
             raise ValueError("the baseline (loss, metric) must be finite to fit the loss -> metric map")
@@ -35,8 +36,10 @@ class LossToMetric:
         # beyond the largest measured loss: continue along the chord of the whole fit
         span = self.x[-1] - self.x[0]
         self.tail_slope = float((self.y[-1] - self.y[0]) / span) if span > 0 else 0.0
+        self.bounds = bounds  # the metric's own range (cosine -1..1, accuracy 0..1): the tail stops there
 
     def __call__(self, loss: float) -> float:
         if loss > self.max_loss:
-            return float(self.y[-1] + self.tail_slope * (loss - self.max_loss))
+            y = float(self.y[-1] + self.tail_slope * (loss - self.max_loss))
+            return y if self.bounds is None else min(max(y, self.bounds[0]), self.bounds[1])
         return float(np.interp(loss, self.x, self.y))

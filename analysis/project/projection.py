@@ -57,6 +57,8 @@ class Validation:
     held_out: bool  # its own point was left out of the loss -> metric map
 
 
+# the range each built-in metric can take: projections never leave it (a Run may name its own in run.json)
+METRIC_RANGES = {"accuracy": (0.0, 1.0), "agreement": (0.0, 1.0), "cosine": (-1.0, 1.0), "embedding": (-1.0, 1.0)}
 RUNTIME_PREFIX = "onnxruntime"  # measured_on of a policy measured in the runtime (verify), not the engine
 
 
@@ -79,6 +81,9 @@ class Projector:
         self.shared_input_codes = sorted(FORMAT_CODE[f] for f, spec in specs.items() if f in FORMAT_CODE
                                          and (spec or {}).get("activation") and not spec["activation"].get("dynamic"))
         self.higher_is_better = run.higher_is_better
+        metric = run.meta.get("metric", {})
+        rng = metric.get("range") or METRIC_RANGES.get(metric.get("name"))
+        self.metric_range = (float(rng[0]), float(rng[1])) if rng else None
         self.base_loss = float(run.meta["baseline"]["loss"])
         self.base_metric = float(run.meta["baseline"]["metric"])
         self.other_bytes = int(run.meta["model"].get("other_bytes", 0))
@@ -136,7 +141,7 @@ class Projector:
             if codes is not None:
                 self.measured_policies.append((str(r.name), codes, float(r.metric), float(r.loss)))
         self.pts_loss, self.pts_metric = np.array(pts_loss), np.array(pts_metric)
-        self.map = LossToMetric(self.pts_loss, self.pts_metric, self.higher_is_better)
+        self.map = LossToMetric(self.pts_loss, self.pts_metric, self.higher_is_better, self.metric_range)
         self.validations, self.band, self.band_method = self._validate()
         # projection v2 where the sweep measured random mixed policies (see analysis.project.calibration)
         self.calibration = self._calibrated(run, index)
@@ -180,7 +185,7 @@ class Projector:
         penalty = penalty_array(ok, index, len(POLICY_FORMATS), FORMAT_CODE, use_kl)
         single_pen = ok["kl"].to_numpy(float) if use_kl else np.clip(ok["loss_delta"].to_numpy(float), 0, None)
         return Calibration(penalty, self.base_metric, single_pen, ok["metric"].to_numpy(float), measured,
-                           self.higher_is_better, "kl" if use_kl else "loss", source)
+                           self.higher_is_better, "kl" if use_kl else "loss", source, self.metric_range)
 
     def metric_of_penalty(self, penalty_sum: float) -> float:
         """Projected metric for a summed per-layer ``penalty`` (monotone: more penalty never helps)."""
@@ -208,7 +213,8 @@ class Projector:
             keep = ~((self.pts_loss == loss) & (self.pts_metric == measured))
             keep[0] = True  # the baseline anchors every fit
             held_out = bool((~keep).any()) and int(keep.sum()) >= 2
-            fit = LossToMetric(self.pts_loss[keep], self.pts_metric[keep], self.higher_is_better) if held_out else self.map
+            fit = (LossToMetric(self.pts_loss[keep], self.pts_metric[keep], self.higher_is_better, self.metric_range)
+                   if held_out else self.map)
             projected = fit(self.loss(codes))
             out.append(Validation(name, measured, projected, projected - measured, held_out))
         if not out:

@@ -69,7 +69,8 @@ def projection_model(p: Projector) -> dict:
             "allowed": p.allowed.tolist(), "bytes": p.bytes.astype(int).tolist(), "latency": _nums(p.latency),
             "other_bytes": int(p.other_bytes), "fp32_bytes": int(p.fp32_bytes),
             "fp32_latency_ms": p.fp32_latency_ms, "knots_x": _nums(curve.x), "knots_y": _nums(curve.y),
-            "tail_slope": float(curve.tail_slope), "extrapolation_eps": eps, "band": p.band, "measured": measured}
+            "tail_slope": float(curve.tail_slope), "extrapolation_eps": eps, "band": p.band, "measured": measured,
+            "metric_range": list(curve.bounds) if curve.bounds is not None else None}
 
 
 def most_sensitive(run: Run, k: int = TOP_SENSITIVE) -> list[str]:

@@ -13,7 +13,10 @@
 //   nearest: the measured whole-model policy (FP32 included) with the fewest layers in another format
 function qlCurve(m, s) {
   const x = m.knots_x, y = m.knots_y, n = x.length;
-  if (s > x[n - 1]) return y[n - 1] + m.tail_slope * (s - x[n - 1]);
+  if (s > x[n - 1]) {  // the tail stops at the metric's own range, as in analysis/project/curve.py
+    const t = y[n - 1] + m.tail_slope * (s - x[n - 1]), r = m.metric_range;
+    return r ? Math.min(Math.max(t, r[0]), r[1]) : t;
+  }
   if (s <= x[0]) return y[0];
   let lo = 0, hi = n - 1;
   while (hi - lo > 1) { const mid = (lo + hi) >> 1; if (x[mid] <= s) lo = mid; else hi = mid; }
