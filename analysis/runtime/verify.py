@@ -164,7 +164,8 @@ def verify_policy(run: Run | str | os.PathLike, policy: Policy | dict | str | os
         policy: a Policy, its dict, or a JSON file.
         progress: optional callable receiving one line per step.
         name: the row's name (default ``verified-<n>``); a row of the same name is replaced.
-        kind: ``user`` or ``search``.
+        kind: ``user``, ``search`` or ``verified`` (analyze's own check of the policies it measured).
+        repeats: timed runs of each model end to end; 0 measures the metric only (latency NaN).
         projected: what the projection says for ``{layer: format}`` (``metric``, ``band``, ``latency_ms``),
             recorded beside the measurement; ``analysis.api.verify_policy`` passes the Run's projector.
 
@@ -186,10 +187,13 @@ def verify_policy(run: Run | str | os.PathLike, policy: Policy | dict | str | os
     say(f"evaluating on {len(task.eval_inputs)} samples")
     metric_name = run.meta["metric"]["name"]
     r = _evaluate(applied.model, rm, task, metric_name, threads).result()
-    say("timing end to end")
-    x = task.eval_inputs[: int(run.meta.get("latency", {}).get("batch", 32))]
-    feed = {rm.binding.name: next(rm.binding.chunks(x))[0]}
-    lat = end_to_end({"fp32": rm.model, "policy": applied.model}, feed, threads=threads, repeats=repeats)
+    if repeats > 0:
+        say("timing end to end")
+        x = task.eval_inputs[: int(run.meta.get("latency", {}).get("batch", 32))]
+        feed = {rm.binding.name: next(rm.binding.chunks(x))[0]}
+        lat = end_to_end({"fp32": rm.model, "policy": applied.model}, feed, threads=threads, repeats=repeats)
+    else:  # accuracy only (analyze's own check of its policies): latency stays unmeasured, NaN
+        lat = {"fp32": (np.nan, np.nan), "policy": (np.nan, np.nan)}
     explicit = {n: f for n, f in formats.items()}
     proj = projected(run, explicit) if projected is not None else {}
     measured_on = f"onnxruntime {ort.__version__}, CPU, {threads} threads, {len(task.eval_inputs)} eval samples"
