@@ -38,7 +38,7 @@ from analysis.engine.executors import (CHUNKS_PER_WORKER, EXECUTORS, MIN_CHUNKS,
 from analysis.engine.plan import SweepPlan, plan_sweep
 from analysis.engine.runfolder import RunFolder
 from analysis.engine.stats import calibrate, statistics_tables, weight_sqnr
-from analysis.engine.sweep import SweepRunner
+from analysis.engine.sweep import SweepRunner, SWEEP_CODE_VERSION
 from analysis.engine.tables import RunTables, finite_or_none
 from analysis.errors import InputError
 from analysis.models.loading import load_model
@@ -259,7 +259,8 @@ def _run_meta(o: SweepOptions, runner: SweepRunner, m: Metric, fmts: list[QuantF
         "sweep": {"path": runner.path, "path_reason": runner.path_reason, "jobs": len(plan.jobs),
                   "skipped": len(plan.skip), "executor": o.executor,
                   "workers": o.workers if o.executor != "serial" else 1, "chunk_size": o.chunk_size,
-                  "incremental_requested": o.incremental, "context_key": plan.context_key},
+                  "incremental_requested": o.incremental, "context_key": plan.context_key,
+                  "code": SWEEP_CODE_VERSION},
         "progress": {"done": 0, "total": len(plan.jobs)},
         "versions": versions(),
         "seed": o.seed,

@@ -33,7 +33,7 @@ import onnxruntime as ort
 from analysis.runtime.onnx_quantize import QuantizedModel, layer_nodes, quantize_model
 from analysis.store.atomic import folder_lock
 from analysis.store.run import Run, load_run, read_table, replace_table, update_meta
-from analysis.runtime.session import RuntimeModel, resolve_model, resolve_task
+from analysis.runtime.session import RuntimeModel, resolve_model, resolve_task, run_formats
 
 PROVIDER = "CPUExecutionProvider"
 TIMING_CALIB_SAMPLES = 4
@@ -167,7 +167,7 @@ def measure_latency(run: Run | str | os.PathLike, *, repeats: int = 50, warmup: 
         say(f"building all-{fmt} model")
         uniform = uniform_policy(run, fmt)
         built[fmt] = quantize_model(rm.model, rm.layers, rm.onnx_policy(uniform), rm.binding, calib,
-                                    rm.onnx_quantizers(run, uniform))
+                                    rm.onnx_quantizers(run, uniform), run_formats(run))
         models[f"all-{fmt}"] = built[fmt].model
     say(f"timing {len(models)} whole models round-robin")
     times = timed_runs(models, feed, threads=threads, repeats=repeats, warmup=warmup)
@@ -184,7 +184,7 @@ def measure_latency(run: Run | str | os.PathLike, *, repeats: int = 50, warmup: 
     say(f"timing {len(jobs)} single-layer models against fp32 ({pair_repeats} paired repeats each)")
     for layer, fmt in jobs:
         q = quantize_model(rm.model, rm.layers, {rm.to_onnx[layer]: fmt}, rm.binding, calib,
-                           rm.onnx_quantizers(run, {layer: fmt}))
+                           rm.onnx_quantizers(run, {layer: fmt}), run_formats(run))
         pair = timed_runs({"fp32": fp32_session, "q": q.model}, feed, threads=threads, repeats=pair_repeats,
                           warmup=min(warmup, 2))
         times[f"{layer}|{fmt}"] = pair["q"] - pair["fp32"]

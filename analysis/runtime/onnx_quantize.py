@@ -273,13 +273,15 @@ def _kernel_label(nodes: list[onnx.NodeProto]) -> str:
 
 
 def quantize_model(model: onnx.ModelProto, layers: list[OnnxLayer], policy: dict[str, str], binding: InputBinding,
-                   calib: np.ndarray, quantizers: Quantizers | None = None) -> QuantizedModel:
+                   calib: np.ndarray, quantizers: Quantizers | None = None,
+                   specs: dict[str, QuantFormat] | None = None) -> QuantizedModel:
     """The quantized model for ``policy`` (ONNX layer name -> format); see the module docstring.
 
     Layers that share one weight take one format: the least aggressive one the policy gives
     any of them (fp32 before int8-dyn before int8 before int4), so the stored weight stays consistent.
     ``quantizers`` are the engine's for the int8 layers' inputs and outputs (the Run stores them); a
-    tensor without one is calibrated min-max on ``calib`` by onnxruntime.
+    tensor without one is calibrated min-max on ``calib`` by onnxruntime. ``specs`` are the formats as
+    the Run measured them (e.g. another int4 group size, ``--group-size``); the registry's otherwise.
 
     Raises:
         QuantizeError: a layer the model lacks, an unknown format, or a format the layer cannot take.
@@ -289,7 +291,7 @@ def quantize_model(model: onnx.ModelProto, layers: list[OnnxLayer], policy: dict
     for name, f in policy.items():
         if name not in by_name:
             raise QuantizeError(f"policy names layer '{name}', which the model does not have as a quantizable node")
-        fmt = get_format(f) if f in BUILDABLE else None
+        fmt = ((specs or {}).get(f) or get_format(f)) if f in BUILDABLE else None
         if fmt is None:
             raise QuantizeError(f"policy gives layer '{name}' format {f!r}; known: {', '.join(BUILDABLE)}")
         if fmt.is_dynamic and (why := dynamic_skip_reason(_node(model, name))):
@@ -315,7 +317,7 @@ def quantize_model(model: onnx.ModelProto, layers: list[OnnxLayer], policy: dict
     int4 = [l for l in layers if fmts.get(l.name) == "int4"]
     int8 = [l.name for l in layers if fmts.get(l.name) == "int8"]
     dyn = [l for l in layers if fmts.get(l.name) == "int8-dyn"]
-    fmt4 = get_format("int4")
+    fmt4 = (specs or {}).get("int4") or get_format("int4")
     g = fmt4.weight.granularity.group_size
     matmul4, blocked4 = [], []
     for l in int4:

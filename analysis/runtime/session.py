@@ -23,6 +23,7 @@ from analysis.models.onnx_graph import (InputBinding, OnnxLayer, bind_input, con
 from analysis.store.run import Run
 from analysis.data.tasks import BUNDLED_TASKS, Task, load_task
 from analysis.errors import InputError
+from analysis.quant.formats import QuantFormat
 
 EXPORT_OPSET = 17
 
@@ -54,6 +55,11 @@ class RuntimeModel:
     def onnx_quantizers(self, run: Run, policy: dict[str, str]) -> dict[str, dict[str, tuple[float, int]]]:
         """``stored_quantizers`` of the Run for ``policy``, keyed by ONNX node names."""
         return {self.to_onnx[k]: v for k, v in stored_quantizers(run, policy).items() if k in self.to_onnx}
+
+
+def run_formats(run: Run) -> dict[str, QuantFormat]:
+    """The formats exactly as the Run measured them (group size, observer, ...), from ``run.json``."""
+    return {name: QuantFormat.from_dict(d) for name, d in (run.meta.get("format_specs") or {}).items()}
 
 
 def stored_quantizers(run: Run, policy: dict[str, str]) -> dict[str, dict[str, tuple[float, int]]]:

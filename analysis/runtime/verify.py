@@ -27,7 +27,7 @@ from analysis.quant.sizes import policy_bytes
 from analysis.runtime.onnx_quantize import QuantizedModel, quantize_model
 from analysis.store.policy import POLICY_FORMATS, Policy, PolicyError, from_json, match_policy, parse_policy
 from analysis.store.run import Run, load_run, merge_policy_rows
-from analysis.runtime.session import RuntimeModel, resolve_model, resolve_task
+from analysis.runtime.session import RuntimeModel, resolve_model, resolve_task, run_formats
 from analysis.data.tasks import MetricState, Task
 from analysis.errors import InputError
 
@@ -75,12 +75,31 @@ def _policy_formats(run: Run, policy: Policy | dict | str | os.PathLike) -> tupl
         raise
 
 
+# Runs made before the engine requantized static int8 outputs as onnxruntime's kernels do project
+# numbers the runtime does not reproduce: building or verifying their policies would mislead.
+MIN_SWEEP_CODE = 2
+
+
+def _check_run_is_current(run: Run) -> None:
+    code = str(run.meta.get("sweep", {}).get("code", "sweep/1"))
+    try:
+        version = int(code.rsplit("/", 1)[-1])
+    except ValueError:
+        version = 0
+    if version < MIN_SWEEP_CODE:
+        m, d = run.meta.get("model", {}), run.meta.get("data", {})
+        raise VerifyError(f"{run.path}/run.json: made by an older engine ({code}) whose numbers onnxruntime does not "
+                          f"reproduce; re-run it: quantlens analyze {m.get('name', 'MODEL')} --task "
+                          f"{d.get('spec') or d.get('task', 'TASK')} --out NEW_RUN")
+
+
 def resolve_policy(run: Run, policy: Policy) -> tuple[dict[str, str], list[str]]:
     """``({layer: format} for every Run layer, notes)``; formats a layer was skipped for stay fp32.
 
     Raises:
         VerifyError: another model's hash, a layer the model lacks, or an unknown format.
     """
+    _check_run_is_current(run)
     m = match_policy(policy, run)
     if m.model_mismatch:
         raise VerifyError(f"field 'model.sha256': the policy is for model {m.model_mismatch[0][:12]}…, "
@@ -91,6 +110,12 @@ def resolve_policy(run: Run, policy: Policy) -> tuple[dict[str, str], list[str]]
     if m.unknown_formats:
         k, v = next(iter(m.unknown_formats.items()))
         raise VerifyError(f"field 'layers.{k}': unknown format {v!r}; known: {', '.join(POLICY_FORMATS)}")
+    measured = {"fp32", *run.formats}
+    for layer, fmt in [*policy.layers.items(), ("default", policy.default)]:
+        if fmt not in measured:
+            raise VerifyError(f"field '{'default' if layer == 'default' else 'layers.' + layer}': format {fmt!r} was not "
+                              f"measured in this Run (it measured {', '.join(sorted(measured))}); re-run analyze with "
+                              f"--formats including it, or choose one of those")
     formats = {n: policy.format_of(n) for n in run.layer_names}
     formats = {n: ("fp32" if n in m.unavailable else f) for n, f in formats.items()}
     blocked = set(run.sensitivity.loc[run.sensitivity["status"] != "ok", ["layer", "format"]].itertuples(index=False, name=None))
@@ -102,7 +127,7 @@ def resolve_policy(run: Run, policy: Policy) -> tuple[dict[str, str], list[str]]
 def _build(run: Run, formats: dict[str, str], rm: RuntimeModel, task: Task) -> AppliedPolicy:
     policy = {k: v for k, v in formats.items() if v != "fp32"}
     q: QuantizedModel = quantize_model(rm.model, rm.layers, rm.onnx_policy(policy), rm.binding, task.calib_inputs,
-                                       rm.onnx_quantizers(run, policy))
+                                       rm.onnx_quantizers(run, policy), run_formats(run))
     back = {v: k for k, v in rm.to_onnx.items()}
     return AppliedPolicy(q.model, {back[k]: v for k, v in q.formats.items() if k in back},
                          {back[k]: v for k, v in q.kernels.items() if k in back}, rm.notes + q.notes)
