@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from analysis.store.policy import POLICY_SCHEMA, Policy, PolicyError, decode_codes, encode_codes, from_json, parse_policy
+from analysis.store.policy import (POLICY_FORMATS, POLICY_SCHEMA, Policy, PolicyError, decode_codes, encode_codes,
+                                   from_json, parse_policy)
 from analysis.store.run import TABLES, Run, RunError, load_run
 
 JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=8),
@@ -46,10 +47,11 @@ def test_url_token_from_any_text(token):
     except PolicyError:
         return
     assert decode_codes(encode_codes(t.codes, t.sha_prefix)).codes.tolist() == t.codes.tolist()
-    assert t.codes.ndim == 1 and (t.codes.size == 0 or (t.codes.min() >= 0 and t.codes.max() <= 2))
+    assert t.codes.ndim == 1 and (t.codes.size == 0 or (t.codes.min() >= 0 and t.codes.max() < len(POLICY_FORMATS)))
 
 
-@given(st.lists(st.integers(0, 2), max_size=300), st.text("0123456789abcdef", min_size=12, max_size=12))
+@given(st.lists(st.integers(0, len(POLICY_FORMATS) - 1), max_size=300),
+       st.text("0123456789abcdef", min_size=12, max_size=12))
 def test_url_token_round_trip(codes, sha):
     t = decode_codes(encode_codes(codes, sha))
     assert t.sha_prefix == sha and t.codes.tolist() == codes
