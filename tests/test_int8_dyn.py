@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
 
 import numpy as np
 import onnx
@@ -24,6 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from analysis import analyze
+from page_script import page_projections, script
 from analysis.api import apply_policy, verify_policy
 from analysis.models.onnx_graph import bind_input, find_layers
 from analysis.models.onnx_model import load_onnx_model
@@ -293,8 +293,6 @@ def test_apply_and_verify_run_dynamic_int8(dyn_run, tmp_path):
     assert row["metric"] == pytest.approx(dyn_run.meta["uniform"]["int8-dyn"]["metric"], abs=0.01)
 
 
-def script(page: str, id_: str) -> str:
-    return re.search(rf'<script[^>]*id="{id_}"[^>]*>(.*?)</script>', page, re.S).group(1)
 
 
 def _options(page: str, layer: str) -> list[str]:
@@ -315,14 +313,7 @@ def test_report_offers_int8_dyn_where_measured_and_projects_it_as_python_does(dy
     p = Projector(dyn_run)
     rng = np.random.default_rng(0)
     policies = [[int(rng.choice(np.flatnonzero(p.allowed[i]))) for i in range(len(p.names))] for _ in range(50)]
-    (tmp_path / "app.js").write_text(script(page, "ql-app"))
-    (tmp_path / "data.json").write_text(script(page, "ql-data"))
-    (tmp_path / "codes.json").write_text(json.dumps(policies))
-    (tmp_path / "run.js").write_text(
-        "const {qlProject} = require('./app.js'); const fs = require('fs');\n"
-        "const m = JSON.parse(fs.readFileSync('data.json')).model;\n"
-        "console.log(JSON.stringify(JSON.parse(fs.readFileSync('codes.json')).map(c => qlProject(m, c))));\n")
-    out = json.loads(subprocess.run(["node", "run.js"], cwd=tmp_path, capture_output=True, text=True, check=True).stdout)
+    out = page_projections(page, policies, tmp_path)
     assert any(FORMAT_CODE["int8-dyn"] in c for c in policies)
     for codes, js in zip(policies, out):
         py = p.project(np.array(codes))

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import subprocess
 
 import numpy as np
 import pytest
@@ -23,14 +21,12 @@ from analysis.report.render import _finite, projection_model, render_html, rende
 from analysis.store.run import load_run, write_run
 from analysis.store.synthetic import explicit_run, synthetic_run
 
-NODE = shutil.which("node")
+from page_script import NODE, page_projections, script
 MAX_REPORT_BYTES = 5_000_000
 HOSTILE = ["</script><script>window.__pwned=1</script>", '"><img src=x onerror="window.__pwned=1">',
            "a|b`c*_[x](javascript:alert(1))", "<!--", "&amp;\u2028"]
 
 
-def script(page: str, id_: str) -> str:
-    return re.search(rf'<script[^>]*id="{id_}"[^>]*>(.*?)</script>', page, re.S).group(1)
 
 
 def hostile_run(src, dest):
@@ -112,15 +108,7 @@ def test_page_projection_matches_python(which, digits_run, syn, syn_v1, tmp_path
     policies = [[int(rng.choice(a)) for a in allowed] for _ in range(300)]
     policies += rng.integers(0, 3, size=(50, len(allowed))).tolist()  # formats a layer lacks, too
     policies += [[0] * len(allowed), [int(a[-1]) for a in allowed]]
-    (tmp_path / "app.js").write_text(script(page, "ql-app"))
-    (tmp_path / "data.json").write_text(script(page, "ql-data"))
-    (tmp_path / "codes.json").write_text(json.dumps(policies))
-    (tmp_path / "run.js").write_text(
-        "const {qlProject} = require('./app.js'); const fs = require('fs');\n"
-        "const m = JSON.parse(fs.readFileSync('data.json')).model;\n"
-        "const codes = JSON.parse(fs.readFileSync('codes.json'));\n"
-        "console.log(JSON.stringify(codes.map(c => qlProject(m, c))));\n")
-    out = json.loads(subprocess.run([NODE, "run.js"], cwd=tmp_path, capture_output=True, text=True, check=True).stdout)
+    out = page_projections(page, policies, tmp_path)
     for codes, js in zip(policies, out):
         py = pj.project(np.array(codes))
         assert js["metric"] == pytest.approx(py.metric, abs=1e-9)
@@ -187,14 +175,7 @@ def test_page_curve_gives_the_hand_worked_metrics(known, codes, metric, extrapol
 
 @pytest.mark.skipif(NODE is None, reason="node is not installed")
 def test_page_script_gives_the_hand_worked_metrics(known, tmp_path):
-    page = render_html(known)
-    (tmp_path / "app.js").write_text(script(page, "ql-app"))
-    (tmp_path / "data.json").write_text(script(page, "ql-data"))
-    (tmp_path / "run.js").write_text(
-        "const {qlProject} = require('./app.js'); const fs = require('fs');\n"
-        "const m = JSON.parse(fs.readFileSync('data.json')).model;\n"
-        f"console.log(JSON.stringify({json.dumps([c for c, _, _ in KNOWN_METRICS])}.map(c => qlProject(m, c))));\n")
-    out = json.loads(subprocess.run([NODE, "run.js"], cwd=tmp_path, capture_output=True, text=True, check=True).stdout)
+    out = page_projections(render_html(known), [c for c, _, _ in KNOWN_METRICS], tmp_path)
     for (codes, metric, extrapolated), js in zip(KNOWN_METRICS, out):
         assert (js["metric"], js["extrapolated"]) == (pytest.approx(metric), extrapolated), codes
 
@@ -287,13 +268,5 @@ def test_projections_stay_inside_the_metric_range_in_python_and_on_the_page(tmp_
     assert m["metric_range"] == [0.0, 1.0]
     assert _ql_project_in_python(m, every4.tolist()) == (0.0, True)
     if NODE is not None:
-        page = render_html(run)
-        (tmp_path / "app.js").write_text(script(page, "ql-app"))
-        (tmp_path / "data.json").write_text(script(page, "ql-data"))
-        (tmp_path / "run.js").write_text(
-            "const {qlProject} = require('./app.js'); const fs = require('fs');\n"
-            "const m = JSON.parse(fs.readFileSync('data.json')).model;\n"
-            "console.log(JSON.stringify([[2, 2, 2, 2], [0, 2, 0, 2]].map(c => qlProject(m, c).metric)));\n")
-        out = json.loads(subprocess.run([NODE, "run.js"], cwd=tmp_path, capture_output=True, text=True,
-                                        check=True).stdout)
-        assert out == [0.0, pytest.approx(0.20 - 0.7 * 0.05)]
+        out = page_projections(render_html(run), [[2, 2, 2, 2], [0, 2, 0, 2]], tmp_path)
+        assert [o["metric"] for o in out] == [0.0, pytest.approx(0.20 - 0.7 * 0.05)]
