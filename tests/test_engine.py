@@ -176,8 +176,9 @@ def test_layer_that_does_not_reach_the_output_is_flagged(factory):
 def test_layer_bytes_exact():
     info = LayerInfo("l", "Linear", 0, (64, 256), True, 64 * 256 + 64, 64 * 256, 256, 64)
     assert layer_bytes(info, FP32) == (64 * 256 + 64) * 4
-    # int8: codes + per-channel fp32 scales + fp32 bias + input scale and zero point
-    assert layer_bytes(info, INT8) == 64 * 256 + 64 * 4 + 64 * 4 + 4 + 1
+    # int8: codes + per-channel fp32 scales + the per-channel zero points onnxruntime stores (all 0) + the
+    # (int32) bias + input and output scale and zero point (QLinear kernels requantize their output)
+    assert layer_bytes(info, INT8) == 64 * 256 + 64 * 4 + 64 + 64 * 4 + 2 * (4 + 1) == 16970
     # int4: packed codes + fp32 scale per group + packed 4-bit zero point per group + fp32 bias
     groups = 64 * 256 // 32
     assert layer_bytes(info, INT4) == 64 * 256 // 2 + groups * 4 + groups // 2 + 64 * 4
@@ -186,3 +187,18 @@ def test_layer_bytes_exact():
 def test_unknown_format_names_the_known_ones():
     with pytest.raises(KeyError, match="unknown format 'int3'; known: fp32, int4, int8"):
         get_format("int3")
+
+
+def test_models_with_batchnorm_hash_and_keep_the_hash_of_other_tensors():
+    from torch import nn
+
+    from analysis.models.torch_model import state_sha256
+
+    bn = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))  # num_batches_tracked is a 0-d int64 buffer
+    assert len(state_sha256(bn)) == 64
+    lin = nn.Linear(3, 2)
+    with torch.no_grad():
+        lin.weight.copy_(torch.arange(6.0).reshape(2, 3))
+        lin.bias.zero_()
+    # the same digest as before 0-d tensors were handled, so Runs made earlier still match their models
+    assert state_sha256(lin) == "abdbbfb5aa0ea07e62081784ecac79068bdd715200bd2f12adacca9c83e02e86"
