@@ -98,6 +98,15 @@ def _weight_oik(model: onnx.ModelProto, layer: OnnxLayer) -> np.ndarray:
     return np.ascontiguousarray(w.T) if layer.transposed else w
 
 
+def _uint4(name: str, dims: list[int], values: torch.Tensor) -> onnx.TensorProto:
+    """A UINT4 initializer stored packed, two codes a byte, the first in the low nibble (as ONNX lays them out;
+    a list of ints would be stored one code per element, about three times larger on disk)."""
+    v = values.reshape(-1).numpy().astype(np.uint8)
+    if v.size % 2:
+        v = np.append(v, np.uint8(0))
+    return helper.make_tensor(name, TensorProto.UINT4, dims, (v[0::2] | (v[1::2] << 4)).tobytes(), raw=True)
+
+
 def _blocked_dq_weight(model: onnx.ModelProto, layer: OnnxLayer, fmt: QuantFormat) -> None:
     """Feed ``layer`` from uint4 codes through a blocked DequantizeLinear (see module docstring)."""
     W = torch.from_numpy(_weight_oik(model, layer))
@@ -105,9 +114,9 @@ def _blocked_dq_weight(model: onnx.ModelProto, layer: OnnxLayer, fmt: QuantForma
     out, n_groups, g = codes.shape
     p = f"{layer.name}/int4"
     model.graph.initializer.extend([
-        helper.make_tensor(f"{p}/codes", TensorProto.UINT4, [out, n_groups * g], codes.reshape(-1).numpy().tolist()),
+        _uint4(f"{p}/codes", [out, n_groups * g], codes),
         numpy_helper.from_array(scale.reshape(out, n_groups).numpy().astype(np.float32), f"{p}/scale"),
-        helper.make_tensor(f"{p}/zero", TensorProto.UINT4, [out, n_groups], zero.reshape(-1).numpy().tolist()),
+        _uint4(f"{p}/zero", [out, n_groups], zero),
         numpy_helper.from_array(np.array(W.shape, dtype=np.int64), f"{p}/shape"),
     ])
     new = [helper.make_node("DequantizeLinear", [f"{p}/codes", f"{p}/scale", f"{p}/zero"], [f"{p}/dq"],
