@@ -23,7 +23,7 @@ DEFAULT = "overview"  # served at the root URL too
 PAGES: dict[str, PageSpec] = {  # URL path -> page, in the sidebar's order
     "overview": PageSpec(overview.render, "Overview", ":material/dashboard:"),
     "layers": PageSpec(layers.render, "Layers", ":material/tune:"),
-    "search": PageSpec(search.render, "Search", ":material/manage_search:"),
+    "search": PageSpec(lambda: search.render(page("layers")), "Search", ":material/manage_search:"),
     "activations": PageSpec(activations.render, "Activations", ":material/bar_chart:"),
     "export": PageSpec(export.render, "Export & share", ":material/share:"),
     "compare": PageSpec(compare.render, "Compare", ":material/compare_arrows:"),

@@ -27,15 +27,21 @@ Latency is measured by onnxruntime and filled in separately (NaN until then).
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 import pandas as pd
 
 from analysis.quant.formats import PerChannel, PerGroup, PerTensor, QuantFormat
 
-if TYPE_CHECKING:  # layers are described by the models layer above; only their shapes are read here
-    from analysis.models.base import LayerInfo
+
+class LayerShape(Protocol):
+    """What sizes read of a layer (``analysis.models.base.LayerInfo`` is one): its name and shapes."""
+
+    name: str
+    weight_shape: tuple[int, ...]
+    has_bias: bool
+    out_features: int
 
 FP32_BYTES = 4
 SHAPE_BYTES = 8  # one int64 per dimension of a Reshape target
@@ -64,7 +70,7 @@ def zero_point_bytes(weight_shape: tuple[int, ...], fmt: QuantFormat) -> int:
     return math.ceil(s * w.bits / 8)
 
 
-def layer_bytes(info: LayerInfo, fmt: QuantFormat) -> int:
+def layer_bytes(info: LayerShape, fmt: QuantFormat) -> int:
     """Bytes of one layer's parameters under ``fmt`` (see the module docstring)."""
     n_weight = int(np.prod(info.weight_shape))
     bias = info.out_features * FP32_BYTES if info.has_bias else 0
@@ -81,7 +87,7 @@ def layer_bytes(info: LayerInfo, fmt: QuantFormat) -> int:
     return total
 
 
-def cost_table(layers: list[LayerInfo], formats: list[QuantFormat], skip: dict[tuple[str, str], str]) -> pd.DataFrame:
+def cost_table(layers: list[LayerShape], formats: list[QuantFormat], skip: dict[tuple[str, str], str]) -> pd.DataFrame:
     """One row per layer x format (fp32 included); formats a layer cannot take are left out."""
     rows = []
     for info in layers:

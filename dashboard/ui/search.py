@@ -119,8 +119,8 @@ def _frontiers(lo: Loaded, codes: np.ndarray) -> None:
                "onnxruntime.")
 
 
-def render() -> None:
-    """The Search page (registered in dashboard/pages.py)."""
+def render(layers_page=None) -> None:
+    """The Search page (registered in dashboard/pages.py, which hands it the Layers page to link to)."""
     lo = require_run()
     st.title("Search")
     st.caption("The exact optimum of the projection (a mixed-integer program, as `quantlens search`): "
@@ -132,7 +132,6 @@ def render() -> None:
     state.show_notices()
     codes = state.codes(lo)
     headline(lo, lo.projector.project(codes), codes)
-    from dashboard.pages import page  # dashboard.pages imports this module
-
-    st.page_link(page("layers"), label="See and edit it layer by layer", icon=":material/tune:")
+    if layers_page is not None:
+        st.page_link(layers_page, label="See and edit it layer by layer", icon=":material/tune:")
     _frontiers(lo, codes)
