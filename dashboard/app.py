@@ -10,7 +10,7 @@ import streamlit as st
 from dashboard import pages, state
 from dashboard.components import sidebar
 
-st.set_page_config(page_title="QuantLens", page_icon=":material/troubleshoot:", layout="wide")
+st.set_page_config(page_title="QuantLens", page_icon="🔎", layout="wide")
 state.init()
 sidebar()
 pages.navigation().run()
