@@ -111,3 +111,25 @@ def test_weights_for_an_onnx_model_is_bad_input_not_ignored(small, tmp_path):
     with pytest.raises(InputError, match=r"--weights .*w\.safetensors.*mlp\.onnx"):
         analyze(*small, tmp_path / "r", weights=str(tmp_path / "w.safetensors"), **QUIET)
     assert not (tmp_path / "r").exists()
+
+
+def test_nan_inside_the_model_on_calibration_data_is_one_line_and_writes_nothing(tmp_path, capsys):
+    from onnx import TensorProto, helper, numpy_helper
+
+    from analysis.cli.main import main
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.normal(size=(8, 4)).astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("Sqrt", ["x"], ["r"], name="sqrt"),  # NaN for negative inputs
+                               helper.make_node("MatMul", ["r", "w"], ["y"], name="mm")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], [w])
+    model = tmp_path / "nan.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(model))
+    np.savez(tmp_path / "x.npz", inputs=rng.normal(size=(32, 8)).astype(np.float32))
+    out = tmp_path / "run"
+    assert main(["analyze", str(model), "--task", str(tmp_path / "x.npz"), "--out", str(out), "--quiet",
+                 "--no-latency", "--verify-policies", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "NaN or Inf in the input of layer 'mm' on the calibration data" in err
+    assert not out.exists()

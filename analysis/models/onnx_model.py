@@ -26,7 +26,7 @@ from analysis.quant.formats import QuantFormat, get_format
 from analysis.models.base import LayerInfo, ModelError
 from analysis.models.onnx_graph import (InputBinding, OnnxLayer, bind_input, downstream_tensors, dynamic_skip_reason,
                                         find_layers, initializer_array, load_onnx, shared_weights)
-from analysis.quant.act import ActivationStats, ActQuant
+from analysis.quant.act import ActivationStats, ActQuant, check_finite
 from analysis.quant.primitives import HIST_BINS, RangeObserver, StreamingHistogram, fake_quantize_weight, group_size_error
 
 PROBE = "quantlens"
@@ -292,6 +292,7 @@ class OnnxModel:
             vals = dict(zip(names, self.run_outputs(x, names)))
             for n, t, tensor in keys:
                 ranges[(n, t)].update(torch.from_numpy(vals[tensor]))
+        check_finite(ranges)
         hists = {k: StreamingHistogram(r.lo, r.hi, HIST_BINS) for k, r in ranges.items()}
         for x in calib_batches():
             vals = dict(zip(names, self.run_outputs(x, names)))

@@ -19,7 +19,7 @@ from torch import nn
 from analysis.quant.formats import DYNAMIC_CONV_REASON, QuantFormat, get_format
 from analysis.models.base import LayerInfo, ModelError
 from analysis.models.torch_graph import InplaceError, TracedGraph
-from analysis.quant.act import ActivationStats, ActQuant, fake_quantize_dynamic
+from analysis.quant.act import ActivationStats, ActQuant, check_finite, fake_quantize_dynamic
 from analysis.quant.primitives import HIST_BINS, RangeObserver, StreamingHistogram, fake_quantize_weight, group_size_error
 
 QUANTIZABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -156,6 +156,7 @@ class TorchModel:
         """Two streamed passes over the calibration data: min/max, then 2048-bin histograms."""
         ranges: dict[tuple[str, str], RangeObserver] = {}
         self._observe(calib_batches, lambda n, t, x: ranges.setdefault((n, t), RangeObserver()).update(x))
+        check_finite(ranges)
         hists = {k: StreamingHistogram(r.lo, r.hi, HIST_BINS) for k, r in ranges.items()}
         self._observe(calib_batches, lambda n, t, x: hists[(n, t)].update(x))
         return ActivationStats(ranges, hists)

@@ -6,10 +6,12 @@ quantize each tensor with its own range (``fake_quantize_dynamic``) and need no 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
+from analysis.errors import InputError
 from analysis.quant.primitives import RangeObserver, StreamingHistogram, choose_qparams, fake_quantize, qrange
 
 
@@ -17,6 +19,18 @@ from analysis.quant.primitives import RangeObserver, StreamingHistogram, choose_
 class ActivationStats:
     ranges: dict[tuple[str, str], RangeObserver]  # (layer, "input"|"output")
     hists: dict[tuple[str, str], StreamingHistogram]
+
+
+class NonFiniteActivation(InputError):
+    """The FP32 model produced NaN or Inf inside on the calibration data: no range can be calibrated."""
+
+
+def check_finite(ranges: dict[tuple[str, str], RangeObserver]) -> None:
+    """Raise ``NonFiniteActivation`` naming the first layer tensor that held NaN or Inf."""
+    for (layer, tensor), r in ranges.items():
+        if r.nonfinite or not (math.isfinite(r.lo) and math.isfinite(r.hi)):
+            raise NonFiniteActivation(f"the FP32 model produced NaN or Inf in the {tensor} of layer '{layer}' on the "
+                                      f"calibration data ({r.nonfinite} value(s)); check the model and its inputs")
 
 
 @dataclass

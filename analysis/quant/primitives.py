@@ -136,9 +136,16 @@ class RangeObserver:
     lo: float = math.inf
     hi: float = -math.inf
     count: int = 0
+    nonfinite: int = 0  # NaN or Inf values seen: a range cannot hold them (``quant.act.check_finite``)
 
     def update(self, x: torch.Tensor) -> None:
         x = x.detach()
+        finite = torch.isfinite(x)
+        if not bool(finite.all()):
+            self.nonfinite += int((~finite).sum())
+            x = x[finite]
+            if x.numel() == 0:
+                return
         self.lo = min(self.lo, float(x.min()))
         self.hi = max(self.hi, float(x.max()))
         self.count += x.numel()
