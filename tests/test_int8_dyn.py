@@ -25,7 +25,8 @@ from torch import nn
 from analysis import analyze
 from page_script import page_projections, script
 from analysis.api import apply_policy, verify_policy
-from analysis.models.onnx_graph import bind_input, find_layers
+from analysis.models.onnx_graph import find_layers
+from analysis.models.onnx_io import bind_input
 from analysis.models.onnx_model import load_onnx_model
 from analysis.models.torch_model import TorchModel
 from analysis.project.projection import Projector

@@ -19,7 +19,8 @@ from torch import nn
 
 from analysis.engine.analyze import sweep_to_run
 from analysis.engine.stats import calibrate
-from analysis.models.onnx_graph import bind_input, find_layers
+from analysis.models.onnx_graph import find_layers
+from analysis.models.onnx_io import bind_input
 from analysis.models.onnx_model import OnnxModel
 from analysis.models.torch_model import TorchModel
 from analysis.quant.formats import get_format

@@ -24,7 +24,8 @@ from onnx import TensorProto, helper
 
 from analysis.quant.formats import QuantFormat, get_format
 from analysis.models.base import LayerInfo, ModelError
-from analysis.models.onnx_graph import (InputBinding, OnnxLayer, bind_input, downstream_tensors, dynamic_skip_reason,
+from analysis.models.onnx_io import InputBinding, bind_input
+from analysis.models.onnx_graph import (OnnxLayer, downstream_tensors, dynamic_skip_reason,
                                         find_layers, initializer_array, load_onnx, shared_weights)
 from analysis.quant.act import ActivationStats, ActQuant, check_finite
 from analysis.quant.primitives import HIST_BINS, RangeObserver, StreamingHistogram, fake_quantize_weight, group_size_error

@@ -37,7 +37,8 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from analysis.quant.formats import QuantFormat, get_format
-from analysis.models.onnx_graph import InputBinding, OnnxLayer, default_opset, dynamic_skip_reason, initializer_array
+from analysis.models.onnx_io import InputBinding
+from analysis.models.onnx_graph import OnnxLayer, default_opset, dynamic_skip_reason, initializer_array
 from analysis.quant.primitives import group_size_error, quantize_weight
 from analysis.errors import InputError
 

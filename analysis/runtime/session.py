@@ -18,7 +18,8 @@ import onnx
 import torch
 
 from analysis.models.base import ModelError
-from analysis.models.onnx_graph import (InputBinding, OnnxLayer, bind_input, constants_to_initializers, find_layers,
+from analysis.models.onnx_io import InputBinding, bind_input
+from analysis.models.onnx_graph import (OnnxLayer, constants_to_initializers, find_layers,
                                         initializer_array, load_onnx, name_nodes)
 from analysis.store.run import Run
 from analysis.data.tasks import BUNDLED_TASKS, Task, load_task
