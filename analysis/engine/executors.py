@@ -52,6 +52,8 @@ class WorkerSpec:
     formats: list[dict]
     incremental: bool  # the parent's traced graph passed its checks; workers trace the same code
     threads: int = 1
+    task_options: dict | None = None
+    output: str | None = None
     sys_path: list[str] = field(default_factory=lambda: list(sys.path))
 
 
@@ -89,8 +91,9 @@ def build_runner(spec: WorkerSpec):
             sys.path.insert(0, p)
     torch.set_num_threads(spec.threads)
     keep_freed_memory()
-    task = load_task(spec.task, metric=spec.task_metric, calib=spec.calib, seed=spec.seed)
-    model = load_model(spec.model, torch.from_numpy(task.eval_inputs[:2]), weights=spec.weights)
+    task = load_task(spec.task, metric=spec.task_metric, calib=spec.calib, seed=spec.seed, model=spec.model,
+                     options=spec.task_options)
+    model = load_model(spec.model, task.eval_inputs[:3], weights=spec.weights, output=spec.output)
     if model.sha256 != spec.model_sha256:
         raise ExecutorError(f"worker loaded model '{spec.model}' with sha256 {model.sha256[:12]}, "
                             f"expected {spec.model_sha256[:12]} (weights changed on disk?)")

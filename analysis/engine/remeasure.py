@@ -22,10 +22,12 @@ def runner_for_run(run: Run) -> SweepRunner:
     meta = run.meta
     data = meta["data"]
     spec = data.get("spec") or data["task"]
-    task = load_task(spec, metric=data.get("metric_arg"), calib=data.get("calib_arg"), seed=meta.get("seed", 0))
+    task = load_task(spec, metric=data.get("metric_arg"), calib=data.get("calib_arg"), seed=meta.get("seed", 0),
+                     model=meta["model"]["name"], options=data.get("options"))
     if task.sha256 != data["sha256"]:
         raise RemeasureError(f"task '{spec}': its data changed since the Run was made (sha256 differs)")
-    model = load_model(meta["model"]["name"], torch.from_numpy(task.eval_inputs[:2]), weights=meta["model"].get("weights"))
+    model = load_model(meta["model"]["name"], task.eval_inputs[:3], weights=meta["model"].get("weights"),
+                       output=meta["model"].get("output_arg"))
     if model.sha256 != meta["model"]["sha256"]:
         raise RemeasureError(f"model '{meta['model']['name']}': its weights changed since the Run was made")
     fmts = [QuantFormat.from_dict(d) for name, d in meta["format_specs"].items() if name != "fp32"]

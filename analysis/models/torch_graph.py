@@ -95,8 +95,10 @@ class TracedGraph:
 
     def _run_node(self, i: int, env: list, x: torch.Tensor):
         node = self.nodes[i]
-        if node.op == "placeholder":
-            return x
+        if node.op == "placeholder":  # several inputs come as a dict by argument name
+            if isinstance(x, dict):
+                return x[node.target] if node.target in x else (node.args[0] if node.args else None)
+            return x if i == 0 else (node.args[0] if node.args else None)  # one tensor: the first argument
         args, kwargs = map_arg((node.args, node.kwargs), lambda n: env[self.index[n]])
         if i in self.inplace and args and isinstance(args[0], torch.Tensor):
             args = (args[0].clone(), *args[1:])  # the cached value stays as the first forward left it
