@@ -210,4 +210,13 @@ def load_task(spec: str, *, metric: str | None = None, calib: int | None = None,
         return task
     if spec.endswith(".npz") or Path(spec).suffix == ".npz":
         return npz_task(spec, metric=metric, calib=calib, seed=seed)
-    raise TaskError(f"unknown task '{spec}'; known: {', '.join(sorted(BUNDLED_TASKS))}, or an .npz file")
+    if Path(spec).suffix.lower() in (".txt", ".jsonl", ".csv"):
+        from analysis.data.text import text_task
+
+        return text_task(spec, model=model, options=options, metric=metric, calib=calib, seed=seed)
+    if Path(spec).is_dir():  # a folder of class subfolders of images
+        from analysis.data.images import image_folder_task
+
+        return image_folder_task(spec, options=options, metric=metric, calib=calib, seed=seed)
+    raise TaskError(f"unknown task '{spec}'; known: {', '.join(sorted(BUNDLED_TASKS))}, an .npz file, "
+                    f"a .txt, .jsonl or .csv of texts, or a folder of class subfolders of images")
