@@ -83,6 +83,12 @@ def load_torch_model(spec: str, weights: str | Path | None = None) -> tuple[nn.M
             return minilm_model(), spec, weights_source()
         raise ModelError(f"unknown demo model '{spec}'; known: {', '.join(DEMO_TASKS)}")
     path = Path(spec)
+    if path.is_dir() and (path / "config.json").is_file():  # a Hugging Face model folder
+        if weights is not None:
+            raise ModelError(f"--weights {weights}: {spec} is a Hugging Face folder that holds its own weights")
+        from analysis.models.hf import load_hf_model
+
+        return load_hf_model(spec)
     if path.suffix.lower() in CHECKPOINT_SUFFIXES:
         if not path.exists():
             raise ModelError(f"{spec}: no such file")
