@@ -24,11 +24,15 @@ from onnx import TensorProto, helper
 
 from analysis.quant.formats import QuantFormat, get_format
 from analysis.models.base import LayerInfo, ModelError
+from analysis.data.batch import sample_shapes, take, to_numpy
 from analysis.models.onnx_io import InputBinding, bind_input
-from analysis.models.onnx_graph import (OnnxLayer, downstream_tensors, dynamic_skip_reason,
-                                        find_layers, initializer_array, load_onnx, shared_weights)
+from analysis.models.outputs import OutputSpec, output_spec
+from analysis.models.onnx_graph import (OnnxLayer, downstream_tensors, dynamic_skip_reason, find_layers, from_oik,
+                                        initializer_array, load_onnx, node_reads, shared_weights, subgraph_layers,
+                                        to_oik)
 from analysis.quant.act import ActivationStats, ActQuant, check_finite
-from analysis.quant.primitives import HIST_BINS, RangeObserver, StreamingHistogram, fake_quantize_weight, group_size_error
+from analysis.quant.primitives import (HIST_BINS, RangeObserver, StreamingHistogram, fake_quantize_weight, group_size_error,
+                                       transposed_conv_error)
 
 PROBE = "quantlens"
 
@@ -91,7 +95,7 @@ def probe_graph(model: onnx.ModelProto, layers: list[OnnxLayer]) -> tuple[onnx.M
                             helper.make_tensor_value_info(f["scale"], TensorProto.FLOAT, []),
                             helper.make_tensor_value_info(f["zero"], TensorProto.UINT8, [])])
         nodes += [node, *after]
-        used_weights.update(node.input)
+        used_weights.update(node_reads(node))  # a subgraph may read a layer's weight from the outer scope
     del g.node[:]
     g.node.extend(nodes)
     fed = {l.weight for l in layers} - used_weights  # weights now fed as inputs
@@ -113,8 +117,9 @@ class OnnxModel:
 
     kind = "onnx"
 
-    def __init__(self, model: onnx.ModelProto, binding: InputBinding, example: np.ndarray, *, name: str,
-                 source: str, sha256: str, notes: list[str] | None = None, threads: int = 1) -> None:
+    def __init__(self, model: onnx.ModelProto, binding: InputBinding, example, *, name: str,
+                 source: str, sha256: str, notes: list[str] | None = None, threads: int = 1,
+                 output: str | None = None) -> None:
         self.model = model
         self.binding = binding
         self.name, self.source, self.sha256 = name, source, sha256
@@ -123,15 +128,21 @@ class OnnxModel:
         self.out_quant: dict[tuple[str, str], ActQuant] = {}  # (layer, format) -> requantization of the output
         self.formats: dict[str, QuantFormat] = {}  # this analysis' formats (observer/group overrides)
         self._policy: dict[str, str] = {}
+        self.not_analysed: list[tuple[str, str]] = subgraph_layers(model)  # (node, reason): inside If/Loop/Scan
         self._olayers = find_layers(model)
+        if not self._olayers and self.not_analysed:
+            node, why = self.not_analysed[0]
+            raise ModelError(f"{source}: no quantizable layers outside subgraphs; the {len(self.not_analysed)} found are "
+                             f"inside them, which are not analysed (first: '{node}', {why.rsplit(': ', 1)[0]})")
         if not self._olayers:
-            raise ModelError(f"{source}: no quantizable layers (Conv, Gemm or MatMul with a constant weight)")
+            raise ModelError(f"{source}: no quantizable layers (Conv, ConvTranspose, Gemm or MatMul with a constant weight)")
         self.by_name = {l.name: l for l in self._olayers}
         self.shared = shared_weights(self._olayers)
         if self.shared:
             self.notes.append("weights shared between layers: " + "; ".join(
                 f"{w} by {', '.join(n)}" for w, n in self.shared.items()))
-        self.output_name = model.graph.output[0].name
+        self.output_names = [o.name for o in model.graph.output]
+        self._axes: dict[str, int] = {}  # graph output -> its batch axis, once known
         probe, self.feeds = probe_graph(model, self._olayers)
         try:
             self.session = ort.InferenceSession(probe.SerializeToString(), session_options(threads),
@@ -149,6 +160,7 @@ class OnnxModel:
                                     f["out_zero"]: np.array(0, np.uint8)})
             if "dyn" in f:
                 self._base_feed[f["dyn"]] = np.array(False)
+        self.outputs: OutputSpec = self._find_outputs(example, output)
         self._layers = self._discover(example)
 
     # ---- running -------------------------------------------------------------------------------
@@ -175,19 +187,22 @@ class OnnxModel:
         return feed
 
     def run_outputs(self, x, names: list[str], policy: dict[str, str] | None = None) -> list[np.ndarray]:
-        """The named tensors for a batch (any size: fixed-batch models are fed in chunks)."""
-        x = x.numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-        feed = self._feed(policy)
-        parts: list[list[np.ndarray]] = [[] for _ in names]
-        for chunk, n in self.binding.chunks(x):
-            feed[self.binding.name] = chunk
-            for acc, y in zip(parts, self.session.run(names, feed)):
-                acc.append(y[:n] if self.binding.batch is not None else y)
-        return [np.concatenate(p) if len(p) > 1 else p[0] for p in parts]
+        """The named tensors for a batch (any size: fixed-batch models are fed in pieces, joined along each
+        output's batch axis, the padding cut off where that axis is known)."""
+        base = self._feed(policy)
+        return run_in_pieces(lambda ns, piece: self.session.run(ns, {**base, **piece}), self.binding, x, names,
+                             self._axes)
+
+    def _find_outputs(self, example, select: str | None) -> OutputSpec:
+        base = self._feed(None)
+        spec = find_output_spec(lambda ns, piece: self.session.run(ns, {**base, **piece}), self.binding,
+                                self.output_names, example, select, self.source)
+        self._axes = {o.name: o.batch_axis for o in spec.outputs if o.batch_axis is not None}
+        return spec
 
     def run(self, batch, policy: dict[str, str] | None = None) -> torch.Tensor:
-        y = self.run_outputs(batch, [self.output_name], policy)[0]
-        return torch.from_numpy(np.ascontiguousarray(y)).float()
+        """What the metric compares for a batch under ``policy`` (``outputs``)."""
+        return self.outputs.combine(self.run_outputs(batch, self.output_names, policy))
 
     def format(self, name: str) -> QuantFormat:
         """The format this model uses under ``name``: an override set by the analysis, else the registry's."""
@@ -208,27 +223,30 @@ class OnnxModel:
     def forward(self, x, capture=()) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The output for a batch under the policy applied now, and the outputs of the ``capture`` layers."""
         capture = list(capture)
-        ys = self.run_outputs(x, [self.output_name] + [self.by_name[n].output for n in capture], self._policy)
+        k = len(self.output_names)
+        ys = self.run_outputs(x, self.output_names + [self.by_name[n].output for n in capture], self._policy)
         as_torch = lambda a: torch.from_numpy(np.ascontiguousarray(a)).float()  # noqa: E731
-        return as_torch(ys[0]), {n: as_torch(y) for n, y in zip(capture, ys[1:])}
+        return self.outputs.combine(ys[:k]), {n: as_torch(y) for n, y in zip(capture, ys[k:])}
 
     # ---- layers --------------------------------------------------------------------------------
-    def _discover(self, example: np.ndarray) -> list[LayerInfo]:
-        names = [self.output_name] + [l.output for l in self._olayers]
-        try:
-            outs = self.run_outputs(example[:2], names)
-        except Exception as e:
-            raise ModelError(f"{self.source}: onnxruntime rejects the task's inputs of shape {tuple(example.shape[1:])} "
-                             f"({str(e).splitlines()[0][:200]})") from None
-        n = len(example[:2])
+    def _discover(self, example) -> list[LayerInfo]:
+        """Layers with their cost per sample, from one piece of the example the model accepts."""
+        piece, _ = next(self.binding.feeds(take(to_numpy(example), slice(0, 2))))
+        n = len(next(iter(piece.values())))
+        outs = self.session.run([l.output for l in self._olayers], {**self._feed(None), **piece})
+        spread = [l.input for l in self._olayers if l.op == "ConvTranspose"]  # MACs follow its input, not output
+        ins = dict(zip(spread, self.session.run(spread, {**self._feed(None), **piece}))) if spread else {}
         infos = []
-        for order, (l, y) in enumerate(zip(self._olayers, outs[1:])):
+        for order, (l, y) in enumerate(zip(self._olayers, outs)):
             W = self.weight(l.name)
             bias = initializer_array(self.model, l.bias).size if l.bias else 0
             k = int(np.prod(W.shape[1:]))
             per_sample = y.size // n if y.ndim > 1 else y.size
+            macs = per_sample * k
+            if l.input in ins:  # each input element meets out/groups * kernel weights
+                macs = ins[l.input].size // n * int(np.prod(self._weights[l.name].shape[1:]))
             infos.append(LayerInfo(name=l.name, type=l.op, order=order, weight_shape=tuple(W.shape), has_bias=bool(l.bias),
-                                   params=W.numel() + bias, macs=int(per_sample * k), in_features=k,
+                                   params=W.numel() + bias, macs=int(macs), in_features=k,
                                    out_features=int(W.shape[0])))
         return infos
 
@@ -246,12 +264,15 @@ class OnnxModel:
             return why
         if fmt.weight is None:
             return None
+        l = self.by_name[name]
+        if l.op == "ConvTranspose" and (why := transposed_conv_error(l.groups, fmt.weight)):
+            return why
         return group_size_error(self.layer(name).weight_shape, fmt.weight)
 
     def weight(self, name: str) -> torch.Tensor:
         """The layer's FP32 weight in (out, in, *kernel) layout."""
         w = self._weights[name]
-        return torch.from_numpy(np.ascontiguousarray(w.T if self.by_name[name].transposed else w))
+        return torch.from_numpy(np.ascontiguousarray(to_oik(self.by_name[name], w)))
 
     def fake_weight(self, name: str, fmt: QuantFormat) -> torch.Tensor:
         return torch.from_numpy(self._fake_engine(name, fmt))
@@ -263,8 +284,7 @@ class OnnxModel:
         return self._fake[key]
 
     def _fake_stored(self, name: str, fmt: QuantFormat) -> np.ndarray:
-        w = self._fake_engine(name, fmt)
-        return np.ascontiguousarray(w.T) if self.by_name[name].transposed else w
+        return np.ascontiguousarray(from_oik(self.by_name[name], self._fake_engine(name, fmt)))
 
     def other_bytes(self) -> int:
         """Bytes of initializers outside the layers' weights and biases (shared ones counted once)."""
@@ -280,7 +300,8 @@ class OnnxModel:
                        if t.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16)))
 
     def reaches_output(self, x=None) -> dict[str, bool]:
-        return {l.name: self.output_name in downstream_tensors(self.model, l.output) for l in self._olayers}
+        compared = {self.outputs.outputs[i].name for i in self.outputs.selected}
+        return {l.name: bool(compared & downstream_tensors(self.model, l.output)) for l in self._olayers}
 
     # ---- engine hooks --------------------------------------------------------------------------
     def activation_stats(self, calib_batches):
@@ -302,8 +323,45 @@ class OnnxModel:
         return ActivationStats(ranges, hists)
 
 
-def load_onnx_model(path: str | Path, example: torch.Tensor, *, source_hint: str = "") -> OnnxModel:
-    """The ONNX adapter for a file, checked to accept ``example`` (a batch of task inputs).
+def run_in_pieces(run, binding: InputBinding, x, names: list[str], axes: dict[str, int]) -> list[np.ndarray]:
+    """``run(names, feed)`` over a batch of any size: a fixed-batch model is fed in pieces, joined along each
+    tensor's batch axis (``axes``, else 0), the padding cut off where that axis has the batch's length."""
+    parts: list[list[np.ndarray]] = [[] for _ in names]
+    for piece, n in binding.feeds(x):
+        for acc, name, y in zip(parts, names, run(names, piece)):
+            if binding.batch is not None and n < binding.batch and y.ndim:
+                axis = axes.get(name, 0)
+                y = np.take(y, np.arange(n), axis=axis) if y.shape[axis] == binding.batch else y
+            acc.append(y)
+    return [p[0] if len(p) == 1 else np.concatenate(p, axis=axes.get(name, 0)) for p, name in zip(parts, names)]
+
+
+def find_output_spec(run, binding: InputBinding, names: list[str], example, select: str | None,
+                     where: str) -> OutputSpec:
+    """Which outputs the metric compares, along which axis (``analysis.models.outputs``): from runs on 2 and
+    3 samples (1 and 2 for a shorter example), or for a fixed batch, the axis as long as the batch.
+
+    Raises:
+        ModelError: onnxruntime rejects the inputs, or no output can be compared sample by sample.
+    """
+    ex = to_numpy(example)
+    try:
+        if binding.batch is None:
+            na, nb = (2, 3) if len(ex) >= 3 else (1, 2)
+            ys_a = run(names, binding.first_feed(take(ex, slice(0, na))))
+            ys_b = run(names, binding.first_feed(take(ex, slice(0, nb))))
+        else:
+            na, nb, ys_b = binding.batch, None, None
+            ys_a = run(names, binding.first_feed(ex))
+    except Exception as e:
+        raise ModelError(f"{where}: onnxruntime rejects the task's inputs of shape {sample_shapes(ex)} "
+                         f"({str(e).splitlines()[0][:200]})") from None
+    return output_spec(names, ys_a, na, ys_b, nb, select, where=where)
+
+
+def load_onnx_model(path: str | Path, example, *, source_hint: str = "", output: str | None = None) -> OnnxModel:
+    """The ONNX adapter for a file, checked to accept ``example`` (samples of the task: an array, or
+    named arrays for several inputs).
 
     Raises:
         ModelError: unreadable file, missing external data, unsupported opset, an input the
@@ -311,6 +369,6 @@ def load_onnx_model(path: str | Path, example: torch.Tensor, *, source_hint: str
     """
     path = Path(path)
     model, sha, notes = load_onnx(path)
-    ex = example.numpy() if isinstance(example, torch.Tensor) else np.asarray(example)
-    binding = bind_input(model, tuple(ex.shape[1:]), f"{path} with {source_hint or 'the task'}")
-    return OnnxModel(model, binding, ex, name=path.stem, source=str(path), sha256=sha, notes=notes)
+    ex = to_numpy(example)
+    binding = bind_input(model, sample_shapes(ex), f"{path} with {source_hint or 'the task'}")
+    return OnnxModel(model, binding, ex, name=path.stem, source=str(path), sha256=sha, notes=notes, output=output)

@@ -17,12 +17,16 @@ import torch
 from torch import nn
 
 from analysis.quant.formats import DYNAMIC_CONV_REASON, QuantFormat, get_format
+from analysis.data.batch import batch_len, sample_shapes, take, to_numpy
 from analysis.models.base import LayerInfo, ModelError
+from analysis.models.outputs import OutputSpec, flatten_outputs, output_spec
 from analysis.models.torch_graph import InplaceError, TracedGraph
 from analysis.quant.act import ActivationStats, ActQuant, check_finite, fake_quantize_dynamic
-from analysis.quant.primitives import HIST_BINS, RangeObserver, StreamingHistogram, fake_quantize_weight, group_size_error
+from analysis.quant.primitives import (HIST_BINS, RangeObserver, StreamingHistogram, fake_quantize_weight, group_size_error,
+                                       swap_transposed_conv_layout, transposed_conv_error)
 
-QUANTIZABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+TRANSPOSED_CONV = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+QUANTIZABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, *TRANSPOSED_CONV)
 
 
 def state_sha256(module: nn.Module) -> str:
@@ -35,11 +39,19 @@ def state_sha256(module: nn.Module) -> str:
     return h.hexdigest()
 
 
-def _macs(module: nn.Module, out: torch.Tensor) -> int:
-    """Multiply-accumulates per sample for one call producing ``out``."""
+def _oik(module: nn.Module, W: torch.Tensor) -> torch.Tensor:
+    """A layer's weight in the engine's (out, in, *kernel) layout, and back (the regrouping is its own inverse):
+    a transposed convolution stores (in, out/groups, *kernel)."""
+    return swap_transposed_conv_layout(W, module.groups) if isinstance(module, TRANSPOSED_CONV) else W
+
+
+def _macs(module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> int:
+    """Multiply-accumulates per sample for one call reading ``x`` and producing ``out``."""
     per_sample_out = out[0].numel() if out.dim() > 1 else out.numel()
     if isinstance(module, nn.Linear):
         return per_sample_out * module.in_features
+    if isinstance(module, TRANSPOSED_CONV):  # each input element meets out/groups * kernel weights
+        return x[0].numel() * module.weight[0].numel()
     k = module.weight[0].numel()  # in/groups * prod(kernel)
     return per_sample_out * k
 
@@ -49,7 +61,7 @@ class TorchModel:
 
     kind = "torch"
 
-    def __init__(self, module: nn.Module, example: torch.Tensor, *, name: str, source: str) -> None:
+    def __init__(self, module: nn.Module, example, *, name: str, source: str, output: str | None = None) -> None:
         if not isinstance(module, nn.Module):
             raise ModelError(f"{source}: expected a torch.nn.Module, got {type(module).__name__}")
         self.module = module.eval()
@@ -61,11 +73,49 @@ class TorchModel:
         self.formats: dict[str, QuantFormat] = {}  # this analysis' formats (observer/group overrides)
         self._weight_cache: dict[tuple[str, str], torch.Tensor] = {}
         self._bias_after: set[str] = set()  # Linear layers the ONNX export runs as MatMul, then Add(bias)
+        self.outputs: OutputSpec = self._find_outputs(example, output)
         self._layers = self._discover(example)
         if not self._layers:
-            raise ModelError(f"{source}: no quantizable layers (Linear, Conv1d/2d/3d) run on the task's inputs")
+            raise ModelError(f"{source}: no quantizable layers (Linear, Conv1d/2d/3d, ConvTranspose1d/2d/3d) run on "
+                             f"the task's inputs")
+        ran = {info.name for info in self._layers}
+        self.not_analysed: list[tuple[str, str]] = [  # (module, reason)
+            (n, "did not run on the task's inputs") for n, m in self.modules.items()
+            if n and isinstance(m, QUANTIZABLE) and n not in ran]
 
-    def _discover(self, example: torch.Tensor) -> list[LayerInfo]:
+    def _call(self, x):
+        """The module on a batch: a tensor, or a dict of tensors passed by input name."""
+        return self.module(**x) if isinstance(x, dict) else self.module(x)
+
+    def _canon(self, y) -> torch.Tensor:
+        """What the metric compares, from the module's return value (``outputs``)."""
+        return self.outputs.combine([t for _, t in flatten_outputs(y)])
+
+    def _find_outputs(self, example, select: str | None) -> OutputSpec:
+        """Which outputs the metric compares, along which axis: from runs on 2 and 3 samples (1 and 2
+        when the example is shorter)."""
+        if isinstance(example, dict):
+            _check_argument_names(self.module, list(example), self.source)
+        na, nb = (2, 3) if batch_len(example) >= 3 else (1, 2)
+        ys = []
+        for n in (na, nb):
+            try:
+                with torch.no_grad():
+                    y = self._call(take(example, slice(0, n)))
+            except Exception as e:
+                if n == nb and ys:  # a model that takes one fixed batch size: the first run tells what it can
+                    break
+                raise ModelError(f"{self.source}: inputs of shape {_sample_shapes(example)} are rejected by the model "
+                                 f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+            ys.append(flatten_outputs(y))
+        if not ys[0]:
+            raise ModelError(f"{self.source}: the model returns no tensor ({type(y).__name__})")
+        names = [k for k, _ in ys[0]]
+        first = [t for _, t in ys[0]]
+        second = [t for _, t in ys[1]] if len(ys) > 1 and [k for k, _ in ys[1]] == names else None
+        return output_spec(names, first, na, second, nb if second is not None else None, select, where=self.source)
+
+    def _discover(self, example) -> list[LayerInfo]:
         seen: dict[str, LayerInfo] = {}
         readers: dict[tuple, str] = {}  # identity of an input tensor -> first layer that read it
         alive: list = []  # hold every input so no later tensor can reuse its address during discovery
@@ -75,7 +125,7 @@ class TorchModel:
             def fn(mod, inputs, out):
                 if name in seen or not isinstance(out, torch.Tensor):
                     return
-                W = mod.weight
+                W = _oik(mod, mod.weight)
                 x = inputs[0]
                 alive.append(x)
                 # torch.onnx writes Gemm for a 2-D input with a bias, else MatMul [+ Add]: the kernel's output,
@@ -87,7 +137,7 @@ class TorchModel:
                 seen[name] = LayerInfo(
                     name=name, type=type(mod).__name__, order=len(seen), weight_shape=tuple(W.shape),
                     has_bias=mod.bias is not None, params=W.numel() + (mod.bias.numel() if mod.bias is not None else 0),
-                    macs=_macs(mod, out), in_features=W[0].numel(), out_features=W.shape[0], input_group=group)
+                    macs=_macs(mod, x, out), in_features=W[0].numel(), out_features=W.shape[0], input_group=group)
             return fn
 
         for name, mod in self.modules.items():
@@ -95,7 +145,7 @@ class TorchModel:
                 hooks.append(mod.register_forward_hook(hook(name)))
         try:
             with torch.no_grad():
-                self.module(example[:1])
+                self._call(take(example, slice(0, 1)))
         finally:
             for h in hooks:
                 h.remove()
@@ -120,13 +170,22 @@ class TorchModel:
             return DYNAMIC_CONV_REASON
         if fmt.weight is None:
             return None
+        mod = self.modules[name]
+        if isinstance(mod, TRANSPOSED_CONV) and (why := transposed_conv_error(mod.groups, fmt.weight)):
+            return why
         return group_size_error(self.layer(name).weight_shape, fmt.weight)
 
     def fake_weight(self, name: str, fmt: QuantFormat) -> torch.Tensor:
+        """The fake-quantized weight in the engine's (out, in, *kernel) layout."""
+        return _oik(self.modules[name], self._fake_stored(name, fmt))
+
+    def _fake_stored(self, name: str, fmt: QuantFormat) -> torch.Tensor:
+        """The fake-quantized weight as the module stores it (what ``quantized`` swaps in)."""
         key = (name, fmt.name)
         if key not in self._weight_cache:
-            W = self.modules[name].weight.detach()
-            self._weight_cache[key] = fake_quantize_weight(W, fmt.weight).to(W.dtype)
+            mod = self.modules[name]
+            W = mod.weight.detach()
+            self._weight_cache[key] = _oik(mod, fake_quantize_weight(_oik(mod, W), fmt.weight).to(W.dtype)).contiguous()
         return self._weight_cache[key]
 
     def other_bytes(self) -> int:
@@ -149,8 +208,9 @@ class TorchModel:
         return sum(p.numel() for p in self.module.parameters())
 
     def weight(self, name: str) -> torch.Tensor:
-        """The layer's FP32 weight in the framework's layout (out, in, *kernel)."""
-        return self.modules[name].weight.detach().float()
+        """The layer's FP32 weight in the engine's layout (out, in, *kernel)."""
+        mod = self.modules[name]
+        return _oik(mod, mod.weight.detach().float())
 
     def activation_stats(self, calib_batches) -> ActivationStats:
         """Two streamed passes over the calibration data: min/max, then 2048-bin histograms."""
@@ -172,7 +232,7 @@ class TorchModel:
         try:
             with torch.no_grad():
                 for x in batches():
-                    self.module(x)
+                    self._call(x)
         finally:
             for h in hooks:
                 h.remove()
@@ -200,7 +260,7 @@ class TorchModel:
                 mod = self.modules[name]
                 if fmt.weight is not None:
                     saved.append((mod, mod.weight.data))
-                    mod.weight.data = self.fake_weight(name, fmt)
+                    mod.weight.data = self._fake_stored(name, fmt)
                 if fmt.is_dynamic:
                     a = fmt.activation
                     hooks.append(mod.register_forward_pre_hook(
@@ -220,7 +280,7 @@ class TorchModel:
 
     def run(self, batch: torch.Tensor, policy: dict[str, str] | None = None) -> torch.Tensor:
         with torch.no_grad(), self.quantized(policy or {}):
-            return self.module(batch)
+            return self._canon(self._call(batch))
 
     def forward(self, x: torch.Tensor, capture=()) -> tuple[object, dict[str, torch.Tensor]]:
         """The output for a batch under the policy applied now, and the outputs of the ``capture`` layers."""
@@ -229,11 +289,11 @@ class TorchModel:
         hooks = [self.modules[n].register_forward_hook(lambda m, i, o, n=n: outs.__setitem__(n, o.clone()))
                  for n in capture]
         try:
-            y = self.module(x)
+            y = self._call(x)
         finally:
             for h in hooks:
                 h.remove()
-        return y, outs
+        return self._canon(y), outs
 
     def reaches_output(self, x: torch.Tensor) -> dict[str, bool]:
         """A layer reaches the output if NaN in its output shows up there (for models that do not trace)."""
@@ -242,8 +302,8 @@ class TorchModel:
             h = self.modules[info.name].register_forward_hook(lambda m, i, o: torch.full_like(o, float("nan")))
             try:
                 with torch.no_grad():
-                    y = self.module(x[:2])
-                out[info.name] = not isinstance(y, torch.Tensor) or bool(torch.isnan(y).any())
+                    y = self._canon(self._call(take(x, slice(0, 2))))
+                out[info.name] = bool(torch.isnan(y).any())
             except Exception:  # NaN can derail data-dependent code; then assume it reaches
                 out[info.name] = True
             finally:
@@ -256,7 +316,7 @@ class TorchModel:
         its recomputation must match a full forward and leave the cached values untouched.
         Returns it, or None and why."""
         names = [info.name for info in self._layers]
-        x = x[:2]
+        x = take(x, slice(0, 2))
         with self.no_inplace(), torch.no_grad():
             try:
                 graph = TracedGraph(self.module, names)
@@ -265,8 +325,11 @@ class TorchModel:
             except Exception as e:  # fx raises many types for untraceable code
                 return None, f"torch.fx could not trace the model ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
             env = graph.forward_all(x)
-            y_graph = graph.output(env)
-            if not isinstance(y_graph, torch.Tensor) or not torch.equal(y_graph, self.module(x)):
+            try:
+                same = torch.equal(self._canon(graph.output(env)), self._canon(self._call(x)))
+            except Exception:  # noqa: BLE001 - an output of another structure
+                same = False
+            if not same:
                 return None, "the traced graph does not reproduce the model's output"
             # an in-place write bumps a tensor's version counter: cheaper than comparing copies of every value
             versions = [v._version if isinstance(v, torch.Tensor) else None for v in env]
@@ -276,7 +339,7 @@ class TorchModel:
                 w.data = saved + 0.05 * saved.abs().mean() * torch.sign(saved)  # any change will do
                 try:
                     y_inc, _ = graph.rerun_from(env, name, x)
-                    y_full = self.module(x)
+                    y_inc, y_full = self._canon(y_inc), self._canon(self._call(x))
                 finally:
                     w.data = saved
                 if not torch.allclose(y_inc, y_full, rtol=1e-5, atol=1e-6):
@@ -315,16 +378,37 @@ class TorchRecompute:
     def forward_all(self, x: torch.Tensor) -> tuple[object, list]:
         """The FP32 output of a batch and the cache jobs reuse."""
         env = self.graph.forward_all(x)
-        return self.graph.output(env), env
+        return self.model._canon(self.graph.output(env)), env
 
     def rerun(self, env: list, layer: str, fmt: str, x: torch.Tensor) -> tuple[object, torch.Tensor, torch.Tensor]:
         """Output with ``layer`` at ``fmt``, the layer's new output and its FP32 output."""
         with self.model.quantized({layer: fmt}):
             y, out = self.graph.rerun_from(env, layer, x)
-        return y, out, self.graph.layer_output(env, layer)
+        return self.model._canon(y), out, self.graph.layer_output(env, layer)
 
     def cost(self, layer: str) -> float:
         return self.graph.cost(layer)
 
     def reaches_output(self) -> dict[str, bool]:
         return {info.name: self.graph.reaches_output(info.name) for info in self.model.layers()}
+
+
+def _sample_shapes(x):
+    return sample_shapes(to_numpy(x))
+
+
+def _check_argument_names(module: nn.Module, names: list[str], where: str) -> None:
+    """Named task arrays must be arguments of ``forward`` (unless it takes ``**kwargs``)."""
+    import inspect
+
+    params = inspect.signature(module.forward).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    args = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    for n in names:
+        if n not in args:
+            raise ModelError(f"{where}: the task's array '{n}' is not an argument of forward({', '.join(args)}); "
+                             f"name the arrays after them (one input: 'inputs')")
+    missing = [n for n, p in params.items() if n in args and p.default is p.empty and n not in names]
+    if missing:
+        raise ModelError(f"{where}: forward argument '{missing[0]}' is not in the task (it holds {', '.join(names)})")

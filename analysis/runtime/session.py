@@ -21,6 +21,9 @@ from analysis.models.base import ModelError
 from analysis.models.onnx_io import InputBinding, bind_input
 from analysis.models.onnx_graph import (OnnxLayer, constants_to_initializers, find_layers,
                                         initializer_array, load_onnx, name_nodes)
+from analysis.data.batch import sample_shapes, take, to_numpy, to_torch
+from analysis.models.onnx_model import find_output_spec, run_in_pieces
+from analysis.models.outputs import OutputSpec, find_batch_axes, flatten_outputs
 from analysis.store.run import Run
 from analysis.data.tasks import BUNDLED_TASKS, Task, load_task
 from analysis.errors import InputError
@@ -44,6 +47,16 @@ class RuntimeModel:
     source: str
     exported: bool
     notes: list[str] = field(default_factory=list)
+    outputs: OutputSpec | None = None  # what the metric compares, as the sweep compared it
+
+    @property
+    def output_names(self) -> list[str]:
+        return [o.name for o in self.model.graph.output]
+
+    def compared(self, run_fn, x) -> torch.Tensor:
+        """What the metric compares for samples ``x``, with ``run_fn(names, feed)`` (an onnxruntime session's run)."""
+        axes = {o.name: o.batch_axis for o in self.outputs.outputs if o.batch_axis is not None}
+        return self.outputs.combine(run_in_pieces(run_fn, self.binding, x, self.output_names, axes))
 
     @property
     def by_onnx(self) -> dict[str, OnnxLayer]:
@@ -79,23 +92,34 @@ def stored_quantizers(run: Run, policy: dict[str, str]) -> dict[str, dict[str, t
     return out
 
 
-def export_torch(module: torch.nn.Module, example: torch.Tensor) -> onnx.ModelProto:
-    """FP32 ONNX of a torch module, batch (and token-sequence) dimension dynamic, weights inline."""
+def export_torch(module: torch.nn.Module, example, output_names: list[str] | None = None,
+                 output_axes: dict[str, int] | None = None) -> onnx.ModelProto:
+    """FP32 ONNX of a torch module, batch (and token-sequence) dimensions dynamic, weights inline.
+
+    ``example`` is a batch (a tensor, or a dict of tensors by argument name); ``output_names`` name the
+    flattened outputs (tuple, list and dict outputs become several graph outputs, in that order) and
+    ``output_axes`` their batch axes (default: the first)."""
     buf = io.BytesIO()
+    inputs = example if isinstance(example, dict) else {"input": example}
     # token ids (N, L): the sequence length varies between batches too
-    in_axes = {0: "batch", 1: "sequence"} if example.dim() == 2 and not example.is_floating_point() else {0: "batch"}
+    in_axes = {k: {0: "batch", 1: "sequence"} if v.dim() == 2 and not v.is_floating_point() else {0: "batch"}
+               for k, v in inputs.items()}
+    args, kwargs = ((), dict(example)) if isinstance(example, dict) else ((example,), None)
+    out_names = output_names or ["output"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:  # the TorchScript exporter needs no extra packages and keeps parameter names
-            torch.onnx.export(module.eval(), (example,), buf, dynamo=False, opset_version=EXPORT_OPSET,
-                              input_names=["input"], output_names=["output"],
-                              dynamic_axes={"input": in_axes, "output": {0: "batch"}})
+            torch.onnx.export(module.eval(), args, buf, kwargs=kwargs, dynamo=False, opset_version=EXPORT_OPSET,
+                              input_names=list(inputs), output_names=out_names,
+                              dynamic_axes={**in_axes, **{n: {(output_axes or {}).get(n, 0): "batch"}
+                                                          for n in out_names}})
         except Exception as legacy_error:
             buf = io.BytesIO()
             try:
-                torch.onnx.export(module.eval(), (example,), buf, dynamo=True, external_data=False,
-                                  input_names=["input"], output_names=["output"],
-                                  dynamic_shapes=({0: torch.export.Dim("batch")},))
+                dims = {k: {0: torch.export.Dim("batch")} for k in inputs}
+                torch.onnx.export(module.eval(), args, buf, kwargs=kwargs, dynamo=True, external_data=False,
+                                  input_names=list(inputs), output_names=out_names,
+                                  dynamic_shapes=dims if kwargs else (dims["input"],))
             except Exception as e:
                 raise ModelError(f"torch.onnx.export failed ({type(legacy_error).__name__}: "
                                  f"{str(legacy_error).splitlines()[0][:120]}; dynamo: {str(e).splitlines()[0][:120]})") from None
@@ -131,7 +155,7 @@ def map_to_torch(model: onnx.ModelProto, layers: list[OnnxLayer], module: torch.
     return out
 
 
-def _resolve_torch(run: Run, example: torch.Tensor) -> RuntimeModel:
+def _resolve_torch(run: Run, example) -> RuntimeModel:
     from analysis.models.loading import load_torch_model
     from analysis.models.torch_model import state_sha256
 
@@ -144,10 +168,15 @@ def _resolve_torch(run: Run, example: torch.Tensor) -> RuntimeModel:
         raise RuntimeModelError(f"model '{spec}' of Run {run.path} is not at hand: {e}") from None
     if state_sha256(module) != m["sha256"]:
         raise RuntimeModelError(f"model '{source}' no longer matches Run {run.path} (sha256 differs from the analysed model)")
-    model = export_torch(module, example)
+    call = lambda x: module(**x) if isinstance(x, dict) else module(x)  # noqa: E731
+    with torch.no_grad():
+        outs = [flatten_outputs(call(take(example, slice(0, n)))) for n in (2, 3)]
+    names = [k for k, _ in outs[0]]
+    axes, _ = find_batch_axes([tuple(t.shape) for _, t in outs[0]], 2, [tuple(t.shape) for _, t in outs[1]], 3, names)
+    model = export_torch(module.eval(), example, names, {n: a for n, a in zip(names, axes) if a is not None})
     layers = find_layers(model)
     to_onnx = map_to_torch(model, layers, module, run.layer_names)
-    binding = bind_input(model, tuple(example.shape[1:]), f"exported {spec}")
+    binding = bind_input(model, sample_shapes(to_numpy(example)), f"exported {spec}")
     missing = [n for n in run.layer_names if n not in to_onnx]
     notes = [f"exported with torch.onnx (opset {EXPORT_OPSET})"]
     if missing:
@@ -155,19 +184,24 @@ def _resolve_torch(run: Run, example: torch.Tensor) -> RuntimeModel:
     return RuntimeModel(model, layers, binding, to_onnx, source, True, notes)
 
 
-def _resolve_onnx(run: Run, example: torch.Tensor) -> RuntimeModel:
+def _resolve_onnx(run: Run, example) -> RuntimeModel:
     m = run.meta["model"]
     path = Path(m["source"])
     if not path.is_file():
         raise RuntimeModelError(f"model file '{path}' (recorded in {run.path / 'run.json'}) is not at hand")
     try:
-        model, sha, notes = load_onnx(path)
+        if m.get("kind") == "torchscript":  # a TorchScript archive, exported again as the sweep exported it
+            from analysis.models.torchscript import torchscript_onnx
+
+            model, sha, notes = torchscript_onnx(path, example)
+        else:
+            model, sha, notes = load_onnx(path)
     except ModelError as e:
         raise RuntimeModelError(str(e)) from None
     if sha != m["sha256"]:
         raise RuntimeModelError(f"model file '{path}' has changed since Run {run.path} was analysed (sha256 differs)")
     layers = find_layers(model)
-    binding = bind_input(model, tuple(example.shape[1:]), str(path))
+    binding = bind_input(model, sample_shapes(to_numpy(example)), str(path))
     return RuntimeModel(model, layers, binding, {l.name: l.name for l in layers}, str(path), False, notes)
 
 
@@ -178,10 +212,15 @@ def resolve_model(run: Run, task: Task | None = None) -> RuntimeModel:
         RuntimeModelError: the model (file, factory, weights) is missing or has changed.
     """
     task = task or resolve_task(run)
-    example = torch.from_numpy(task.eval_inputs[:2])
-    if run.meta["model"].get("kind") == "onnx":
-        return _resolve_onnx(run, example)
-    return _resolve_torch(run, example)
+    example = to_torch(task.eval_inputs[:3])
+    onnx_kinds = ("onnx", "torchscript")
+    rm = _resolve_onnx(run, example) if run.meta["model"].get("kind") in onnx_kinds else _resolve_torch(run, example)
+    from analysis.runtime.latency import session
+
+    fp32 = session(rm.model, 1)
+    rm.outputs = find_output_spec(lambda names, feed: fp32.run(names, feed), rm.binding, rm.output_names,
+                                  task.eval_inputs[:3], run.meta["model"].get("output_arg"), rm.source)
+    return rm
 
 
 def resolve_task(run: Run) -> Task:
@@ -193,13 +232,14 @@ def resolve_task(run: Run) -> Task:
     d = run.meta.get("data", {})
     name, source = d.get("task", ""), d.get("source", "")
     spec = name if name in BUNDLED_TASKS else source
-    if not spec or (spec == source and not Path(source).is_file()):
+    if not spec or (spec == source and not Path(source).exists()):
         raise RuntimeModelError(f"task data '{source or name}' (recorded in {run.path / 'run.json'}) is not at hand")
     n_calib = d.get("n_calib")
     calib = d["calib_arg"] if "calib_arg" in d else (
         n_calib if spec == source and n_calib and not _has_calib(source) else None)
     try:
-        task = load_task(spec, metric=run.meta["metric"]["name"], calib=calib, seed=int(run.meta.get("seed", 0)))
+        task = load_task(spec, metric=run.meta["metric"]["name"], calib=calib, seed=int(run.meta.get("seed", 0)),
+                         model=run.meta["model"].get("name"), options=d.get("options"))
     except ValueError as e:
         raise RuntimeModelError(f"task data of Run {run.path}: {e}") from None
     if name in BUNDLED_TASKS and n_calib and n_calib < len(task.calib_inputs):

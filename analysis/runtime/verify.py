@@ -170,11 +170,8 @@ def _evaluate(model: onnx.ModelProto, rm: RuntimeModel, task: Task, metric: str,
     ref, q = session(rm.model, threads), session(model, threads)
     state = MetricState(metric)
     for x, labels in task.eval_batches():
-        ys = []
-        for s in (ref, q):
-            parts = [s.run(None, {rm.binding.name: chunk})[0][:n] for chunk, n in rm.binding.chunks(x.numpy())]
-            ys.append(torch.from_numpy(np.concatenate(parts)).float())
-        state.update(ys[1], ys[0], labels)
+        y_ref, y = (rm.compared(s.run, x) for s in (ref, q))
+        state.update(y, y_ref, labels)
     return state
 
 
@@ -215,7 +212,7 @@ def verify_policy(run: Run | str | os.PathLike, policy: Policy | dict | str | os
     if repeats > 0:
         say("timing end to end")
         x = task.eval_inputs[: int(run.meta.get("latency", {}).get("batch", 32))]
-        feed = {rm.binding.name: next(rm.binding.chunks(x))[0]}
+        feed = rm.binding.first_feed(x)
         lat = end_to_end({"fp32": rm.model, "policy": applied.model}, feed, threads=threads, repeats=repeats)
     else:  # accuracy only (analyze's own check of its policies): latency stays unmeasured, NaN
         lat = {"fp32": (np.nan, np.nan), "policy": (np.nan, np.nan)}

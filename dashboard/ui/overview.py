@@ -34,10 +34,31 @@ def _provenance(lo: Loaded) -> None:
                                          str(data.get("n_calib")), str(data.get("n_eval")),
                                          f"{metric.get('name')} ({direction})", str(metric.get("loss"))]}
                               ).set_index(""))
+    _what_was_judged(model, metric)
     sweep = meta.get("sweep", {})
     st.caption(f"Run created {meta.get('created', '?')} · sweep: {sweep.get('jobs', '?')} jobs, "
                f"{sweep.get('path', '?')}, {float(sweep.get('seconds', 0) or 0):.1f} s · observer "
                f"{meta.get('observer', '?')} · seed {meta.get('seed', '?')}")
+
+
+def _what_was_judged(model: dict, metric: dict) -> None:
+    """Which outputs the metric compared, why this metric, and the layers the Run does not cover."""
+    outs = (model.get("outputs") or {}).get("outputs") or []
+    if outs:
+        compared = [o for o in outs if o.get("compared")]
+        shown = ", ".join(f"{o['name']} {tuple(o['shape'])}" + (f" (batch axis {o['batch_axis']})"
+                                                                  if o.get("batch_axis") not in (0, None) else "")
+                          for o in compared)
+        st.caption(f"Compared: {shown} — {model['outputs'].get('elements_per_sample', '?')} values per sample"
+                   + (f"; {len(outs) - len(compared)} other output(s) not compared" if len(outs) > len(compared) else ""))
+        for note in (model.get("outputs") or {}).get("notes") or []:
+            st.caption(f"Outputs: {note}")
+    if metric.get("chosen_because"):
+        st.caption(f"Metric: {metric['chosen_because']}")
+    missing = model.get("not_analysed") or []
+    if missing:
+        st.warning(f"{len(missing)} layer(s) are not analysed and stay FP32 in every projection: "
+                   + "; ".join(f"{m['layer']} ({m['reason']})" for m in missing[:8]) + (" …" if len(missing) > 8 else ""))
 
 
 def _measured_table(lo: Loaded) -> pd.DataFrame:
