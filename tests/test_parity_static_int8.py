@@ -1,8 +1,11 @@
 """Static int8 parity: the engine's fake-quant computes what onnxruntime runs for the model ``apply`` builds.
 
-Both sides quantize the same places (input, weight, and the output static QOperator kernels requantize)
-with the same quantizers (the engine's, handed to onnxruntime). Acceptance, per layer kind and for two-layer
-chains: cosine >= 0.9999 and max |error| within one step of the last output quantizer.
+Both sides quantize the same places (input, weight, and the output static QOperator kernels requantize;
+ConvTranspose, which has no QOperator form, through QDQ around a float kernel) with the same quantizers
+(the engine's, handed to onnxruntime). Acceptance, per layer kind (grouped, depthwise, 1-d and transposed
+convolutions among them) and for two-layer chains: cosine >= 0.9999 and max |error| within one step of the
+last output quantizer. int4 (weights only, blocked ``DequantizeLinear`` in front of the float kernel for
+convolutions) must match to float rounding.
 """
 from __future__ import annotations
 
@@ -66,6 +69,35 @@ def onnx_chain_direct(rng):
                   {"W1": _w(rng, 32, 24, std=0.2), "W2": _w(rng, 16, 24), "b2": _w(rng, 16, std=0.1)}), (32,)
 
 
+def onnx_conv_grouped(rng):
+    return _graph([helper.make_node("Conv", ["x", "W", "b"], ["y"], name="gconv", group=2, pads=[1, 1, 1, 1])],
+                  (8, 8, 8), {"W": _w(rng, 12, 4, 3, 3), "b": _w(rng, 12, std=0.1)}), (8, 8, 8)
+
+
+def onnx_conv_depthwise(rng):
+    return _graph([helper.make_node("Conv", ["x", "W", "b"], ["y"], name="dwconv", group=8, pads=[1, 1, 1, 1])],
+                  (8, 8, 8), {"W": _w(rng, 8, 1, 3, 3), "b": _w(rng, 8, std=0.1)}), (8, 8, 8)
+
+
+def onnx_conv1d(rng):
+    return _graph([helper.make_node("Conv", ["x", "W", "b"], ["y"], name="conv1d", pads=[1, 1])], (8, 20),
+                  {"W": _w(rng, 6, 8, 3), "b": _w(rng, 6, std=0.1)}), (8, 20)
+
+
+def onnx_convtranspose(rng):
+    """Weight stored (in, out, kh, kw): onnxruntime's per-channel axis is 1, the engine's output channels."""
+    return _graph([helper.make_node("ConvTranspose", ["x", "W", "b"], ["y"], name="convt", strides=[2, 2],
+                                    pads=[1, 1, 1, 1], output_padding=[1, 1])], (16, 6, 6),
+                  {"W": _w(rng, 16, 8, 3, 3), "b": _w(rng, 8, std=0.1)}), (16, 6, 6)
+
+
+def onnx_chain_convtranspose(rng):
+    """QDQ ConvTranspose -> QOperator Conv: one tensor between them, one quantizer."""
+    return _graph([helper.make_node("ConvTranspose", ["x", "W1", "b1"], ["h"], name="convt", strides=[2, 2]),
+                   helper.make_node("Conv", ["h", "W2"], ["y"], name="conv", pads=[1, 1, 1, 1])], (16, 5, 5),
+                  {"W1": _w(rng, 16, 8, 2, 2), "b1": _w(rng, 8, std=0.1), "W2": _w(rng, 4, 8, 3, 3, std=0.2)}), (16, 5, 5)
+
+
 def onnx_chain_relu(rng):
     return _graph([helper.make_node("Conv", ["x", "W1", "b1"], ["h"], name="conv1", pads=[1, 1, 1, 1]),
                    helper.make_node("Relu", ["h"], ["r"], name="relu"),
@@ -80,9 +112,36 @@ TORCH_CASES = {
     "torch-chain-direct": (lambda: nn.Sequential(nn.Linear(32, 24), nn.Linear(24, 16)), (6, 32)),
     "torch-chain-relu": (lambda: nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
                                                  nn.Conv2d(8, 4, 3)), (3, 8, 8)),
+    "torch-convtranspose2d": (lambda: nn.Sequential(nn.ConvTranspose2d(16, 8, 3, stride=2, padding=1), nn.ReLU(),
+                                                      nn.Conv2d(8, 4, 3)), (16, 5, 5)),
 }
 ONNX_CASES = {"onnx-conv": onnx_conv, "onnx-gemm": onnx_gemm, "onnx-matmul-3d": onnx_matmul_3d,
-              "onnx-chain-direct": onnx_chain_direct, "onnx-chain-relu": onnx_chain_relu}
+              "onnx-chain-direct": onnx_chain_direct, "onnx-chain-relu": onnx_chain_relu,
+              "onnx-conv-grouped": onnx_conv_grouped, "onnx-conv-depthwise": onnx_conv_depthwise,
+              "onnx-conv1d": onnx_conv1d, "onnx-convtranspose": onnx_convtranspose,
+              "onnx-chain-convtranspose": onnx_chain_convtranspose}
+STATIC_KERNELS = {"QLinearConv (static QOperator)", "QGemm (static QOperator)", "QLinearMatMul (static QOperator)",
+                  "ConvTranspose (static QDQ)"}
+
+
+def _conv_int4(op, x_shape, w_shape, **attrs):
+    """One convolution whose K (in/groups * kernel, in the engine's layout) int4's groups of 32 divide."""
+    out = w_shape[0] if op == "Conv" else w_shape[1] * attrs.get("group", 1)  # ConvTranspose: (in, out/groups, *k)
+
+    def build(rng):
+        return _graph([helper.make_node(op, ["x", "W", "b"], ["y"], name="layer", **attrs)], x_shape,
+                      {"W": _w(rng, *w_shape), "b": _w(rng, out, std=0.1)}), x_shape
+    return build
+
+
+INT4_ONNX_CASES = {
+    "int4-convtranspose": _conv_int4("ConvTranspose", (16, 5, 5), (16, 8, 2, 2), strides=[2, 2]),  # K = 16 * 4
+    "int4-convtranspose-grouped": _conv_int4("ConvTranspose", (16, 5, 5), (16, 4, 2, 2), strides=[2, 2], group=2),
+    "int4-conv-grouped": _conv_int4("Conv", (16, 6, 6), (12, 8, 2, 2), group=2),  # K = 8 * 4
+    "int4-conv1d": _conv_int4("Conv", (8, 20), (6, 8, 4), pads=[1, 2]),  # K = 8 * 4
+}
+INT4_TORCH_CASES = {"int4-torch-convtranspose2d": (lambda: nn.Sequential(nn.ConvTranspose2d(16, 8, 2, stride=2)),
+                                                   (16, 5, 5))}
 
 
 def _data(rng, shape):
@@ -110,19 +169,21 @@ def _session_output(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
     return s.run(None, {s.get_inputs()[0].name: x})[0]
 
 
-def engine_and_runtime(case: str) -> tuple[np.ndarray, np.ndarray, float, list[str]]:
-    """Engine output and onnxruntime output under all-int8, the last layer's output step, and the kernels built."""
+def engine_and_runtime(case: str, fmt: str = "int8") -> tuple[np.ndarray, np.ndarray, float, list[str]]:
+    """Engine output and onnxruntime output with every layer at ``fmt``, the last layer's output step (int8),
+    and the kernels built."""
     rng = np.random.default_rng(7)
     torch.manual_seed(7)
-    if case in ONNX_CASES:
-        model, shape = ONNX_CASES[case](rng)
+    onnx_cases, torch_cases = {**ONNX_CASES, **INT4_ONNX_CASES}, {**TORCH_CASES, **INT4_TORCH_CASES}
+    if case in onnx_cases:
+        model, shape = onnx_cases[case](rng)
         calib, x = _data(rng, shape)
         binding = bind_input(model, shape, case)
         engine = OnnxModel(model, binding, calib[:2], name=case, source=case, sha256="")
         layers = engine._olayers
         to_onnx = {l.name: l.name for l in layers}
     else:
-        make, shape = TORCH_CASES[case]
+        make, shape = torch_cases[case]
         calib, x = _data(rng, shape)
         module = make().eval()
         engine = TorchModel(module, torch.from_numpy(calib[:2]), name=case, source=case)
@@ -131,12 +192,14 @@ def engine_and_runtime(case: str) -> tuple[np.ndarray, np.ndarray, float, list[s
         to_onnx = map_to_torch(model, layers, module, [l.name for l in engine.layers()])
         binding = bind_input(model, shape, case)
     names = [l.name for l in engine.layers()]
-    _calibrate(engine, calib)
-    policy = {n: "int8" for n in names}
+    static = fmt == "int8"
+    if static:
+        _calibrate(engine, calib)
+    policy = {n: fmt for n in names}
     y_engine = engine.run(torch.from_numpy(x), policy).numpy()
-    q = quantize_model(model, layers, {to_onnx[n]: "int8" for n in names}, binding, calib,
-                       {to_onnx[n]: v for n, v in _quantizers(engine, names).items()})
-    step = float(engine.out_quant[(names[-1], "int8")].scale)
+    q = quantize_model(model, layers, {to_onnx[n]: fmt for n in names}, binding, calib,
+                       {to_onnx[n]: v for n, v in _quantizers(engine, names).items()} if static else None)
+    step = float(engine.out_quant[(names[-1], "int8")].scale) if static else float("nan")
     return y_engine, _session_output(q.model, x), step, sorted(q.kernels.values())
 
 
@@ -148,12 +211,40 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
 @pytest.mark.parametrize("case", [*ONNX_CASES, *TORCH_CASES])
 def test_engine_computes_what_onnxruntime_runs(case):
     y_engine, y_runtime, step, kernels = engine_and_runtime(case)
-    assert all("static QOperator" in k for k in kernels), kernels
+    assert set(kernels) <= STATIC_KERNELS, kernels
     cos, err = _cosine(y_engine, y_runtime), float(np.abs(y_engine - y_runtime).max())
     print(f"\nparity {case}: cosine {cos:.7f}, max error {err:.4g}, output step {step:.4g} ({err / step:.2f} steps); "
           f"{', '.join(kernels)}")
     assert cos >= COSINE_FLOOR
     assert err <= step * STEP_SLACK
+
+
+@pytest.mark.parametrize("case", [*INT4_ONNX_CASES, *INT4_TORCH_CASES])
+def test_int4_convolutions_compute_what_onnxruntime_runs(case):
+    """The blocked uint4 weight, dequantized and regrouped into the kernel's stored layout, is the engine's
+    fake-quantized weight: the outputs agree to float rounding (a misplaced channel would not)."""
+    y_engine, y_runtime, _, kernels = engine_and_runtime(case, "int4")
+    op = "ConvTranspose" if "convtranspose" in case else "Conv"
+    assert kernels == [f"DequantizeLinear(uint4, blocked) + {op}"]
+    np.testing.assert_allclose(y_runtime, y_engine, rtol=1e-4, atol=1e-5 * float(np.abs(y_engine).max()))
+
+
+def test_convtranspose_weight_takes_the_engines_per_output_channel_scales():
+    """onnxruntime's int8 ConvTranspose weight (int8 codes, per-channel scales along the stored axis 1) dequantizes
+    to exactly the engine's fake-quantized weight, fed back in the stored (in, out, kh, kw) layout."""
+    rng = np.random.default_rng(7)
+    model, shape = onnx_convtranspose(rng)
+    calib, _ = _data(rng, shape)
+    engine = OnnxModel(model, bind_input(model, shape, "t"), calib[:2], name="t", source="t", sha256="")
+    _calibrate(engine, calib)
+    built = quantize_model(model, engine._olayers, {"convt": "int8"}, engine.binding, calib,
+                           _quantizers(engine, ["convt"])).model
+    dq = next(n for n in built.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == "W_quantized")
+    codes, scale = _initializer(built, dq.input[0]), _initializer(built, dq.input[1])
+    axis = next(a.i for a in dq.attribute if a.name == "axis")
+    assert (axis, scale.shape, codes.shape) == (1, (8,), (16, 8, 3, 3))
+    runtime_w = codes.astype(np.float32) * scale.reshape(1, -1, 1, 1)
+    assert np.array_equal(runtime_w, engine._fake_stored("convt", get_format("int8")))
 
 
 def test_without_the_output_requantization_the_engine_would_miss_it():

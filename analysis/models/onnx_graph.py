@@ -8,16 +8,21 @@ What a user's ``.onnx`` file may hold and how it is brought to one shape here:
 * weights in ``Constant`` nodes (turned into initializers, as the quantizers expect);
 * nodes without names or with duplicate names (named ``<op>_<index>``: layer names
   must be unique, and they are what a policy file refers to);
-* weights shared between nodes (reported in ``shared_weights``).
+* weights shared between nodes (reported in ``shared_weights``);
+* ``If`` / ``Loop`` / ``Scan`` subgraphs: their nodes are named too, and the layers inside them
+  are listed as not analysed (``subgraph_layers``); a subgraph may read any outer tensor by name,
+  which ``node_reads`` counts as an input of the node that holds it.
 
-A layer is a ``Conv``, ``Gemm`` or ``MatMul`` node whose weight is an initializer; its
-weight is described in the (out, in, *kernel) layout the engine uses (MatMul and
-``transB=0`` Gemm weights are stored (in, out) and transposed on read).
+A layer is a top-level ``Conv``, ``ConvTranspose``, ``Gemm`` or ``MatMul`` node whose weight is an
+initializer; its weight is described in the (out, in, *kernel) layout the engine uses (``to_oik``:
+MatMul and ``transB=0`` Gemm weights are stored (in, out) and transposed on read, ConvTranspose
+weights are stored (in, out/groups, *kernel) and regrouped on read).
 """
 from __future__ import annotations
 
 import hashlib
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,10 +32,13 @@ from onnx import helper, numpy_helper
 
 from analysis.models.base import ModelError
 from analysis.quant.formats import DYNAMIC_CONV_REASON
+from analysis.quant.primitives import swap_transposed_conv_layout
 
 MIN_OPSET = 13  # per-channel QuantizeLinear/DequantizeLinear (axis) arrived in opset 13
 OLDEST_OPSET = 11
-LAYER_OPS = ("Conv", "Gemm", "MatMul")
+LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+CONV_OPS = ("Conv", "ConvTranspose")
+NOT_ANALYSED = "layers in subgraphs are not analysed"
 
 
 def _attr(node: onnx.NodeProto, name: str, default=None):
@@ -58,11 +66,17 @@ def _external_files(model: onnx.ModelProto) -> dict[str, str]:
 
 
 def _all_tensors(model: onnx.ModelProto):
-    yield from model.graph.initializer
-    for node in model.graph.node:
-        for a in node.attribute:
-            if a.type == onnx.AttributeProto.TENSOR:
-                yield a.t
+    """Initializers and tensor attributes, subgraphs' too (their weights may live in external files)."""
+    def walk(graph: onnx.GraphProto):
+        yield from graph.initializer
+        for node in graph.node:
+            for a in node.attribute:
+                if a.type == onnx.AttributeProto.TENSOR:
+                    yield a.t
+            for _, sub in subgraphs(node):
+                yield from walk(sub)
+
+    yield from walk(model.graph)
 
 
 def file_sha256(path: str | Path, model: onnx.ModelProto | None = None) -> str:
@@ -146,20 +160,100 @@ def constants_to_initializers(model: onnx.ModelProto) -> int:
 
 
 def name_nodes(model: onnx.ModelProto) -> int:
-    """Give every node a unique, non-empty name (quantizers and policies address nodes by name)."""
+    """Give every node a unique, non-empty name (quantizers and policies address nodes by name).
+
+    Top-level nodes first, as ``<op>_<index>``; then the nodes of subgraphs, unique across the whole
+    model (onnxruntime's 4-bit quantizer walks subgraphs and is kept out of them by node name), as
+    ``<holder>/<attribute>/<op>_<index>``. Names that are already unique are kept."""
     counts = Counter(n.name for n in model.graph.node)
     taken, renamed = set(counts), 0
-    for i, node in enumerate(model.graph.node):
-        if node.name and counts[node.name] == 1:
-            continue
-        base = f"{node.op_type}_{i}" if not node.name else f"{node.name}_{i}"
+
+    def unique(base: str) -> str:
         name, k = base, 1
         while name in taken:
             name, k = f"{base}_{k}", k + 1
         taken.add(name)
-        node.name = name
+        return name
+
+    for i, node in enumerate(model.graph.node):
+        if node.name and counts[node.name] == 1:
+            continue
+        node.name = unique(f"{node.op_type}_{i}" if not node.name else f"{node.name}_{i}")
         renamed += 1
+
+    def inside(graph: onnx.GraphProto) -> None:
+        nonlocal renamed
+        for node in graph.node:
+            for attr, sub in subgraphs(node):
+                for i, n in enumerate(sub.node):
+                    if not n.name or n.name in taken:
+                        n.name = unique(f"{node.name}/{attr}/{n.op_type}_{i}" if not n.name else f"{n.name}_{i}")
+                        renamed += 1
+                    else:
+                        taken.add(n.name)
+                inside(sub)
+
+    inside(model.graph)
     return renamed
+
+
+def subgraphs(node: onnx.NodeProto) -> Iterator[tuple[str, onnx.GraphProto]]:
+    """``(attribute, graph)`` for each subgraph a node holds (``If`` branches, ``Loop`` / ``Scan`` bodies)."""
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            yield a.name, a.g
+        elif a.type == onnx.AttributeProto.GRAPHS:
+            for k, g in enumerate(a.graphs):
+                yield f"{a.name}[{k}]", g
+
+
+def has_subgraphs(model: onnx.ModelProto) -> bool:
+    return any(True for node in model.graph.node for _ in subgraphs(node))
+
+
+def outer_reads(graph: onnx.GraphProto) -> set[str]:
+    """Tensors a subgraph's nodes (at any depth) read from the scopes around it, by name."""
+    defined = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    read: set[str] = set()
+    for node in graph.node:
+        read |= node_reads(node)
+        defined.update(node.output)
+    return read - defined
+
+
+def node_reads(node: onnx.NodeProto) -> set[str]:
+    """The tensors a node reads: its inputs, and what its subgraphs read from the outer scope."""
+    read = {i for i in node.input if i}
+    for _, g in subgraphs(node):
+        read |= outer_reads(g)
+    return read
+
+
+def all_reads(model: onnx.ModelProto) -> set[str]:
+    """Every tensor some top-level node reads, subgraphs' outer-scope reads included."""
+    return set().union(*(node_reads(n) for n in model.graph.node))
+
+
+def _constants(graph: onnx.GraphProto) -> set[str]:
+    return {t.name for t in graph.initializer} | {n.output[0] for n in graph.node if n.op_type == "Constant" and n.output}
+
+
+def subgraph_layers(model: onnx.ModelProto) -> list[tuple[str, str]]:
+    """``(node name, reason)`` for every layer-like node (a ``LAYER_OPS`` node with a constant weight) inside a
+    subgraph: the probe and the quantizers work on the top-level graph only, so these stay as they are."""
+    found: list[tuple[str, str]] = []
+
+    def walk(graph: onnx.GraphProto, consts: set[str], where: str) -> None:
+        consts = consts | _constants(graph)
+        for node in graph.node:
+            if where and node.op_type in LAYER_OPS and len(node.input) > 1 and node.input[1] in consts:
+                found.append((node.name or f"{node.op_type} node", f"inside {where}: {NOT_ANALYSED}"))
+            for attr, sub in subgraphs(node):
+                here = f"the '{attr}' of {node.op_type} node '{node.name}'"
+                walk(sub, consts, f"{here}, within {where}" if where else here)
+
+    walk(model.graph, set(), "")
+    return found
 
 
 @dataclass(frozen=True)
@@ -174,12 +268,25 @@ class OnnxLayer:
     bias: str | None
     input: str
     output: str
+    groups: int = 1  # Conv / ConvTranspose ``group`` attribute
+
+
+def to_oik(layer: OnnxLayer, w):
+    """A weight as the layer stores it, in the engine's (out, in, *kernel) layout (numpy or torch)."""
+    if layer.op == "ConvTranspose":
+        return swap_transposed_conv_layout(w, layer.groups)
+    return w.T if layer.transposed else w
+
+
+def from_oik(layer: OnnxLayer, w):
+    """The inverse of ``to_oik``: an (out, in, *kernel) weight in the layer's stored layout."""
+    return to_oik(layer, w)  # both are involutions: a transpose, or the same regrouping
 
 
 def dynamic_skip_reason(node: onnx.NodeProto) -> str | None:
     """Why onnxruntime's dynamic int8 (``MatMulInteger``, which ``quantize_dynamic`` builds for MatMul only)
     cannot run a layer node, or None: a Gemm must be plain enough to be rewritten as MatMul [+ Add]."""
-    if node.op_type == "Conv":
+    if node.op_type in CONV_OPS:
         return DYNAMIC_CONV_REASON
     if node.op_type == "Gemm" and (_attr(node, "transA", 0) or _attr(node, "alpha", 1.0) != 1.0):
         return "dynamic int8 runs a Gemm as MatMul + Add, which needs alpha=1 and no transA"
@@ -187,7 +294,8 @@ def dynamic_skip_reason(node: onnx.NodeProto) -> str | None:
 
 
 def find_layers(model: onnx.ModelProto) -> list[OnnxLayer]:
-    """Conv / Gemm / MatMul nodes with a constant weight, in graph order."""
+    """Top-level Conv / ConvTranspose / Gemm / MatMul nodes with a constant weight, in graph order (layers
+    inside subgraphs: ``subgraph_layers``)."""
     inits = {t.name: t for t in model.graph.initializer}
     layers = []
     for i, node in enumerate(model.graph.node):
@@ -207,7 +315,8 @@ def find_layers(model: onnx.ModelProto) -> list[OnnxLayer]:
             if len(w.dims) < 3:
                 continue
             transposed = False
-        layers.append(OnnxLayer(node.name, node.op_type, i, w.name, transposed, bias, node.input[0], node.output[0]))
+        layers.append(OnnxLayer(node.name, node.op_type, i, w.name, transposed, bias, node.input[0], node.output[0],
+                                int(_attr(node, "group", 1))))
     return layers
 
 
@@ -227,9 +336,9 @@ def initializer_array(model: onnx.ModelProto, name: str) -> np.ndarray:
 
 
 def downstream_tensors(model: onnx.ModelProto, start: str) -> set[str]:
-    """Every tensor computed from ``start`` (top-level graph)."""
+    """Every top-level tensor computed from ``start`` (through subgraphs that read it too)."""
     reached = {start}
     for node in model.graph.node:  # topological order: one pass suffices
-        if any(i in reached for i in node.input):
+        if node_reads(node) & reached:
             reached.update(o for o in node.output if o)
     return reached

@@ -67,6 +67,24 @@ def weight_matrix(W: torch.Tensor) -> torch.Tensor:
     return W.reshape(W.shape[0], -1)
 
 
+def swap_transposed_conv_layout(W, groups: int):
+    """A transposed convolution's weight, stored ``(in, out/groups, *kernel)``, as ``(out, in/groups, *kernel)``
+    (a convolution's layout, the one the engine quantizes per output channel), and back: the same regrouping
+    both ways. Takes a torch tensor or a numpy array and returns the same kind."""
+    a, b, *k = W.shape
+    return W.reshape(groups, a // groups, b, *k).swapaxes(1, 2).reshape(groups * b, a // groups, *k)
+
+
+def transposed_conv_error(groups: int, spec: WeightSpec) -> str | None:
+    """Why ``spec`` cannot quantize a ConvTranspose weight as onnxruntime does, or None: onnxruntime takes
+    per-channel scales along the stored axis 1 (out/groups long), which is per output channel only when
+    ``groups == 1``."""
+    if groups > 1 and isinstance(spec.granularity, PerChannel):
+        return (f"onnxruntime quantizes a grouped ConvTranspose weight (groups={groups}) per column of its stored "
+                f"(in, out/groups) layout, one scale shared by {groups} output channels, not per output channel")
+    return None
+
+
 def group_size_error(W_shape: tuple[int, ...], spec: WeightSpec) -> str | None:
     """Why ``spec`` cannot quantize a weight of this shape, or None when it can."""
     g = spec.granularity

@@ -8,12 +8,18 @@ Which kernel each format gets (recorded per layer in ``QuantizedModel.kernels``)
   output take the engine's quantizers (scale and zero point, ``TensorQuantOverrides``);
   only a tensor without one (a Run from before they were stored) gets onnxruntime's
   min-max calibration on the task's calibration data.
+* ``int8`` on ``ConvTranspose``: onnxruntime has no QOperator form, so ``quantize_static`` in
+  QDQ format, the same quantizers, weight scales per stored axis 1 (the output channels;
+  a grouped one would share them across groups and is refused) -> ``QuantizeLinear`` /
+  ``DequantizeLinear`` around a float ``ConvTranspose`` (onnxruntime's CPU runs no integer
+  kernel for it: no speed-up to expect).
 * ``int4`` on ``MatMul`` (and on plain ``Gemm``, rewritten to ``MatMul`` + ``Add`` first):
   ``MatMulNBitsQuantizer``, blocks of 32 along K, asymmetric -> ``MatMulNBits``.
-* ``int4`` on ``Conv`` (and on a ``Gemm`` that cannot be rewritten): onnxruntime's tools
-  have no group-wise 4-bit path for these, so the weight is stored as uint4 codes with
+* ``int4`` on ``Conv`` / ``ConvTranspose`` (and on a ``Gemm`` that cannot be rewritten): onnxruntime's
+  tools have no group-wise 4-bit path for these, so the weight is stored as uint4 codes with
   a blocked ``DequantizeLinear`` (opset 21, ``block_size`` 32 along the flattened K) in
-  front of the float kernel; codes, scales and zero points are the engine's own.
+  front of the float kernel, then put back in the kernel's stored layout (a ConvTranspose's
+  (in, out/groups, *k)); codes, scales and zero points are the engine's own.
 * ``int8-dyn`` on ``MatMul`` (and plain ``Gemm``, rewritten as for int4): ``quantize_dynamic``,
   per channel, symmetric int8 weights -> ``DynamicQuantizeLinear`` + ``MatMulInteger``. Each
   layer reads its input through its own ``Identity``, so the quantizer cannot reuse a static
@@ -22,6 +28,10 @@ Which kernel each format gets (recorded per layer in ``QuantizedModel.kernels``)
 Order matters (see ``quantize_model``): opset conversion, then the blocked DQ weights,
 then ``MatMulNBits``, then ``quantize_static``, which calibrates the graph as it then is
 (dynamic layers still in float, as the engine calibrates), then ``quantize_dynamic``.
+
+Layers inside ``If`` / ``Loop`` / ``Scan`` subgraphs are not analysed and stay float: the 4-bit
+quantizer, which walks subgraphs, is kept out of them by node name, and a QOperator kernel's output
+that a subgraph reads from the outer scope is dequantized back under its name before that node.
 """
 from __future__ import annotations
 
@@ -38,14 +48,15 @@ from onnx import TensorProto, helper, numpy_helper
 
 from analysis.quant.formats import QuantFormat, get_format
 from analysis.models.onnx_io import InputBinding
-from analysis.models.onnx_graph import OnnxLayer, default_opset, dynamic_skip_reason, initializer_array
-from analysis.quant.primitives import group_size_error, quantize_weight
+from analysis.models.onnx_graph import (OnnxLayer, all_reads, default_opset, dynamic_skip_reason, has_subgraphs,
+                                        initializer_array, name_nodes, outer_reads, subgraphs, to_oik)
+from analysis.quant.primitives import group_size_error, quantize_weight, transposed_conv_error
 from analysis.errors import InputError
 
 BLOCKED_DQ_OPSET = 21
 BUILDABLE = ("fp32", "int8", "int4", "int8-dyn")  # registered formats this module can build
 KERNEL_OPS = ("QLinearConv", "QGemm", "QLinearMatMul", "MatMulInteger", "ConvInteger", "MatMulNBits",
-              "Conv", "Gemm", "MatMul")
+              "Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
 class QuantizeError(InputError):
@@ -88,15 +99,14 @@ def _replace_initializer(model: onnx.ModelProto, name: str, array: np.ndarray) -
 
 
 def _drop_unused_initializers(model: onnx.ModelProto) -> None:
-    used = {i for n in model.graph.node for i in n.input} | {i.name for i in model.graph.input}
+    used = all_reads(model) | {i.name for i in model.graph.input}  # subgraphs may read outer initializers
     keep = [t for t in model.graph.initializer if t.name in used]
     del model.graph.initializer[:]
     model.graph.initializer.extend(keep)
 
 
 def _weight_oik(model: onnx.ModelProto, layer: OnnxLayer) -> np.ndarray:
-    w = initializer_array(model, layer.weight).astype(np.float32)
-    return np.ascontiguousarray(w.T) if layer.transposed else w
+    return np.ascontiguousarray(to_oik(layer, initializer_array(model, layer.weight).astype(np.float32)))
 
 
 def _uint4(name: str, dims: list[int], values: torch.Tensor) -> onnx.TensorProto:
@@ -114,11 +124,14 @@ def _blocked_dq_weight(model: onnx.ModelProto, layer: OnnxLayer, fmt: QuantForma
     codes, scale, zero = quantize_weight(W, fmt.weight)  # (out, K/g, g), (out, K/g, 1), (out, K/g, 1)
     out, n_groups, g = codes.shape
     p = f"{layer.name}/int4"
+    groups = layer.groups if layer.op == "ConvTranspose" else 1
+    # a grouped ConvTranspose goes (out, in/g, *k) -> (g, out/g, in/g, *k) -> its stored (in, out/g, *k)
+    shape = list(W.shape) if groups == 1 else [groups, out // groups, *W.shape[1:]]
     model.graph.initializer.extend([
         _uint4(f"{p}/codes", [out, n_groups * g], codes),
         numpy_helper.from_array(scale.reshape(out, n_groups).numpy().astype(np.float32), f"{p}/scale"),
         _uint4(f"{p}/zero", [out, n_groups], zero),
-        numpy_helper.from_array(np.array(W.shape, dtype=np.int64), f"{p}/shape"),
+        numpy_helper.from_array(np.array(shape, dtype=np.int64), f"{p}/shape"),
     ])
     new = [helper.make_node("DequantizeLinear", [f"{p}/codes", f"{p}/scale", f"{p}/zero"], [f"{p}/dq"],
                             name=f"{p}/DequantizeLinear", axis=1, block_size=g),
@@ -127,6 +140,16 @@ def _blocked_dq_weight(model: onnx.ModelProto, layer: OnnxLayer, fmt: QuantForma
     if layer.transposed:
         new.append(helper.make_node("Transpose", [w_in], [f"{p}/wT"], name=f"{p}/Transpose", perm=[1, 0]))
         w_in = f"{p}/wT"
+    elif layer.op == "ConvTranspose":
+        swap = [1, 0] if groups == 1 else [0, 2, 1]
+        new.append(helper.make_node("Transpose", [w_in], [f"{p}/wT"], name=f"{p}/Transpose",
+                                    perm=[*swap, *range(len(swap), len(shape))]))
+        w_in = f"{p}/wT"
+        if groups > 1:
+            stored = initializer_array(model, layer.weight).shape
+            model.graph.initializer.append(numpy_helper.from_array(np.array(stored, dtype=np.int64), f"{p}/stored_shape"))
+            new.append(helper.make_node("Reshape", [w_in, f"{p}/stored_shape"], [f"{p}/ws"], name=f"{p}/ReshapeStored"))
+            w_in = f"{p}/ws"
     _insert_before(model, layer.name, new)
     _node(model, layer.name).input[1] = w_in
 
@@ -138,11 +161,15 @@ def _node(model: onnx.ModelProto, name: str) -> onnx.NodeProto:
     raise KeyError(f"no node '{name}'")
 
 
-def _insert_before(model: onnx.ModelProto, name: str, new: list[onnx.NodeProto]) -> None:
+def _insert_before(model: onnx.ModelProto, name: str, new: list[onnx.NodeProto], offset: int = 0) -> None:
     nodes = list(model.graph.node)
-    i = next(k for k, n in enumerate(nodes) if n.name == name)
+    i = next(k for k, n in enumerate(nodes) if n.name == name) + offset
     del model.graph.node[:]
     model.graph.node.extend(nodes[:i] + new + nodes[i:])
+
+
+def _insert_after(model: onnx.ModelProto, name: str, new: list[onnx.NodeProto]) -> None:
+    _insert_before(model, name, new, offset=1)
 
 
 def _gemm_as_matmul(model: onnx.ModelProto, layer: OnnxLayer) -> bool:
@@ -175,11 +202,17 @@ def _gemm_as_matmul(model: onnx.ModelProto, layer: OnnxLayer) -> bool:
 def _matmul_nbits(model: onnx.ModelProto, names: list[str], group_size: int) -> onnx.ModelProto:
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    others = [n.name for n in model.graph.node if n.name not in set(names)]  # nodes_to_include does not restrict
+    # nodes_to_include does not restrict, and the quantizer walks subgraphs too: exclude every other node
+    others = [n for n in _node_names(model.graph) if n not in set(names)]
     with _quiet():
         q = MatMulNBitsQuantizer(model, block_size=group_size, is_symmetric=False, nodes_to_exclude=others)
         q.process()
     return q.model.model
+
+
+def _node_names(graph: onnx.GraphProto) -> list[str]:
+    """Names of a graph's nodes and of its subgraphs' nodes."""
+    return [n for node in graph.node for n in [node.name, *(m for _, g in subgraphs(node) for m in _node_names(g))]]
 
 
 class _Reader:
@@ -227,9 +260,14 @@ def static_quantizers(layers: list[OnnxLayer], names: list[str],
 
 
 def _quantize_static(model: onnx.ModelProto, names: list[str], binding: InputBinding, calib: np.ndarray,
-                     given: dict[str, tuple[float, int]]) -> onnx.ModelProto:
-    """``quantize_static`` of the ``names`` layers; the tensors in ``given`` take those (scale, zero point)
-    instead of onnxruntime's min-max calibration."""
+                     given: dict[str, tuple[float, int]], *, qdq: bool = False) -> onnx.ModelProto:
+    """``quantize_static`` of the ``names`` layers (QOperator, or QDQ for ConvTranspose); the tensors in ``given``
+    take those (scale, zero point) instead of onnxruntime's min-max calibration, which covers only the tensors
+    around top-level nodes of the quantized op types.
+
+    Raises:
+        QuantizeError: onnxruntime fails on a model with subgraphs (the message names the node holding one).
+    """
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat as OrtFormat,
                                           QuantType, quantize_static)
 
@@ -239,12 +277,67 @@ def _quantize_static(model: onnx.ModelProto, names: list[str], binding: InputBin
     reader = type("Reader", (_Reader, CalibrationDataReader), {})(binding, calib)
     with tempfile.TemporaryDirectory(prefix="quantlens-q8-") as tmp, _quiet():
         out = Path(tmp) / "q8.onnx"
-        quantize_static(model, str(out), reader, quant_format=OrtFormat.QOperator, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_quantize=list(names),
-                        op_types_to_quantize=["Conv", "Gemm", "MatMul"], calibrate_method=CalibrationMethod.MinMax,
-                        extra_options={"ActivationSymmetric": False, "WeightSymmetric": True,
-                                       "TensorQuantOverrides": overrides})
+        try:
+            quantize_static(model, str(out), reader, quant_format=OrtFormat.QDQ if qdq else OrtFormat.QOperator,
+                            per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            nodes_to_quantize=list(names),
+                            op_types_to_quantize=["ConvTranspose"] if qdq else ["Conv", "Gemm", "MatMul"],
+                            calibrate_method=CalibrationMethod.MinMax,
+                            # the bias adjustment would move the weight scales off the engine's
+                            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True,
+                                           "TensorQuantOverrides": overrides,
+                                           "QDQDisableWeightAdjustForInt32Bias": True})
+        except Exception as e:
+            holder = next((n.name for n in model.graph.node for _ in subgraphs(n)), None)
+            if holder is None:
+                raise
+            raise QuantizeError(f"onnxruntime's static int8 quantizer fails on this model, which holds subgraphs "
+                                f"(node '{holder}'): {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
         return onnx.load(str(out))
+
+
+def _static_qoperator(model: onnx.ModelProto, layers: list[OnnxLayer], binding: InputBinding, calib: np.ndarray,
+                      given: dict[str, tuple[float, int]]) -> onnx.ModelProto:
+    """QOperator kernels for Conv / Gemm / MatMul ``layers``.
+
+    A QOperator kernel writes its output under a new name and dequantizes it back to the old one only where a
+    top-level node reads it; a subgraph that reads it from the outer scope would find nothing. So such a tensor
+    gets a top-level reader (an ``Identity``) just before the node that holds the subgraph, removed again after.
+    """
+    outputs = {l.output for l in layers}
+    anchors = []
+    for node in list(model.graph.node):
+        for t in sorted(outputs & set().union(*(outer_reads(g) for _, g in subgraphs(node)))):
+            anchors.append(helper.make_node("Identity", [t], [f"quantlens/outer/{t}"], name=f"quantlens/outer/{t}"))
+            _insert_before(model, node.name, [anchors[-1]])
+            outputs.discard(t)
+    q = _quantize_static(model, [l.name for l in layers], binding, calib, given)
+    if anchors:
+        gone = {a.name for a in anchors}
+        keep = [n for n in q.graph.node if n.name not in gone]
+        del q.graph.node[:]
+        q.graph.node.extend(keep)
+    return q
+
+
+def _static_transposed(model: onnx.ModelProto, layers: list[OnnxLayer], binding: InputBinding, calib: np.ndarray,
+                       given: dict[str, tuple[float, int]]) -> onnx.ModelProto:
+    """QDQ around ConvTranspose ``layers`` (onnxruntime has no QOperator form for it): input, weight (per channel
+    along the stored axis 1, the output channels) and output.
+
+    QDQ rewires every reader of a quantized tensor to its dequantized copy; each layer reads its input and writes
+    its output through a private ``Identity``, so other readers of its input keep the float tensor (as in the
+    engine) and every reader of its output, subgraphs included, sees it requantized (as a QOperator kernel's).
+    """
+    private: dict[str, tuple[float, int]] = {}
+    for l in layers:
+        x, y = f"{l.name}/input", f"{l.name}/output"
+        _insert_before(model, l.name, [helper.make_node("Identity", [l.input], [x], name=x)])
+        node = _node(model, l.name)
+        node.input[0], node.output[0] = x, y
+        _insert_after(model, l.name, [helper.make_node("Identity", [y], [l.output], name=y)])
+        private.update({t: given[g] for t, g in ((x, l.input), (y, l.output)) if g in given})
+    return _quantize_static(model, [l.name for l in layers], binding, calib, private, qdq=True)
 
 
 def _quantize_dynamic(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
@@ -275,6 +368,8 @@ def _kernel_label(nodes: list[onnx.NodeProto]) -> str:
         return f"{main} (static QOperator)"
     if main in ("MatMulInteger", "ConvInteger"):
         return f"{main} (dynamic)"
+    if main == "ConvTranspose" and "QuantizeLinear" in ops:
+        return f"{main} (static QDQ)"
     if main == "MatMulNBits":
         return "MatMulNBits"
     if "DequantizeLinear" in ops:
@@ -308,6 +403,9 @@ def quantize_model(model: onnx.ModelProto, layers: list[OnnxLayer], policy: dict
             raise QuantizeError(f"layer '{name}' cannot take {f}: {why}")
         if fmt.weight is not None and (why := group_size_error(_weight_oik(model, by_name[name]).shape, fmt.weight)):
             raise QuantizeError(f"layer '{name}' cannot take {f}: {why}")
+        if (fmt.weight is not None and by_name[name].op == "ConvTranspose"
+                and (why := transposed_conv_error(by_name[name].groups, fmt.weight))):
+            raise QuantizeError(f"layer '{name}' cannot take {f}: {why}")
         fmts[name] = f
     notes: list[str] = []
     rank = {"fp32": 0, "int8-dyn": 1, "int8": 2, "int4": 3}
@@ -324,6 +422,8 @@ def quantize_model(model: onnx.ModelProto, layers: list[OnnxLayer], policy: dict
 
     m = onnx.ModelProto()
     m.CopyFrom(model)
+    if has_subgraphs(m):
+        name_nodes(m)  # the 4-bit quantizer walks subgraphs; it is kept out of them by node name
     int4 = [l for l in layers if fmts.get(l.name) == "int4"]
     int8 = [l.name for l in layers if fmts.get(l.name) == "int8"]
     dyn = [l for l in layers if fmts.get(l.name) == "int8-dyn"]
@@ -357,7 +457,11 @@ def quantize_model(model: onnx.ModelProto, layers: list[OnnxLayer], policy: dict
         given = static_quantizers(layers, int8, quantizers or {})
         needed = {t for l in layers if l.name in int8 for t in (l.input, l.output)}
         # onnxruntime calibrates every tensor it quantizes; where all are given, one sample is enough
-        m = _quantize_static(m, int8, binding, calib if needed - set(given) else calib[:1], given)
+        sample = calib if needed - set(given) else calib[:1]
+        if transposed := [by_name[n] for n in int8 if by_name[n].op == "ConvTranspose"]:
+            m = _static_transposed(m, transposed, binding, sample, given)
+        if qoperator := [by_name[n] for n in int8 if by_name[n].op != "ConvTranspose"]:
+            m = _static_qoperator(m, qoperator, binding, sample, given)
     if dyn:
         m = _quantize_dynamic(m, [l.name for l in dyn])
     _drop_unused_initializers(m)
