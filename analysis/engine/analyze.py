@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from analysis.data.metrics import choose_metric
 from analysis.data.tasks import Metric, load_task
 from analysis.engine.executors import (CHUNKS_PER_WORKER, EXECUTORS, MIN_CHUNKS, WorkerSpec, act_quant_rows,
                                        balanced_chunks, chunked, open_pool)
@@ -115,7 +116,7 @@ def sweep_to_run(model: str, task: str = "digits", out: str | Path = "runs/run",
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
     fmts = _formats(formats, observer, group_size)
-    tm, t, m = _model_and_task(o, fmts)
+    tm, t, m, metric_reason = _model_and_task(o, fmts)
     plan = plan_sweep(tm, t, m.name, fmts, incremental=incremental, random_policies=random_policies, seed=seed)
     if resume:
         _resume_check(o.out, plan.context_key)
@@ -131,7 +132,7 @@ def sweep_to_run(model: str, task: str = "digits", out: str | Path = "runs/run",
     try:
         stats = _calibrate(o, runner, fmts, todo, pool)
         tables = _static_tables(runner, stats, fmts, plan)
-        meta = _run_meta(o, runner, m, fmts, plan, tables)
+        meta = _run_meta(o, runner, m, fmts, plan, tables, metric_reason)
         folder.create(meta, tables.build(done))
         if pool is not None:
             _collect(pool, folder, tables, done, bar.update if bar is not None and executor != "serial" else None,
@@ -164,8 +165,8 @@ def _check_options(o: SweepOptions) -> None:
 
 
 def _model_and_task(o: SweepOptions, fmts: list[QuantFormat]):
-    """The model (checked to run on the task's inputs, with this sweep's formats), the task, and the
-    metric the model's output takes."""
+    """The model (checked to run on the task's inputs, with this sweep's formats), the task, the metric
+    the model's output takes, and why it was chosen where the automatic choice avoided a degenerate one."""
     t = load_task(o.task, metric=o.metric, calib=o.calib, seed=o.seed)
     example = torch.from_numpy(t.eval_inputs[:2])
     tm = load_model(o.model, example, weights=o.weights, source_hint=t.source)
@@ -173,7 +174,8 @@ def _model_and_task(o: SweepOptions, fmts: list[QuantFormat]):
         tm.formats[f.name] = f
     with torch.no_grad():
         y = tm.run(example)
-    return tm, t, t.resolve_metric(tuple(y.shape))
+    m, reason = choose_metric(t.metric, t.eval_labels is not None, y)
+    return tm, t, m, reason
 
 
 def _progress_bar(total: int, finished: int, n_batches: int):
@@ -236,7 +238,7 @@ def _static_tables(runner: SweepRunner, stats: ActivationStats, fmts: list[Quant
 
 
 def _run_meta(o: SweepOptions, runner: SweepRunner, m: Metric, fmts: list[QuantFormat], plan: SweepPlan,
-              tables: RunTables) -> dict:
+              tables: RunTables, metric_reason: str | None = None) -> dict:
     """run.json of the new Run: provenance, settings, the baseline, and ``status: partial`` until it finishes."""
     tm, t = runner.model, runner.task
     fp32_bytes = policy_bytes(tables.cost, {}, tables.other_bytes)
@@ -251,7 +253,8 @@ def _run_meta(o: SweepOptions, runner: SweepRunner, m: Metric, fmts: list[QuantF
                  "n_calib": int(len(t.calib_inputs)), "n_eval": int(len(t.eval_inputs)),
                  "input_shape": list(t.eval_inputs.shape[1:]), "labels": t.eval_labels is not None,
                  "calib_arg": o.calib, "metric_arg": o.metric},
-        "metric": {"name": m.name, "higher_is_better": m.higher_is_better, "loss": m.loss, "description": m.description},
+        "metric": {"name": m.name, "higher_is_better": m.higher_is_better, "loss": m.loss, "description": m.description,
+                   "chosen_because": metric_reason},
         "formats": [f.name for f in fmts],
         "format_specs": {f.name: f.to_dict() for f in [FP32, *fmts]},
         "observer": o.observer,
