@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 import time
 from collections import Counter, defaultdict
@@ -131,7 +132,8 @@ def uniform_policy(run: Run, fmt: str) -> dict[str, str]:
 
 def measure_latency(run: Run | str | os.PathLike, *, repeats: int = 50, warmup: int = 3, batch: int = 32,
                     threads: int = 1, progress: Callable[[str], None] | None = None,
-                    time_budget_s: float = 60.0) -> dict:
+                    time_budget_s: float = 60.0, latency_budget: float | None = None,
+                    progress_bar: bool = False) -> dict:
     """Measure per-layer and end-to-end latency of a Run's model in onnxruntime; store them in the Run.
 
     Fills the ``cost`` table's ``latency_ms`` / ``latency_spread_ms`` / ``latency_source`` for every
@@ -144,7 +146,12 @@ def measure_latency(run: Run | str | os.PathLike, *, repeats: int = 50, warmup: 
         threads: onnxruntime intra-op threads (1 is fastest for small models on shared cores).
         time_budget_s: rough bound on the time spent timing single-layer models; large models get
             fewer paired repeats (at least 5), small ones the full ``repeats``.
+        latency_budget: seconds for the whole measurement, or None. The FP32 and uniform models and the
+            FP32 kernel profile are always timed; single-layer models are timed while the budget lasts
+            (fewer paired repeats first), and those left are recorded as not measured: NaN latency in
+            ``cost`` with the reason in ``latency_source`` and in run.json ``latency.not_measured``.
         progress: optional callable receiving one line per step.
+        progress_bar: a tqdm bar with ETA on stderr over the single-layer models.
 
     Returns:
         The ``latency`` dict written to run.json.
@@ -152,6 +159,10 @@ def measure_latency(run: Run | str | os.PathLike, *, repeats: int = 50, warmup: 
     Example:
         >>> measure_latency("runs/digits")["uniform"]["int8"]["ratio_vs_fp32"]
     """
+    if latency_budget is not None and not latency_budget > 0:
+        raise ValueError(f"latency_budget={latency_budget}: must be a positive number of seconds")
+    t_start = time.perf_counter()
+    deadline = None if latency_budget is None else t_start + latency_budget
     run = run if isinstance(run, Run) else load_run(run)
     say = progress or (lambda s: None)
     task = resolve_task(run)
@@ -172,6 +183,8 @@ def measure_latency(run: Run | str | os.PathLike, *, repeats: int = 50, warmup: 
     say(f"timing {len(models)} whole models round-robin")
     times = timed_runs(models, feed, threads=threads, repeats=repeats, warmup=warmup)
     del models
+    say("profiling fp32 kernels")
+    fp32_layer = layer_times(rm, None, node_times(rm.model, feed, threads=threads, repeats=repeats, warmup=warmup))
     sens = run.sensitivity
     jobs = [(str(r.layer), str(r.format)) for r in sens[sens["status"] == "ok"].itertuples()
             if str(r.layer) in rm.to_onnx]
@@ -179,10 +192,16 @@ def measure_latency(run: Run | str | os.PathLike, *, repeats: int = 50, warmup: 
     # models whatever the layer count, and the per-layer timing effort is bounded by time_budget_s
     fp32_session = session(rm.model, threads)
     one_ms = float(np.median(times["fp32"]))
-    pair_repeats = int(np.clip(time_budget_s * 1e3 / (2 * one_ms * max(len(jobs), 1)), min(5, repeats), repeats))
+    per_layer_s = time_budget_s if deadline is None else max(0.0, min(time_budget_s, deadline - time.perf_counter()))
+    pair_repeats = int(np.clip(per_layer_s * 1e3 / (2 * one_ms * max(len(jobs), 1)), min(5, repeats), repeats))
     kernel_of: dict[str, str] = {}
     say(f"timing {len(jobs)} single-layer models against fp32 ({pair_repeats} paired repeats each)")
+    bar = _layer_bar(len(jobs)) if progress_bar and jobs else None
+    job_s: list[float] = []
     for layer, fmt in jobs:
+        if _out_of_budget(deadline, job_s):
+            break
+        t_job = time.perf_counter()
         q = quantize_model(rm.model, rm.layers, {rm.to_onnx[layer]: fmt}, rm.binding, calib,
                            rm.onnx_quantizers(run, {layer: fmt}), run_formats(run))
         pair = timed_runs({"fp32": fp32_session, "q": q.model}, feed, threads=threads, repeats=pair_repeats,
@@ -190,8 +209,16 @@ def measure_latency(run: Run | str | os.PathLike, *, repeats: int = 50, warmup: 
         times[f"{layer}|{fmt}"] = pair["q"] - pair["fp32"]
         kernel_of[f"{layer}|{fmt}"] = q.kernels.get(rm.to_onnx[layer], "?")
         del q
-    say("profiling fp32 kernels")
-    fp32_layer = layer_times(rm, None, node_times(rm.model, feed, threads=threads, repeats=repeats, warmup=warmup))
+        job_s.append(time.perf_counter() - t_job)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    untimed = [f"{layer}|{fmt}" for layer, fmt in jobs if f"{layer}|{fmt}" not in times]
+    why_untimed = (f"the latency budget of {latency_budget:g} s ran out after {len(jobs) - len(untimed)} of "
+                   f"{len(jobs)} single-layer models" if untimed else "")
+    if untimed:
+        say(f"{why_untimed}: {len(untimed)} left unmeasured (their latency is unknown, not zero)")
 
     version = ort.__version__
     where = f"{threads} thread(s), batch {len(x)}"
@@ -211,6 +238,9 @@ def measure_latency(run: Run | str | os.PathLike, *, repeats: int = 50, warmup: 
             cost.at[i, "latency_ms"], cost.at[i, "latency_spread_ms"] = base + delta, spread
             cost.at[i, "latency_source"] = (f"onnxruntime {version} CPU end-to-end delta vs fp32: "
                                             f"{kernel_of[f'{layer}|{fmt}']}, {where}")
+        elif f"{layer}|{fmt}" in untimed:  # NaN, never an earlier measurement's value or zero
+            cost.at[i, "latency_ms"], cost.at[i, "latency_spread_ms"] = np.nan, np.nan
+            cost.at[i, "latency_source"] = f"not measured: {why_untimed}"
     fp32_ms, fp32_spread = _stats(times["fp32"])
     uniform = {}
     for fmt in run.formats:
@@ -227,11 +257,28 @@ def measure_latency(run: Run | str | os.PathLike, *, repeats: int = 50, warmup: 
                   "between the model with only that layer quantized and FP32, timed in alternation",
         "pair_repeats": pair_repeats,
         "model": "exported from torch with torch.onnx" if rm.exported else "the Run's ONNX file",
+        "budget_s": latency_budget, "seconds": round(time.perf_counter() - t_start, 3),
     }
+    if untimed:
+        meta["not_measured"] = {"reason": why_untimed, "count": len(untimed), "of": len(jobs), "layers": untimed}
     replace_table(run, "cost", cost)
     _store_policy_latency(run, fp32_ms, {fmt: u["ms"] for fmt, u in uniform.items()})
     update_meta(run, latency=meta)
     return meta
+
+
+def _layer_bar(total: int):
+    """A tqdm bar on stderr over the single-layer models, with its ETA."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="latency", unit="model", file=sys.stderr, leave=False)
+
+
+def _out_of_budget(deadline: float | None, job_s: list[float]) -> bool:
+    """Whether the next single-layer model would end past ``deadline`` (judged by the ones timed so far)."""
+    if deadline is None:
+        return False
+    return time.perf_counter() + (float(np.mean(job_s)) if job_s else 0.0) > deadline
 
 
 def _store_policy_latency(run: Run, fp32_ms: float, uniform_ms: dict[str, float]) -> None:
