@@ -7,7 +7,7 @@ import numpy as np
 
 from analysis.project.projection import Projection, Projector
 from analysis.project.search import SearchError, SearchResult, best_policy, pareto_frontier
-from analysis.store.policy import Policy, match_policy
+from analysis.store.policy import Policy, PolicyError, match_policy
 from analysis.store.run import Run
 
 DEFAULT_MAX_DROP = 0.01  # the best known policy: smallest projected within 1 % (relative) of FP32
@@ -28,6 +28,9 @@ class ReportContent:
 def _chosen(run: Run, p: Projector, policy: Policy | None, source: str | None) -> tuple[np.ndarray, str, list[str]]:
     if policy is not None:
         m = match_policy(policy, run)
+        if m.model_mismatch:  # as apply and verify: another model's layers of the same name are not this one's
+            raise PolicyError(f"field 'model.sha256': the policy is for model {m.model_mismatch[0][:12]}…, "
+                              f"Run {run.path} holds {m.model_mismatch[1][:12]}…")
         codes, notes = p.sanitize(m.codes)
         return codes, f"from {source or 'the given policy file'}", [*m.messages(), *notes]
     drop = DEFAULT_MAX_DROP * abs(p.base_metric)
