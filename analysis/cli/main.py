@@ -8,20 +8,20 @@ traceback (exit code 1).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
+import math
 import sys
 from pathlib import Path
 
+from analysis.cli.library_log import library_log
+from analysis.cli.paths import UsageError, input_file, output_file, output_folder
 from analysis.cli.runtime_verbs import register as register_runtime_verbs
 from analysis.cli.search_verb import register as register_search_verb
 from analysis.quant.formats import OBSERVERS
 from analysis.errors import InputError
 
 DEFAULT_DEMO_RUN = Path("runs") / "digits"
-
-
-class UsageError(InputError):
-    """A bad command-line value."""
 
 
 def _add_analyze(sub) -> None:
@@ -38,7 +38,14 @@ def _add_analyze(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--observer", choices=OBSERVERS, default="minmax", help="activation range observer")
     p.add_argument("--group-size", type=int, default=None, help="weight group size for group-wise formats (default 32)")
-    p.add_argument("--metric", default=None, help="accuracy | agreement | cosine (default: from labels and output)")
+    p.add_argument("--metric", default=None,
+                   help="accuracy | agreement | cosine | embedding | nmse, or package.module:function for your own, "
+                        "called per batch as fn(y_fp32, y_quant, labels) -> per-sample scores (default: from the "
+                        "labels and the output, avoiding a metric that cannot move on it)")
+    p.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of the task's kind (repeatable), e.g. text_column=sentence")
+    p.add_argument("--output", default=None, metavar="NAME",
+                   help="the model output to compare when the model has several (default: all of them)")
     p.add_argument("--weights", default=None, help="state dict (.safetensors or .pt, loaded weights-only) for the factory")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: fastest for small models)")
     p.add_argument("--no-incremental", action="store_true", help="full forward per job (no downstream-only reuse)")
@@ -51,6 +58,9 @@ def _add_analyze(sub) -> None:
     p.add_argument("--random-policies", type=int, default=8,
                    help="random mixed policies measured whole, to calibrate and validate projections (default 8)")
     p.add_argument("--no-latency", action="store_true", help="skip the onnxruntime latency measurement")
+    p.add_argument("--latency-budget", type=float, default=None, metavar="SECONDS",
+                   help="most seconds for the latency measurement; layers not timed by then are recorded as not "
+                        "measured (default: no limit)")
     p.add_argument("--verify-policies", type=int, default=4, metavar="K",
                    help="verify the uniform policies and K of the random mixed ones in onnxruntime, so projections "
                         "are fitted to the model as shipped (default 4; 0: projections stay the engine's)")
@@ -72,6 +82,29 @@ def _check_analyze_flags(args) -> None:
         raise UsageError(f"--verify-policies {args.verify_policies}: must be 0 or more")
     if args.executor == "ray" and importlib.util.find_spec("ray") is None:
         raise UsageError("--executor ray: Ray is not installed (pip install 'quantlens[ray]')")
+    b = args.latency_budget
+    if b is not None:
+        if not (math.isfinite(b) and b > 0):
+            raise UsageError(f"--latency-budget {b:g}: must be a positive number of seconds")
+        if args.no_latency:
+            raise UsageError("--latency-budget: nothing to budget with --no-latency")
+    output_folder(args.out, "--out")
+    if args.weights:
+        input_file(args.weights, "a state dict file", "--weights")
+
+
+def task_options(items: list[str]) -> dict[str, str]:
+    """``--task-option KEY=VALUE`` items as a dict; a malformed or repeated item is one line naming it."""
+    out: dict[str, str] = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        key = key.strip()
+        if not eq or not key or any(c.isspace() for c in key):
+            raise UsageError(f"--task-option {item!r}: expected KEY=VALUE")
+        if key in out:
+            raise UsageError(f"--task-option {key}: given twice ({out[key]!r} and {value!r})")
+        out[key] = value
+    return out
 
 
 def _cmd_analyze(args) -> int:
@@ -88,13 +121,15 @@ def _cmd_analyze(args) -> int:
             raise ModelError(f"unknown demo model '{args.model}'; known: {', '.join(DEMO_TASKS)}")
         raise UsageError("--task: required for models other than the demos")
     _check_analyze_flags(args)
+    # the engine's own options, passed only when given
+    extra = {k: v for k, v in (("task_options", task_options(args.task_option)), ("output", args.output)) if v}
     run = analyze(args.model, task, args.out, formats=args.formats, calib=args.calib, seed=args.seed,
                   observer=args.observer, group_size=args.group_size, metric=args.metric, weights=args.weights,
                   incremental=not args.no_incremental, overwrite=args.overwrite, threads=args.threads,
                   progress=not args.quiet, executor=args.executor, workers=args.workers,
                   ray_address=args.ray_address, resume=args.resume, chunk_size=args.chunk_size,
                   random_policies=args.random_policies, latency=not args.no_latency,
-                  verify_policies=args.verify_policies)
+                  verify_policies=args.verify_policies, latency_budget=args.latency_budget, **extra)
     print(summary(run))
     print(f"wrote {run.path}")
     return 0
@@ -109,15 +144,35 @@ def summary(run) -> str:
              f"in {m['sweep']['seconds']:.1f} s",
              f"{'policy':<12} {name:>10} {m['metric']['loss']:>14} {'size MB':>9}",
              f"{'fp32':<12} {m['baseline']['metric']:>10.4f} {m['baseline']['loss']:>14.5f} {m['baseline']['bytes'] / 1e6:>9.3f}"]
+    if m["metric"].get("chosen_because"):
+        lines.insert(1, f"metric {name}, as {m['metric']['chosen_because']}")
     for fmt, u in m["uniform"].items():
         note = f"  ({len(u['skipped_layers'])} layer(s) kept fp32)" if u["skipped_layers"] else ""
         lines.append(f"{'all-' + fmt:<12} {u['metric']:>10.4f} {u['loss']:>14.5f} {u['bytes'] / 1e6:>9.3f}{note}")
-    s = run.sensitivity[run.sensitivity["status"] == "ok"].sort_values("kl", ascending=False).head(5)
-    lines.append("most sensitive (KL to fp32 with only that layer quantized):")
+    s, with_kl = most_sensitive_rows(run)
+    worse = "drop" if run.higher_is_better else "rise"
+    lines.append(f"most sensitive (largest {name} {worse} with only that layer quantized"
+                 f"{'; ties by KL to fp32' if with_kl else ''}):")
     for _, r in s.iterrows():
-        lines.append(f"  {r['layer']:<24} {r['format']:<8} {name} {r['metric_delta']:+.4f}  KL {r['kl']:.2e}  "
+        kl = f"  KL {r['kl']:.2e}" if with_kl else ""
+        lines.append(f"  {r['layer']:<24} {r['format']:<8} {name} {r['metric_delta']:+.4f}{kl}  "
                      f"output SQNR {r['output_sqnr_db']:.1f} dB")
+    untimed = (m.get("latency") or {}).get("not_measured")
+    if untimed:
+        lines.append(f"latency: {untimed['reason']}; a policy that quantizes any of the other {untimed['count']} "
+                     f"(layer, format) pairs has no projected latency")
     return "\n".join(lines)
+
+
+def most_sensitive_rows(run, n: int = 5):
+    """The ``n`` measured (layer, format) rows that moved the Run's metric most the wrong way, and whether KL
+    (where the metric has one, finite on every row) breaks ties; otherwise the loss change does."""
+    s = run.sensitivity[run.sensitivity["status"] == "ok"]
+    harm = -s["metric_delta"] if run.higher_is_better else s["metric_delta"]
+    with_kl = len(s) > 0 and bool(s["kl"].notna().all()) and bool(s["kl"].map(math.isfinite).all())
+    tie = s["kl"] if with_kl else s["loss_delta"]
+    ranked = s.assign(_harm=harm, _tie=tie).sort_values(["_harm", "_tie"], ascending=False, kind="stable")
+    return ranked.head(n).drop(columns=["_harm", "_tie"]), with_kl
 
 
 DEMOS = {"digits": ("demo:digits", "digits"), "minilm": ("demo:minilm", "minilm")}  # Run name -> model, task
@@ -228,17 +283,21 @@ def _cmd_report(args) -> int:
     from analysis.report.render import write_report
     from analysis.store.run import load_run
 
+    output_file(args.out, "--out")
     run = load_run(args.run)
     policy = None
     if args.policy:
-        if not Path(args.policy).is_file():
+        if not input_file(args.policy, "a policy file", "--policy").is_file():
             raise PolicyError(f"{args.policy}: no such policy file")
         try:
             policy = from_json(Path(args.policy).read_bytes())
         except PolicyError as e:
             raise PolicyError(f"{args.policy}: {e}") from None
     source = Path(args.policy).name if args.policy else None
-    out = write_report(run, args.out, fmt=args.format, policy=policy, policy_source=source)
+    try:
+        out = write_report(run, args.out, fmt=args.format, policy=policy, policy_source=source)
+    except PolicyError as e:  # a policy for another model: refused as apply and verify refuse it
+        raise PolicyError(f"{args.policy}: {e}") from None
     print(f"wrote {out} ({out.stat().st_size:,} bytes)")
     return 0
 
@@ -254,6 +313,7 @@ def _add_bundle(sub) -> None:
 def _cmd_bundle(args) -> int:
     from analysis.store.bundle import write_bundle
 
+    output_file(args.out, "--out")
     out = write_bundle(args.run, args.out, with_model=args.with_model)
     print(f"wrote {out} ({out.stat().st_size:,} bytes)")
     return 0
@@ -277,6 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
 # a file or folder the user named is missing, of the wrong kind or not theirs to write: their mistake,
 # not ours; every other OSError (disk full, a broken mount) keeps its traceback
 USER_OS_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+# the Run folder whose quantlens.log takes a verb's library chatter (analysis/cli/library_log.py)
+LOGGED_RUN_ARG = {"analyze": "out", "apply": "run", "verify": "run", "search": "run", "report": "run"}
 
 
 def _os_error_line(e: OSError) -> str:
@@ -289,25 +351,38 @@ def main(argv: list[str] | None = None) -> int:
             stream.reconfigure(errors="backslashreplace")
     parser = build_parser()
     args = parser.parse_args(argv)  # argparse itself exits 2 on a bad flag
+    log, said = None, False
+    run_arg = LOGGED_RUN_ARG.get(args.command)
     try:
-        return COMMANDS[args.command][1](args)
+        with library_log(args.command, getattr(args, run_arg)) if run_arg else contextlib.nullcontext() as log:
+            return COMMANDS[args.command][1](args)
     except KeyboardInterrupt:
         hint = " (finished jobs are saved: rerun with --resume)" if args.command == "analyze" else ""
-        print(f"quantlens {args.command}: interrupted{hint}", file=sys.stderr)
+        said = _say(f"quantlens {args.command}: interrupted{hint}", log)
         return 130
     except RuntimeError as e:
         from analysis.engine.executors import ExecutorError
 
         if not isinstance(e, ExecutorError):
             raise
-        print(f"quantlens {args.command}: error: {e}", file=sys.stderr)
+        said = _say(f"quantlens {args.command}: error: {e}", log)
         return 1
     except InputError as e:
-        print(f"quantlens {args.command}: error: {e}", file=sys.stderr)
+        said = _say(f"quantlens {args.command}: error: {e}", log)
         return 2
     except USER_OS_ERRORS as e:
-        print(f"quantlens {args.command}: error: {_os_error_line(e)}", file=sys.stderr)
+        said = _say(f"quantlens {args.command}: error: {_os_error_line(e)}", log)
         return 2
+    finally:
+        if log is not None and log.path is not None and not said:
+            print(f"note: library warnings and messages are in {log.path}", file=sys.stderr)
+
+
+def _say(line: str, log) -> bool:
+    """Print the verb's one error line, naming the log of library messages in it when there is one."""
+    where = f" (library messages: {log.path})" if log is not None and log.path is not None else ""
+    print(line + where, file=sys.stderr)
+    return True
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import sys
 
+from analysis.cli.paths import input_file, output_file
+
 
 def _add_apply(sub) -> None:
     p = sub.add_parser("apply", help="write the quantized ONNX model for a policy",
@@ -16,6 +18,8 @@ def _add_apply(sub) -> None:
 def _cmd_apply(args) -> int:
     from analysis.runtime.verify import apply_policy
 
+    input_file(args.policy, "a policy file")
+    output_file(args.out, "--out")
     a = apply_policy(args.run, args.policy, args.out)
     for note in a.notes:
         print(f"note: {note}", file=sys.stderr)
@@ -44,6 +48,7 @@ def _cmd_verify(args) -> int:
     from analysis.store.run import load_run
     from analysis.api import verify_policy
 
+    input_file(args.policy, "a policy file")
     run = load_run(args.run)
     say = None if args.quiet else (lambda s: print(f"verify: {s}", file=sys.stderr))
     r = verify_policy(run, args.policy, say, name=args.name, kind=args.kind, threads=args.threads)

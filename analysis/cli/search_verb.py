@@ -4,6 +4,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from analysis.cli.paths import output_file
+
 
 def _add_search(sub) -> None:
     p = sub.add_parser("search", help="find the best mixed-precision policy under a budget",
@@ -33,8 +35,7 @@ def _cmd_search(args) -> int:
 
     if args.max_size_mb is None and args.max_latency_ms is None and args.max_drop is None:
         raise SearchError("give a budget: --max-size-mb, --max-latency-ms or --max-drop")
-    if Path(args.out).is_dir():
-        raise SearchError(f"--out {args.out}: is a folder; give a file name (e.g. policy.json)")
+    output_file(args.out, "--out")
     run = load_run(args.run)
     if run.status != "complete":
         print(f"note: the Run is {run.status}; searching over the jobs finished so far", file=sys.stderr)
