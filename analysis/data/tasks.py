@@ -59,23 +59,6 @@ class Task:
                 h.update(np.ascontiguousarray(a).tobytes())
         return h.hexdigest()
 
-    def resolve_metric(self, output_shape: tuple[int, ...]) -> Metric:
-        """The named metric, or the default for this output: accuracy with labels, else
-        top-1 agreement for classifier-shaped (N, C) outputs, else cosine similarity."""
-        if self.metric is None:
-            if self.eval_labels is not None:
-                name = "accuracy"
-            else:
-                name = "agreement" if len(output_shape) == 2 and output_shape[1] > 1 else "cosine"
-        else:
-            name = self.metric
-        m = get_metric(name)
-        if m.needs_labels and self.eval_labels is None:
-            raise TaskError(f"metric '{name}' needs labels, but the task '{self.name}' has none")
-        if name in ("accuracy", "agreement") and (len(output_shape) < 2 or output_shape[-1] < 2):
-            raise TaskError(f"metric '{name}' needs class scores (N, C); the model outputs shape {tuple(output_shape)}")
-        return m
-
     def eval_batches(self):
         """(inputs, labels or None) as torch tensors, in fixed order."""
         for s in range(0, len(self.eval_inputs), self.batch_size):
