@@ -219,8 +219,7 @@ class _Reader:
     """Calibration batches for ``quantize_static``, cut to what the model's input accepts."""
 
     def __init__(self, binding: InputBinding, calib: np.ndarray, batch: int = 64) -> None:
-        self.items = [{binding.name: chunk} for s in range(0, len(calib), batch)
-                      for chunk, _ in binding.chunks(calib[s:s + batch])]
+        self.items = [feed for s in range(0, len(calib), batch) for feed, _ in binding.feeds(calib[s:s + batch])]
         self.i = 0
 
     def get_next(self):
