@@ -180,6 +180,43 @@ METRICS: dict[str, Metric] = {
 }
 
 
+# Causal language models: logits (N, L, V) on token ids whose labels are the ids themselves, padding
+# marked -100 (``analysis.data.text``); a batch's inputs may be cut shorter than its labels.
+def _masked_mean(v, mask):
+    return (v * mask).sum(1) / mask.sum(1).clamp_min(1)
+
+
+def _position_kl(y, y_ref):
+    """KL(softmax(y_ref) || softmax(y)) at every position: (N, L)."""
+    log_p, log_q = F.log_softmax(y_ref.double(), -1), F.log_softmax(y.double(), -1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def _perplexity(y, y_ref, labels):
+    """Per text: exp of the mean cross-entropy of each next real token (a one-token text scores 1)."""
+    target = labels[:, 1:y.shape[1]]
+    mask = target != -100
+    ce = F.cross_entropy(y[:, :-1].double().transpose(1, 2), target.clamp_min(0), reduction="none")
+    mean_ce = _masked_mean(ce, mask)
+    return mean_ce.exp(), mean_ce, _masked_mean(_position_kl(y[:, :-1], y_ref[:, :-1]), mask)
+
+
+def _next_token_agreement(y, y_ref, labels):
+    mask = torch.ones(y.shape[:2], dtype=torch.bool) if labels is None else labels[:, :y.shape[1]] != -100
+    kl = _masked_mean(_position_kl(y, y_ref), mask)
+    return _masked_mean((y.argmax(-1) == y_ref.argmax(-1)).double(), mask), kl, kl
+
+
+METRICS.update({
+    "perplexity": Metric("perplexity", False, "cross_entropy", True,
+                         "per-text perplexity of the next token (exp of its mean cross-entropy over the real "
+                         "tokens; labels are the token ids), lower is better", _perplexity),
+    "next_token_agreement": Metric("next_token_agreement", True, "kl_to_fp32", False,
+                                   "share of real token positions whose most likely next token is the FP32 "
+                                   "model's", _next_token_agreement),
+})
+
+
 def get_metric(name: str) -> Metric:
     """A built-in metric by name, or a user metric ``package.module:function``."""
     if name in METRICS:
