@@ -22,6 +22,7 @@ its own copy, so quantizing the head leaves the embedding as it is.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -88,8 +89,6 @@ def _sentence_transformers(folder: Path) -> tuple[tuple[str, ...], bool, str]:
     if not (folder / "modules.json").is_file():
         return ("mean",), True, "mean pooling, L2-normalised"
     try:
-        import json
-
         modules = json.loads((folder / "modules.json").read_text(encoding="utf-8"))
         types = [(m.get("type", ""), m.get("path", "")) for m in modules]
     except (OSError, ValueError, AttributeError, TypeError) as e:
