@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from analysis.data.batch import describe_shape
 from analysis.data.metrics import choose_metric
 from analysis.data.tasks import Metric, load_task
 from analysis.engine.executors import (CHUNKS_PER_WORKER, EXECUTORS, MIN_CHUNKS, WorkerSpec, act_quant_rows,
@@ -80,6 +81,8 @@ class SweepOptions:
     resume: bool
     chunk_size: int | None
     random_policies: int
+    task_options: dict | None = None
+    output: str | None = None
 
 
 def sweep_to_run(model: str, task: str = "digits", out: str | Path = "runs/run", *, formats=("int8", "int4"),
@@ -87,7 +90,8 @@ def sweep_to_run(model: str, task: str = "digits", out: str | Path = "runs/run",
                  metric: str | None = None, weights: str | None = None, incremental: bool = True,
                  overwrite: bool = False, threads: int | None = None, progress: bool = True,
                  executor: str = "serial", workers: int = 2, ray_address: str | None = None,
-                 resume: bool = False, chunk_size: int | None = None, random_policies: int = 8) -> Run:
+                 resume: bool = False, chunk_size: int | None = None, random_policies: int = 8,
+                 task_options: dict | None = None, output: str | None = None) -> Run:
     """Measure every quantizable layer of ``model`` under each format on ``task``; write a Run.
 
     Args:
@@ -101,6 +105,8 @@ def sweep_to_run(model: str, task: str = "digits", out: str | Path = "runs/run",
         executor: serial | process | ray; workers: processes or Ray actors (each loads the model once).
         resume: finish an interrupted Run at ``out`` without recomputing finished jobs.
         random_policies: K random mixed policies measured whole, to calibrate and validate projections.
+        task_options: options of the task's kind (``--task-option KEY=VALUE``: text columns, image sizes, ...).
+        output: the model output the metric compares when there are several (default: all of them).
         chunk_size: most jobs per chunk, the unit of work and of persistence (default: 8 when serial;
             pools cut chunks of balanced cost: at least ``MIN_CHUNKS``, ``CHUNKS_PER_WORKER`` per worker).
 
@@ -110,7 +116,8 @@ def sweep_to_run(model: str, task: str = "digits", out: str | Path = "runs/run",
     o = SweepOptions(model=model, task=task, out=Path(out), formats=formats, calib=calib, seed=seed, observer=observer,
                      group_size=group_size, metric=metric, weights=weights, incremental=incremental,
                      overwrite=overwrite, threads=threads, progress=progress, executor=executor, workers=workers,
-                     ray_address=ray_address, resume=resume, chunk_size=chunk_size, random_policies=random_policies)
+                     ray_address=ray_address, resume=resume, chunk_size=chunk_size, random_policies=random_policies,
+                     task_options=dict(task_options or {}), output=output)
     _check_options(o)
     if threads:
         torch.set_num_threads(threads)
@@ -167,13 +174,12 @@ def _check_options(o: SweepOptions) -> None:
 def _model_and_task(o: SweepOptions, fmts: list[QuantFormat]):
     """The model (checked to run on the task's inputs, with this sweep's formats), the task, the metric
     the model's output takes, and why it was chosen where the automatic choice avoided a degenerate one."""
-    t = load_task(o.task, metric=o.metric, calib=o.calib, seed=o.seed)
-    example = torch.from_numpy(t.eval_inputs[:2])
-    tm = load_model(o.model, example, weights=o.weights, source_hint=t.source)
+    t = load_task(o.task, metric=o.metric, calib=o.calib, seed=o.seed, model=o.model, options=o.task_options)
+    tm = load_model(o.model, t.eval_inputs[:3], weights=o.weights, source_hint=t.source, output=o.output)
     for f in fmts:
         tm.formats[f.name] = f
     with torch.no_grad():
-        y = tm.run(example)
+        y = tm.run(next(t.eval_batches())[0])
     m, reason = choose_metric(t.metric, t.eval_labels is not None, y)
     return tm, t, m, reason
 
@@ -191,7 +197,7 @@ def _open_pool(o: SweepOptions, runner: SweepRunner, fmts: list[QuantFormat], ba
     spec = lambda: WorkerSpec(  # noqa: E731 - built only for pool executors
         model=o.model, weights=o.weights, task=o.task, task_metric=o.metric, calib=o.calib, seed=o.seed,
         metric_name=runner.metric_name, model_sha256=runner.model.sha256, formats=[f.to_dict() for f in fmts],
-        incremental=runner.recompute is not None, threads=o.threads or 1)
+        incremental=runner.recompute is not None, threads=o.threads or 1, task_options=o.task_options, output=o.output)
     return open_pool(o.executor, runner, spec, workers=o.workers, ray_address=o.ray_address,
                      progress=bar.update if bar is not None and o.executor == "serial" else None)
 
@@ -247,12 +253,13 @@ def _run_meta(o: SweepOptions, runner: SweepRunner, m: Metric, fmts: list[QuantF
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": {"name": tm.name, "kind": tm.kind, "source": tm.source, "sha256": tm.sha256, "params": tm.params(),
                   "fp32_bytes": fp32_bytes, "other_bytes": tables.other_bytes, "n_layers": len(plan.layers),
-                  "weights": str(o.weights) if o.weights else None,
+                  "weights": str(o.weights) if o.weights else None, "output_arg": o.output,
+                  "outputs": tm.outputs.describe(), "notes": list(getattr(tm, "notes", [])),
                   "not_analysed": [{"layer": n, "reason": r} for n, r in getattr(tm, "not_analysed", [])]},
         "data": {"task": t.name, "spec": o.task, "source": t.source, "sha256": t.sha256,
                  "n_calib": int(len(t.calib_inputs)), "n_eval": int(len(t.eval_inputs)),
-                 "input_shape": list(t.eval_inputs.shape[1:]), "labels": t.eval_labels is not None,
-                 "calib_arg": o.calib, "metric_arg": o.metric},
+                 "input_shape": describe_shape(t.eval_inputs), "labels": t.eval_labels is not None,
+                 "calib_arg": o.calib, "metric_arg": o.metric, "options": o.task_options},
         "metric": {"name": m.name, "higher_is_better": m.higher_is_better, "loss": m.loss, "description": m.description,
                    "chosen_because": metric_reason},
         "formats": [f.name for f in fmts],

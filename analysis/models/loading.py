@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from analysis.data.batch import to_numpy, to_torch
 from analysis.models.base import ModelError
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".safetensors")
@@ -111,15 +112,21 @@ def load_torch_model(spec: str, weights: str | Path | None = None) -> tuple[nn.M
     return model, spec, spec if weights is None else f"{spec} + {weights}"
 
 
-def load_model(spec: str, example: torch.Tensor, *, weights: str | Path | None = None, source_hint: str = ""):
-    """The model adapter for a MODEL argument, checked to accept ``example`` (a batch of task inputs).
+def load_model(spec: str, example, *, weights: str | Path | None = None, source_hint: str = "",
+               output: str | None = None):
+    """The model adapter for a MODEL argument, checked to accept ``example`` (a few samples of the task:
+    an array, or named arrays for a model with several inputs; at least 3 let the batch axis of each
+    output be told from the others).
 
-    ``.onnx`` files get the onnxruntime backend; everything else the torch backend.
+    ``.onnx`` files get the onnxruntime backend; everything else the torch backend. ``output`` names
+    the output the metric compares when the model has several (default: all of them).
 
     Raises:
         ModelError: the model cannot be loaded, has no quantizable layers, or rejects the inputs.
     """
     if Path(spec).suffix.lower() == ".onnx":
+        if Path(spec).is_dir():
+            raise ModelError(f"{spec}: a directory, not an ONNX file")
         if not Path(spec).is_file():
             raise ModelError(f"{spec}: no such file")
         if weights is not None:
@@ -127,16 +134,16 @@ def load_model(spec: str, example: torch.Tensor, *, weights: str | Path | None =
                              f"file that holds its own weights")
         from analysis.models.onnx_model import load_onnx_model
 
-        return load_onnx_model(spec, example, source_hint=source_hint)
+        return load_onnx_model(spec, example, source_hint=source_hint, output=output)
+    from analysis.models.torchscript import is_torchscript
+
+    if Path(spec).suffix.lower() in CHECKPOINT_SUFFIXES and is_torchscript(spec):  # analysed as its ONNX export
+        if weights is not None:
+            raise ModelError(f"--weights {weights}: {spec} is a TorchScript archive that holds its own weights")
+        from analysis.models.torchscript import load_torchscript_model
+
+        return load_torchscript_model(spec, example, source_hint=source_hint, output=output)
     from analysis.models.torch_model import TorchModel
 
     module, name, source = load_torch_model(spec, weights)
-    try:
-        with torch.no_grad():
-            y = module.eval()(example)
-    except Exception as e:
-        raise ModelError(f"{source_hint or 'task'}: inputs of shape {tuple(example.shape[1:])} are rejected by the model "
-                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-    if not isinstance(y, torch.Tensor):
-        raise ModelError(f"model '{spec}': must return one tensor, returned {type(y).__name__}")
-    return TorchModel(module, example, name=name, source=source)
+    return TorchModel(module.eval(), to_torch(to_numpy(example)), name=name, source=source, output=output)

@@ -168,7 +168,7 @@ def measure_latency(run: Run | str | os.PathLike, *, repeats: int = 50, warmup: 
     task = resolve_task(run)
     rm = resolve_model(run, task)
     x = task.eval_inputs[: max(1, batch)]
-    feed = {rm.binding.name: next(rm.binding.chunks(x))[0]}
+    feed = rm.binding.first_feed(x)
     # kernel speed does not depend on the exact activation scales: a few calibration samples set them
     # for timing models (the metric of a quantized model is measured by verify, on the full calibration set)
     calib = task.calib_inputs[:TIMING_CALIB_SAMPLES]
