@@ -104,6 +104,7 @@ def test_time_major_sweep_sees_the_later_steps(folder):
     out = run.meta["model"]["outputs"]
     assert out["elements_per_sample"] == T * C
     assert out["outputs"][0]["batch_axis"] == 1 and out["outputs"][0]["compared"]
+    assert out["outputs"][0]["shape"] == [T, "N", C]
 
 
 def test_torch_time_major_output(folder):
@@ -219,3 +220,18 @@ def test_cli_output_flag_unknown_name_is_one_line(folder):
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip().count("\n") == 0 and "--output nope" in r.stderr
     assert not (folder / "run" / "run.json").exists()
+
+
+def test_console_summary_says_what_was_compared(folder):
+    from analysis.cli.main import summary
+
+    np.savez(folder / "d.npz", inputs=_features(24, F, 8))
+    run = sweep_to_run("io_factories:dict_out", str(folder / "d.npz"), folder / "run", **QUICK)
+    text = summary(run)
+    assert "compared: logits (N, 4), embedding (N, 8) (12 values per sample)" in text
+    assert "output 'loss' () is not compared (no batch axis)" in text
+    ctc = folder / "ctc.onnx"
+    onnx.save(time_major_graph(), ctc)
+    np.savez(folder / "c.npz", inputs=_features(12, F, 0))
+    text = summary(sweep_to_run(str(ctc), str(folder / "c.npz"), folder / "run2", metric="cosine", **QUICK))
+    assert f"compared: y ({T}, N, {C}) ({T * C} values per sample)" in text

@@ -157,6 +157,17 @@ def summary(run) -> str:
         kl = f"  KL {r['kl']:.2e}" if with_kl else ""
         lines.append(f"  {r['layer']:<24} {r['format']:<8} {name} {r['metric_delta']:+.4f}{kl}  "
                      f"output SQNR {r['output_sqnr_db']:.1f} dB")
+    outputs = m["model"].get("outputs") or {}
+    compared = [o for o in outputs.get("outputs", []) if o.get("compared")]
+    if compared and (len(outputs["outputs"]) > 1 or any(o.get("batch_axis") not in (0, None) for o in compared)):
+        lines.append("compared: " + ", ".join(f"{o['name']} ({', '.join(map(str, o['shape']))})" for o in compared)
+                     + f" ({outputs.get('elements_per_sample')} values per sample)")
+    for note in outputs.get("notes", []):
+        lines.append(f"outputs: {note}")
+    missing = m["model"].get("not_analysed") or []
+    if missing:
+        lines.append(f"not analysed ({len(missing)} layer(s), FP32 in every policy): "
+                     + "; ".join(f"{x['layer']}: {x['reason']}" for x in missing[:5]) + (" ..." if len(missing) > 5 else ""))
     untimed = (m.get("latency") or {}).get("not_measured")
     if untimed:
         lines.append(f"latency: {untimed['reason']}; a policy that quantizes any of the other {untimed['count']} "

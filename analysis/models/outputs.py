@@ -50,6 +50,10 @@ class OutputInfo:
     dtype: str
     batch_axis: int | None  # None: no axis follows the samples (not compared)
 
+    def layout(self) -> list:
+        """The shape with ``"N"`` at the batch axis (as ``run.json`` records it)."""
+        return ["N" if a == self.batch_axis else int(d) for a, d in enumerate(self.shape)]
+
 
 @dataclass
 class OutputSpec:
@@ -80,7 +84,7 @@ class OutputSpec:
 
     def describe(self) -> dict:
         """What ``run.json`` records under ``model.outputs``."""
-        return {"outputs": [{"name": o.name, "shape": list(o.shape), "dtype": o.dtype, "batch_axis": o.batch_axis,
+        return {"outputs": [{"name": o.name, "shape": o.layout(), "dtype": o.dtype, "batch_axis": o.batch_axis,
                              "compared": i in self.selected} for i, o in enumerate(self.outputs)],
                 "elements_per_sample": int(sum(math.prod(s for a, s in enumerate(self.outputs[i].shape)
                                                          if a != self.outputs[i].batch_axis) for i in self.selected)),

@@ -46,9 +46,7 @@ def _what_was_judged(model: dict, metric: dict) -> None:
     outs = (model.get("outputs") or {}).get("outputs") or []
     if outs:
         compared = [o for o in outs if o.get("compared")]
-        shown = ", ".join(f"{o['name']} {tuple(o['shape'])}" + (f" (batch axis {o['batch_axis']})"
-                                                                  if o.get("batch_axis") not in (0, None) else "")
-                          for o in compared)
+        shown = ", ".join(f"{o['name']} ({', '.join(map(str, o['shape']))})" for o in compared)
         st.caption(f"Compared: {shown} — {model['outputs'].get('elements_per_sample', '?')} values per sample"
                    + (f"; {len(outs) - len(compared)} other output(s) not compared" if len(outs) > len(compared) else ""))
         for note in (model.get("outputs") or {}).get("notes") or []:
