@@ -235,3 +235,13 @@ def test_console_summary_says_what_was_compared(folder):
     np.savez(folder / "c.npz", inputs=_features(12, F, 0))
     text = summary(sweep_to_run(str(ctc), str(folder / "c.npz"), folder / "run2", metric="cosine", **QUICK))
     assert f"compared: y ({T}, N, {C}) ({T * C} values per sample)" in text
+
+
+def test_report_says_what_was_compared(folder):
+    from analysis.api import render_html
+
+    np.savez(folder / "d.npz", inputs=_features(24, F, 8))
+    run = sweep_to_run("io_factories:dict_out", str(folder / "d.npz"), folder / "run", **QUICK)
+    html = render_html(run)
+    assert "<dt>Compared</dt><dd>logits (N, 4), embedding (N, 8) — 12 values per sample;" in html
+    assert "output &#x27;loss&#x27; () is not compared (no batch axis)" in html

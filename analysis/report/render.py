@@ -155,12 +155,31 @@ def _provenance(run: Run) -> str:
              ("Samples", f"{_e(data.get('n_calib'))} calibration, {_e(data.get('n_eval'))} evaluation"),
              ("Metric", f"{_e(metric.get('name'))} ({'higher' if metric.get('higher_is_better') else 'lower'} is better; "
                         f"{_e(metric.get('description', ''))}), loss {_e(metric.get('loss'))}"),
+             *_judged(model, metric),
              ("Formats", "; ".join(f"<b>{_e(f)}</b>: {_e(m.get('format_specs', {}).get(f, {}).get('description', ''))}"
                                    for f in run.formats)),
              ("Sweep", f"{_e(m.get('sweep', {}).get('path'))}, {_e(m.get('sweep', {}).get('jobs'))} jobs, "
                        f"seed {_e(m.get('seed'))}, status {_e(run.status)}, created {_e(m.get('created'))}"),
              ("Versions", _e(", ".join(f"{k} {v}" for k, v in (m.get("versions") or {}).items())))]
     return '<dl class="prov">' + "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in items) + "</dl>"
+
+
+def _judged(model: dict, metric: dict) -> list[tuple[str, str]]:
+    """Provenance rows on what the metric compared and what the Run does not cover (when there is anything to say)."""
+    rows = []
+    outputs = model.get("outputs") or {}
+    compared = [o for o in outputs.get("outputs", []) if o.get("compared")]
+    if compared:
+        text = ", ".join(f"{o['name']} ({', '.join(map(str, o['shape']))})" for o in compared)
+        text += f" — {outputs.get('elements_per_sample')} values per sample"
+        rows.append(("Compared", _e("; ".join([text, *outputs.get("notes", [])]))))
+    if metric.get("chosen_because"):
+        rows.append(("Metric chosen", _e(metric["chosen_because"])))
+    missing = model.get("not_analysed") or []
+    if missing:
+        rows.append(("Not analysed", _e(f"{len(missing)} layer(s), FP32 in every policy: "
+                                        + "; ".join(f"{x['layer']} ({x['reason']})" for x in missing))))
+    return rows
 
 
 def _layer_table(c: ReportContent) -> str:
