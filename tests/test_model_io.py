@@ -245,3 +245,10 @@ def test_report_says_what_was_compared(folder):
     html = render_html(run)
     assert "<dt>Compared</dt><dd>logits (N, 4), embedding (N, 8) — 12 values per sample;" in html
     assert "output &#x27;loss&#x27; () is not compared (no batch axis)" in html
+
+
+def test_torch_missing_argument_names_it(folder):
+    np.savez(folder / "d.npz", a=_features(12, 16, 4))
+    with pytest.raises(ModelError, match="forward argument 'b' is not in the task"):
+        sweep_to_run("io_factories:two_inputs", str(folder / "d.npz"), folder / "run", **QUICK)
+    assert not (folder / "run" / "run.json").exists()
