@@ -1,7 +1,10 @@
-"""Turn a MODEL argument into a torch module: a bundled demo, or ``package.module:factory``.
+"""Turn a MODEL argument into a torch module: a bundled demo, a Hugging Face folder
+(``analysis.models.hf``), or ``package.module:factory``.
 
 Checkpoint files are refused with a hint: they hold weights, not an architecture, and a
-pickled whole model would run arbitrary code when loaded.
+pickled whole model would run arbitrary code when loaded. TorchScript archives are the
+exception: they hold their architecture as TorchScript, and are analysed through their ONNX
+export (``analysis.models.torchscript``).
 """
 from __future__ import annotations
 
@@ -100,7 +103,8 @@ def load_torch_model(spec: str, weights: str | Path | None = None) -> tuple[nn.M
         raise ModelError(f"{spec}: an ONNX file, not a torch model (use load_model)")
     if ":" not in spec:
         if path.exists():
-            raise ModelError(f"{spec}: not a model (expected demo:NAME, package.module:factory or a .onnx file)")
+            raise ModelError(f"{spec}: not a model (expected demo:NAME, package.module:factory, a .onnx file, a "
+                             f"TorchScript archive or a Hugging Face folder with config.json)")
         raise ModelError(f"{spec}: no such file, and not of the form demo:NAME or package.module:factory")
     model = _factory(spec)
     if weights is not None:
