@@ -18,6 +18,7 @@ from analysis.api import Policy, apply_policy, verify_policy
 from analysis.data.batch import Inputs
 from analysis.data.tasks import load_task
 from analysis.engine.analyze import sweep_to_run
+from analysis.engine.remeasure import measure_policies
 from analysis.models.base import ModelError
 from analysis.models.loading import load_model
 from onnx_fixtures import mlp_graph
@@ -138,6 +139,9 @@ def test_onnx_two_inputs_from_named_arrays(folder):
     row = verify_policy(run, Policy(run.model_sha256, {}, default="int8"), repeats=0)
     uniform = run.meta["uniform"]["int8"]["metric"]
     assert abs(row["metric"] - uniform) < 0.05
+    # the engine itself re-measures a policy on the Run's file (found by its path, not its name)
+    again = measure_policies(run, {"all": {n: "int8" for n in run.layer_names}})["all"]
+    assert again["metric"] == pytest.approx(uniform, abs=1e-9)
 
 
 def test_onnx_missing_input_names_it(folder):

@@ -270,3 +270,27 @@ def test_projections_stay_inside_the_metric_range_in_python_and_on_the_page(tmp_
     if NODE is not None:
         out = page_projections(render_html(run), [[2, 2, 2, 2], [0, 2, 0, 2]], tmp_path)
         assert [o["metric"] for o in out] == [0.0, pytest.approx(0.20 - 0.7 * 0.05)]
+
+
+# nmse (lower is better, 0..inf): a steep int4 rises past the last point; the range's open top is null in
+# the page's JSON, which must not clamp the projection to 0 there
+RISING = {"A": {"fp32": (400, 0, 0), "int8": (100, 0.01, 0.02), "int4": (50, 0.5, 0.30)},
+          "B": {"fp32": (400, 0, 0), "int8": (100, 0.01, 0.02), "int4": (50, 1.0, 0.60)}}
+
+
+def test_an_open_metric_range_stays_open_on_the_page(tmp_path):
+    from analysis.store.run import update_meta
+
+    run = explicit_run(tmp_path / "nmse", RISING, baseline=(0.0, 0.0), higher_is_better=False)
+    update_meta(run, metric={**run.meta["metric"], "name": "nmse"})
+    run = load_run(tmp_path / "nmse")
+    pj = Projector(run)
+    assert pj.metric_range == (0.0, float("inf"))
+    both4 = np.array([2, 2])
+    p = pj.project(both4)
+    assert p.extrapolated and p.metric > 0.60
+    m = projection_model(pj)
+    assert m["metric_range"][0] == 0.0 and m["metric_range"][1] == float("inf")
+    if NODE is not None:
+        out = page_projections(render_html(run), [[2, 2]], tmp_path)
+        assert out[0]["metric"] == pytest.approx(p.metric)

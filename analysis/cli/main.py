@@ -27,7 +27,9 @@ DEFAULT_DEMO_RUN = Path("runs") / "digits"
 def _add_analyze(sub) -> None:
     p = sub.add_parser("analyze", help="measure per-layer INT8/INT4 sensitivity and write a Run",
                        description="Quantize each layer in turn, measure the task metric, and write a Run folder.")
-    p.add_argument("model", help="demo:digits, a .onnx file, or package.module:factory returning a torch.nn.Module")
+    p.add_argument("model", help="demo:digits, demo:minilm, a .onnx file, a Hugging Face model folder (config.json + "
+                                 "safetensors), a TorchScript archive (.pt from torch.jit.save), or "
+                                 "package.module:factory returning a torch.nn.Module")
     p.add_argument("--task", default=None, help="bundled task (digits) or an .npz with 'inputs' [and 'labels']; "
                                                 "default: the demo's own task")
     p.add_argument("--out", required=True, help="Run folder to create (absent or empty)")

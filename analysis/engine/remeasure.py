@@ -2,8 +2,6 @@
 the same way the sweep measured its policies: used to validate projections on held-out policies."""
 from __future__ import annotations
 
-import torch
-
 from analysis.quant.formats import QuantFormat
 from analysis.models.loading import load_model
 from analysis.store.run import Run
@@ -23,11 +21,13 @@ def runner_for_run(run: Run) -> SweepRunner:
     data = meta["data"]
     spec = data.get("spec") or data["task"]
     task = load_task(spec, metric=data.get("metric_arg"), calib=data.get("calib_arg"), seed=meta.get("seed", 0),
-                     model=meta["model"]["name"], options=data.get("options"))
+                     model=meta["model"]["source"] if meta["model"].get("kind") in ("onnx", "torchscript")
+                     else meta["model"]["name"], options=data.get("options"))
     if task.sha256 != data["sha256"]:
         raise RemeasureError(f"task '{spec}': its data changed since the Run was made (sha256 differs)")
-    model = load_model(meta["model"]["name"], task.eval_inputs[:3], weights=meta["model"].get("weights"),
-                       output=meta["model"].get("output_arg"))
+    m = meta["model"]
+    spec = m["source"] if m.get("kind") in ("onnx", "torchscript") else m["name"]  # a file's name is its stem
+    model = load_model(spec, task.eval_inputs[:3], weights=m.get("weights"), output=m.get("output_arg"))
     if model.sha256 != meta["model"]["sha256"]:
         raise RemeasureError(f"model '{meta['model']['name']}': its weights changed since the Run was made")
     fmts = [QuantFormat.from_dict(d) for name, d in meta["format_specs"].items() if name != "fp32"]

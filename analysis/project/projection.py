@@ -58,7 +58,8 @@ class Validation:
 
 
 # the range each built-in metric can take: projections never leave it (a Run may name its own in run.json)
-METRIC_RANGES = {"accuracy": (0.0, 1.0), "agreement": (0.0, 1.0), "cosine": (-1.0, 1.0), "embedding": (-1.0, 1.0)}
+METRIC_RANGES = {"accuracy": (0.0, 1.0), "agreement": (0.0, 1.0), "cosine": (-1.0, 1.0), "embedding": (-1.0, 1.0),
+                 "next_token_agreement": (0.0, 1.0), "nmse": (0.0, float("inf")), "perplexity": (1.0, float("inf"))}
 RUNTIME_PREFIX = "onnxruntime"  # measured_on of a policy measured in the runtime (verify), not the engine
 
 

@@ -15,7 +15,7 @@ function qlCurve(m, s) {
   const x = m.knots_x, y = m.knots_y, n = x.length;
   if (s > x[n - 1]) {  // the tail stops at the metric's own range, as in analysis/project/curve.py
     const t = y[n - 1] + m.tail_slope * (s - x[n - 1]), r = m.metric_range;
-    return r ? Math.min(Math.max(t, r[0]), r[1]) : t;
+    return r ? Math.min(Math.max(t, r[0] ?? -Infinity), r[1] ?? Infinity) : t;  // JSON writes an open end as null
   }
   if (s <= x[0]) return y[0];
   let lo = 0, hi = n - 1;
