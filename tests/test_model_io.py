@@ -256,3 +256,17 @@ def test_torch_missing_argument_names_it(folder):
     with pytest.raises(ModelError, match="forward argument 'b' is not in the task"):
         sweep_to_run("io_factories:two_inputs", str(folder / "d.npz"), folder / "run", **QUICK)
     assert not (folder / "run" / "run.json").exists()
+
+
+def test_readme_ctc_metric_runs_on_a_time_major_model(folder):
+    """The README's user-metric example, as printed there, on a [T, 1, C] model."""
+    text = (ROOT / "README.md").read_text()
+    code = text.split("# ctc_metric.py, in the folder you run quantlens from\n", 1)[1].split("```", 1)[0]
+    (folder / "ctc_metric.py").write_text(code)
+    onnx.save(time_major_graph(), folder / "ctc.onnx")
+    np.savez(folder / "d.npz", inputs=_features(24, F, 0))
+    run = sweep_to_run(str(folder / "ctc.onnx"), str(folder / "d.npz"), folder / "run",
+                       metric="ctc_metric:string_accuracy", **QUICK)
+    assert run.meta["metric"]["name"] == "ctc_metric:string_accuracy" and run.higher_is_better
+    assert run.meta["baseline"]["metric"] == 1.0
+    assert 0.0 <= run.meta["uniform"]["int8"]["metric"] <= 1.0
