@@ -45,14 +45,11 @@ def sidebar() -> None:
                 lo = open_run(p)
                 ok = isinstance(lo, Loaded)
                 labels.append(f"{lo.name} — {Path(p).name}" if ok else f"⚠ {Path(p).name} (cannot open)")
-            idx = min(int(st.session_state.get(state.ACTIVE, 0)), len(dirs) - 1)
-            choice = st.selectbox("Run", range(len(dirs)), index=idx, format_func=lambda i: labels[i],
-                                  help="Runs given on the command line or opened below.")
-            if choice != idx:
-                st.session_state[state.ACTIVE] = choice
-                lo = open_run(dirs[choice])
-                if isinstance(lo, Loaded):
-                    state.sync_url(lo)
+            # keyed and set from the active Run on every run: an unkeyed box with index=active would be a new
+            # widget whenever the active Run changed, and drop the next pick
+            st.session_state[state.RUN_PICK] = min(int(st.session_state.get(state.ACTIVE, 0)), len(dirs) - 1)
+            st.selectbox("Run", range(len(dirs)), key=state.RUN_PICK, format_func=lambda i: labels[i],
+                         on_change=state.pick_run, help="Runs given on the command line or opened below.")
         with st.form(state.OPEN_FORM, clear_on_submit=True, border=False):
             folder = st.text_input("Open a Run folder", placeholder="/path/to/run")
             if st.form_submit_button("Open") and folder.strip():

@@ -3,20 +3,26 @@
 Every ``st.session_state`` key of the dashboard, widget keys included, is defined here and only
 here; pages use these names (tests and the benchmark address widgets by the same strings).
 
-The policy being edited lives in ``st.session_state`` as one int8 code per layer in
-execution order (``fp32=0, int8=1, int4=2, int8-dyn=3``), one array per open Run. The query string
-mirrors it (``?run=<index>&p=<token>``, see ``analysis.store.policy.encode_codes``), so the
-address bar is always a link that restores the exact policy.
+The current policy is one int8 code per layer in execution order (``fp32=0, int8=1, int4=2,
+int8-dyn=3``), one array per open Run, kept under ``codes_key`` and nowhere else. Everything the
+pages show of it (the Layers table, the headline, the address, the policy file, the report) is
+derived from it on every rerun, and everything that changes it (a table edit, a bulk action, a
+search, a policy file, a link) goes through :func:`set_codes`.
+
+The address mirrors it on every page (``?run=<run id>&p=<token>``, see :func:`run_id` and
+``analysis.store.policy.encode_codes``): the query string is read once, when a session opens, and
+written on every rerun after that, so it is always a link that restores the exact policy.
 """
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
 import numpy as np
 import streamlit as st
 
-from analysis.api import PolicyError, decode_url_token, encode_codes
+from analysis.api import Policy, PolicyError, decode_url_token, encode_codes, policy_from_codes
 from dashboard.data import Loaded, open_run
 
 # --- session data
@@ -32,7 +38,7 @@ FRAGMENT_MS = "ql.fragment_ms"  # last Layers fragment render time on the server
 QP_RUN, QP_POLICY = "run", "p"
 
 # --- widget keys, by page
-OPEN_FORM = "ql.open_form"  # sidebar
+OPEN_FORM, RUN_PICK = "ql.open_form", "ql.run_pick"  # sidebar
 FILTER_TEXT, FILTER_TYPES, SORT = "ql.filter_text", "ql.filter_types", "ql.sort"  # Layers
 BULK_SCOPE, BULK_FMT, BULK_SET = "ql.bulk_scope", "ql.bulk_fmt", "ql.bulk_set"
 BULK_N, BULK_REST, BULK_TOPN, BULK_RESET = "ql.bulk_n", "ql.bulk_rest", "ql.bulk_topn", "ql.bulk_reset"
@@ -94,6 +100,11 @@ def add_run_dir(path: str) -> int:
     return st.session_state[ACTIVE]
 
 
+def pick_run() -> None:
+    """The sidebar's Run box changed (a callback: it runs before the script, so the whole run sees the pick)."""
+    st.session_state[ACTIVE] = int(st.session_state[RUN_PICK])
+
+
 def notice(msg: str) -> None:
     st.session_state.setdefault(NOTICES, []).append(msg)
 
@@ -103,31 +114,74 @@ def show_notices() -> None:
         st.warning(msg)
 
 
+def run_id(loaded: Loaded) -> str:
+    """A name for the Run that holds on any server: its model's hash and when it was created.
+
+    Not its position among the open Runs, which depends on how the server was started. A Run without
+    a creation time (older folders) is named by its folder instead.
+
+    Example: ``276a4cb83a5c-20261202001500``.
+    """
+    stamp = re.sub(r"[^0-9]", "", str(loaded.run.meta.get("created") or ""))[:14]
+    tail = stamp or re.sub(r"[^A-Za-z0-9_-]", "_", Path(loaded.path).name)
+    return f"{loaded.run.model_sha256[:12]}-{tail}"
+
+
+def _open_runs() -> list[tuple[int, Loaded]]:
+    return [(i, lo) for i, p in enumerate(run_dirs()) if isinstance(lo := open_run(p), Loaded)]
+
+
+def _run_of_link(name: str | None, token: str | None) -> tuple[int | None, str]:
+    """(index of the open Run a link names, a note when that is a guess).
+
+    By the Run's id; an old link by position (``run=0``) by the first open Run its policy fits, that
+    position first; a Run that is not open here by the first open Run its policy fits, with a note.
+    """
+    runs = _open_runs()
+    if name:
+        by_id = [i for i, lo in runs if run_id(lo) == name]
+        if by_id:
+            return by_id[0], ""
+    fits = []
+    for i, lo in runs if token else []:
+        try:
+            decode_url_token(token, lo.run)
+        except PolicyError:
+            continue
+        fits.append(i)
+    if name and name.isdigit():
+        pos = int(name)
+        if pos in fits or (not token and pos < len(run_dirs())):
+            return pos, ""
+    if not name:
+        return (fits[0] if fits else None), ""
+    if fits:
+        return fits[0], ("" if name.isdigit() else f"The link names Run {name!r}, which is not open here; "
+                         f"showing {Path(run_dirs()[fits[0]]).name}, an open Run of the same model.")
+    return None, f"The link names Run {name!r}, which is not open here; showing the first open Run."
+
+
 def _restore_from_url() -> None:
-    """First render of a session: pick the Run and policy the query string names."""
+    """First render of a session: open the Run and the policy the address names."""
     st.session_state[URL_DONE] = True
     qp = st.query_params
-    dirs = run_dirs()
-    if QP_RUN in qp:
-        try:
-            idx = int(qp[QP_RUN])
-            if not 0 <= idx < len(dirs):
-                raise ValueError
-            st.session_state[ACTIVE] = idx
-        except ValueError:
-            notice(f"The link names Run {qp[QP_RUN]!r}, but {len(dirs)} Run(s) are open; showing the first.")
-    token = qp.get(QP_POLICY)
-    if not token:
+    name, token = qp.get(QP_RUN), qp.get(QP_POLICY)
+    if not name and not token:
         return
+    idx, note = _run_of_link(name, token)
+    if note:
+        notice(note)
+    if idx is not None:
+        st.session_state[ACTIVE] = idx
     loaded = active()
-    if not isinstance(loaded, Loaded):
+    if not token or not isinstance(loaded, Loaded):
         return
     try:
         m = decode_url_token(token, loaded.run)
     except PolicyError as e:
         notice(f"The policy in the link was not applied: {e}")
         return
-    set_codes(loaded, m.codes, update_url=False)
+    set_codes(loaded, m.codes)
     for msg in m.messages():
         notice(msg)
 
@@ -142,42 +196,59 @@ def active() -> Loaded | str | None:
 
 
 def init() -> None:
-    """Call once per script run, before any page renders."""
+    """Call once per script run, before any page renders: the first run of a session reads the address,
+    every run writes it (a sidebar link or Back leaves the address without the policy, or with an older one)."""
     if URL_DONE not in st.session_state:
         _restore_from_url()
+    lo = active()
+    if isinstance(lo, Loaded):
+        sync_url(lo)
 
 
 def codes(loaded: Loaded) -> np.ndarray:
+    """The current policy of this Run in this session (read-only: change it with :func:`set_codes`)."""
     key = codes_key(loaded.path)
     c = st.session_state.get(key)
     if c is None or len(c) != len(loaded.projector.names):
         c = np.zeros(len(loaded.projector.names), dtype=np.int8)
+        c.setflags(write=False)
         st.session_state[key] = c
     return c
 
 
+def token(loaded: Loaded) -> str:
+    """The current policy as a URL token."""
+    return encode_codes(codes(loaded), loaded.run.model_sha256)
+
+
+def policy(loaded: Loaded) -> Policy:
+    """The current policy as a policy file holds it."""
+    return policy_from_codes(loaded.run, codes(loaded))
+
+
 def share_query(loaded: Loaded) -> str:
-    idx = run_dirs().index(loaded.path) if loaded.path in run_dirs() else 0
-    return f"?{QP_RUN}={idx}&{QP_POLICY}={encode_codes(codes(loaded), loaded.run.model_sha256)}"
+    return f"?{QP_RUN}={run_id(loaded)}&{QP_POLICY}={token(loaded)}"
 
 
 def sync_url(loaded: Loaded) -> None:
-    token = encode_codes(codes(loaded), loaded.run.model_sha256)
-    idx = str(run_dirs().index(loaded.path)) if loaded.path in run_dirs() else "0"
-    if st.query_params.get(QP_POLICY) != token or st.query_params.get(QP_RUN) != idx:
-        st.query_params.update({QP_RUN: idx, QP_POLICY: token})
+    """Write the current policy of ``loaded`` into the address (only when it differs: each write is a message)."""
+    want = {QP_RUN: run_id(loaded), QP_POLICY: token(loaded)}
+    if any(st.query_params.get(k) != v for k, v in want.items()):
+        st.query_params.update(want)
 
 
-def set_codes(loaded: Loaded, new: np.ndarray, *, update_url: bool = True) -> list[str]:
-    """Replace the policy (formats a layer cannot take fall back to fp32); rebuild the table.
+def set_codes(loaded: Loaded, new: np.ndarray, *, rebuild_table: bool = True) -> list[str]:
+    """Make ``new`` the current policy (formats a layer cannot take fall back to fp32) and write the address.
 
-    Returns one note per layer that was kept at fp32.
+    ``rebuild_table`` (all callers but the table itself): the Layers table is built afresh from the policy,
+    so edits pending in its editor cannot be applied over it. Returns one note per layer kept at fp32.
     """
     clean, notes = loaded.projector.sanitize(np.asarray(new, dtype=np.int8))
+    clean.setflags(write=False)  # one writer: this function
     st.session_state[codes_key(loaded.path)] = clean
-    bump_epoch(loaded)
-    if update_url:
-        sync_url(loaded)
+    if rebuild_table:
+        bump_epoch(loaded)
+    sync_url(loaded)
     return notes
 
 

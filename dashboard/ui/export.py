@@ -8,8 +8,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from analysis.api import (FORMAT_CODE, POLICY_FORMATS, BundleError, PolicyError, encode_codes, from_json, match_policy,
-                          policy_from_codes)
+from analysis.api import FORMAT_CODE, POLICY_FORMATS, BundleError, PolicyError, from_json, match_policy
 from dashboard import state
 from dashboard.components import fmt_band, fmt_mb, fmt_metric, require_run
 from dashboard.data import Loaded, bundle_bytes, open_run, open_uploaded_bundle, report_html, stamp_of
@@ -46,7 +45,7 @@ def _load_policy(lo: Loaded) -> None:
 
 def _report_and_bundle(lo: Loaded) -> None:
     """The report, this Run as a bundle, and opening a teammate's bundle."""
-    token, stamp, stem = encode_codes(state.codes(lo), lo.run.model_sha256), stamp_of(lo.path), Path(lo.path).name
+    token, stamp, stem = state.token(lo), stamp_of(lo.path), Path(lo.path).name
     st.subheader("Report and Run bundle")
     left, right = st.columns(2)
     left.download_button("Download report (HTML)", data=lambda: report_html(lo.path, stamp, token),
@@ -74,8 +73,7 @@ def render() -> None:
     lo = require_run()
     st.title("Export & share")
     _load_policy(lo)
-    codes = state.codes(lo)
-    policy = policy_from_codes(lo.run, codes)
+    codes, policy = state.codes(lo), state.policy(lo)
     proj = lo.projector.project(codes)
     counts = np.bincount(codes.astype(np.intp), minlength=len(POLICY_FORMATS))
     band = f" ({fmt_band(proj.band, lo)})"
@@ -92,8 +90,9 @@ def render() -> None:
         st.code(policy.to_json(), language="json")
 
     st.subheader("Share")
-    st.caption("This link restores the exact policy on this Run (one 2-bit code per layer in the query string). "
-               "The address bar already holds it.")
+    st.caption("This link opens the Layers page with the exact policy on this Run (one 2-bit code per layer in "
+               "the query string; the Run is named by its model hash and creation time, so the link works on any "
+               "server that has it open). The address bar holds the same policy on every page.")
     st.code(_share_url(lo), language=None)
 
     st.subheader("Open Runs")

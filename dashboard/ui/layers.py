@@ -41,14 +41,29 @@ def _build_view(lo: Loaded, codes: np.ndarray, text: str, types: list[str], sort
     return view
 
 
-def _apply_edits(lo: Loaded, codes: np.ndarray) -> bool:
-    """Apply the table's pending format edits to ``codes`` in place; True if anything changed."""
-    edits = (st.session_state.get(state.editor_key(lo.path)) or {}).get("edited_rows") or {}
+def _table_codes(lo: Loaded, codes: np.ndarray) -> np.ndarray | None:
+    """The policy the table shows, when it differs from ``codes``; None when it does not (or is being rebuilt).
+
+    The editor reports its whole delta against the rows it was given (``edited_rows``), and drops an edit
+    that brings a cell back to the value it was given. So the table's policy is those rows' formats with
+    the delta on top, recomputed on every run: never edits applied one by one to the current policy,
+    where a dropped edit would leave its format behind. Formats a layer cannot take are refused with a
+    notice, and the table is rebuilt so that the cell shows what the layer kept.
+    """
     stored = st.session_state.get(state.view_key(lo.path))
-    if not edits or stored is None:
-        return False
+    epoch = st.session_state.get(state.epoch_key(lo.path), 0)
+    if stored is None or stored[0][0] != epoch:  # the policy changed elsewhere: the table is rebuilt from it
+        return None
     view = stored[1]
-    changed, rejected = False, []
+    key = state.editor_key(lo.path)
+    if key not in st.session_state:  # the editor's state went (another page or Run was shown)
+        if not np.array_equal(codes[view.index.to_numpy()], _view_codes(view)):
+            state.bump_epoch(lo)  # it would show the rows it was given, not the policy: rebuild it
+        return None
+    edits = (st.session_state.get(key) or {}).get("edited_rows") or {}
+    table = codes.copy()
+    table[view.index.to_numpy()] = _view_codes(view)
+    rejected = []
     for pos, change in edits.items():
         fmt = change.get("format") if isinstance(change, dict) else None
         pos = int(pos)
@@ -59,16 +74,19 @@ def _apply_edits(lo: Loaded, codes: np.ndarray) -> bool:
         if code is None or not lo.projector.allowed[i, code]:
             why = ("unknown format" if code is None
                    else lo.projector.reasons.get((i, code), "not measured in this Run"))
-            rejected.append(f"{lo.projector.names[i]} cannot be {fmt} ({why}); kept at {POLICY_FORMATS[codes[i]]}.")
+            rejected.append(f"{lo.projector.names[i]} cannot be {fmt} ({why}); kept at {POLICY_FORMATS[table[i]]}.")
             continue
-        if codes[i] != code:
-            codes[i] = code
-            changed = True
+        table[i] = code
     if rejected:
         for msg in rejected:
             state.notice(msg)
         state.bump_epoch(lo)
-    return changed
+    return None if np.array_equal(table, codes) else table
+
+
+def _view_codes(view: pd.DataFrame) -> np.ndarray:
+    """Format codes of the rows the table was given (its ``format`` column)."""
+    return np.array([FORMAT_CODE[f] for f in view["format"]], dtype=np.int8)
 
 
 def _scope_label(scope: tuple[str, ...]) -> str:
@@ -111,7 +129,10 @@ def policy_editor() -> None:
     if not isinstance(lo, Loaded):
         return
     codes = state.codes(lo)
-    changed = _apply_edits(lo, codes)
+    table = _table_codes(lo, codes)
+    if table is not None:
+        state.set_codes(lo, table, rebuild_table=False)
+        codes = state.codes(lo)
     top = st.container()
     f1, f2, f3 = st.columns([3, 3, 3])
     text = f1.text_input("Filter by name", key=state.FILTER_TEXT, placeholder="e.g. fc, conv, blocks.3")
@@ -121,9 +142,9 @@ def policy_editor() -> None:
     shown = stored[1].index.to_numpy() if stored is not None else np.arange(len(codes))
     new = _bulk_actions(lo, codes, shown)
     if new is not None:
-        for msg in state.set_codes(lo, new, update_url=False):
+        for msg in state.set_codes(lo, new):
             state.notice(msg)
-        codes, changed = state.codes(lo), True
+        codes = state.codes(lo)
     sig = (st.session_state.get(state.epoch_key(lo.path), 0), text, tuple(types), sort)
     if stored is None or stored[0] != sig:
         if stored is not None and stored[0][0] == sig[0]:
@@ -131,8 +152,6 @@ def policy_editor() -> None:
             sig = (sig[0] + 1, *sig[1:])
         st.session_state[state.view_key(lo.path)] = (sig, _build_view(lo, codes, text, list(types), sort))
     view = st.session_state[state.view_key(lo.path)][1]
-    if changed:
-        state.sync_url(lo)
     with top:
         state.show_notices()
         headline(lo, lo.projector.project(codes), codes)

@@ -12,7 +12,6 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from analysis.api import policy_from_codes
 from analysis.api import Projector
 from dashboard import state
 from dashboard.components import fmt_band, fmt_mb, fmt_metric
@@ -95,7 +94,7 @@ def render(lo: Loaded) -> None:
         st.info(f"Verify is off: {reason}", icon=":material/block:")
     if clicked and reason is None and not running:
         try:
-            job = jobs.start(lo.path, codes, policy_from_codes(lo.run, codes))
+            job = jobs.start(lo.path, codes, state.policy(lo))
         except RuntimeError as e:
             st.warning(str(e))
         running = job is not None and not job.done

@@ -1,0 +1,188 @@
+"""One current policy per session: the table, the headline, the link, the policy file and the report all show it.
+
+The browser half of these journeys (a real data editor, real navigation, a reload) is in tests/e2e/test_policy_journey.py.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import numpy as np
+import pytest
+
+from analysis.store.policy import decode_url_token, encode_codes, policy_from_codes
+from analysis.store.run import load_run, update_meta
+from analysis.store.synthetic import synthetic_run
+from apptest_support import PAGES, switch_page
+from dashboard import state
+
+
+def size_bytes(at) -> int:
+    m = next(m for m in at.metric if m.label == "Projected size")
+    return int(re.search(r"([\d,]+) B", m.proto.delta).group(1).replace(",", ""))
+
+
+def quantized(at) -> str:
+    return next(m for m in at.metric if m.label == "Layers quantized").value
+
+
+def set_table(at, path: str, edited_rows: dict):
+    """What the browser's data editor sends: its whole delta against the rows it was given."""
+    epoch = state.epoch_key(path)
+    key = f"ql.editor::{path}::{at.session_state[epoch] if epoch in at.session_state else 0}"
+    at.session_state[key] = {"edited_rows": edited_rows, "added_rows": [], "deleted_rows": []}
+    return at.run()
+
+
+def qp(at, name: str) -> str:
+    v = at.query_params[name]
+    return v if isinstance(v, str) else v[0]
+
+
+def navigate(at, url_path: str):
+    """A click on a sidebar link: the browser asks for the page with an empty query string."""
+    at.query_params.clear()
+    return switch_page(at, url_path).run()
+
+
+def policy_preview(at) -> dict:
+    return json.loads(next(c.value for c in at.code if c.language == "json"))
+
+
+def int4_row(run) -> int:
+    s = run.sensitivity
+    ok = set(s[(s.format == "int4") & (s.status == "ok")]["layer"])
+    return next(i for i, n in enumerate(run.layer_names) if n in ok)
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int8"])
+def test_a_revert_in_the_table_brings_headline_link_and_file_back_to_fp32(app, syn_dir, fmt):
+    run = load_run(syn_dir)
+    fp32 = run.meta["model"]["fp32_bytes"]
+    zeros = np.zeros(len(run.layer_names), dtype=np.int8)
+    at = app([syn_dir], "layers")
+    path = at.session_state[state.RUN_DIRS][0]
+    row = int4_row(run)
+    at = set_table(at, path, {row: {"format": fmt}})
+    assert quantized(at) == f"1 / {len(zeros)}" and size_bytes(at) < fp32
+    # the editor drops an edit that returns a cell to the value it was given: its delta is empty again
+    at = set_table(at, path, {})
+    assert not at.exception
+    assert at.data_editor[0].value["format"].tolist() == ["fp32"] * len(zeros)
+    assert quantized(at) == f"0 / {len(zeros)}" and size_bytes(at) == fp32
+    assert qp(at, "p") == encode_codes(zeros, run.model_sha256)
+    navigate(at, "export")
+    assert policy_preview(at) == json.loads(policy_from_codes(run, zeros).to_json())
+
+
+def test_edits_on_two_rows_then_one_revert_keep_the_other(app, syn_dir):
+    run = load_run(syn_dir)
+    at = app([syn_dir], "layers")
+    path = at.session_state[state.RUN_DIRS][0]
+    at = set_table(at, path, {3: {"format": "int8"}, 5: {"format": "int8"}})
+    at = set_table(at, path, {5: {"format": "int8"}})
+    want = np.zeros(len(run.layer_names), dtype=np.int8)
+    want[5] = 1
+    assert at.session_state[state.codes_key(path)].tolist() == want.tolist()
+    assert qp(at, "p") == encode_codes(want, run.model_sha256)
+
+
+def test_the_table_follows_the_policy_after_another_run_was_shown(app, syn_dir, other_dir):
+    """The editor's state goes when another Run is shown; coming back, the table is rebuilt from the policy."""
+    at = app([syn_dir, other_dir], "layers")
+    p0 = at.session_state[state.RUN_DIRS][0]
+    at = set_table(at, p0, {3: {"format": "int8"}})
+    at.sidebar.selectbox[0].set_value(1).run()
+    at.sidebar.selectbox[0].set_value(0).run()
+    assert not at.exception
+    assert at.session_state[state.codes_key(p0)][3] == 1
+    assert at.data_editor[0].value["format"].iloc[3] == "int8"
+    assert quantized(at).startswith("1 /")
+
+
+def test_every_pick_in_the_sidebar_run_box_takes(app, syn_dir, other_dir):
+    """The box was a new widget whenever the active Run changed, so the pick after a switch was dropped."""
+    at = app([syn_dir, other_dir], "layers")
+    for pick in (1, 0, 1, 0):
+        at.sidebar.selectbox[0].set_value(pick).run()
+        assert at.session_state[state.ACTIVE] == pick
+        assert len(at.data_editor[0].value) == (40, 12)[pick]
+
+
+@pytest.mark.parametrize("page", [p for p in PAGES if p != "layers"] + ["compare"])
+def test_every_page_keeps_the_policy_in_the_address(app, syn_dir, other_dir, page):
+    run = load_run(syn_dir)
+    at = app([syn_dir, other_dir], "layers")
+    path = at.session_state[state.RUN_DIRS][0]
+    at = set_table(at, path, {2: {"format": "int8"}})
+    token, run_id = qp(at, "p"), qp(at, "run")
+    assert np.count_nonzero(decode_url_token(token, run).codes) == 1
+    navigate(at, page)
+    assert not at.exception
+    assert (qp(at, "run"), qp(at, "p")) == (run_id, token)
+
+
+def test_export_share_link_is_the_address_of_the_current_policy(app, syn_dir):
+    at = app([syn_dir], "layers")
+    path = at.session_state[state.RUN_DIRS][0]
+    at = set_table(at, path, {1: {"format": "int8"}})
+    navigate(at, "export")
+    share = next(c.value for c in at.code if "p=q1." in c.value)
+    assert share.endswith(f"/layers?run={qp(at, 'run')}&p={qp(at, 'p')}")
+    assert any("address bar" in c.value for c in at.caption)
+
+
+def test_the_link_names_the_run_by_its_model_and_creation_not_its_position(app, syn_dir, other_dir):
+    at = app([syn_dir, other_dir], "overview")
+    ids = []
+    for i in range(2):
+        at.sidebar.selectbox[0].set_value(i).run()
+        ids.append(qp(at, "run"))
+    assert ids[0] != ids[1] and not any(x.isdigit() for x in ids)
+    for rid, d in zip(ids, (syn_dir, other_dir)):
+        assert rid.startswith(load_run(d).model_sha256[:12])
+
+
+@pytest.fixture
+def twin_dir(tmp_path, syn_dir) -> str:
+    """The same model analysed again: same model hash, another Run."""
+    twin = tmp_path / "twin"
+    shutil.copytree(syn_dir, twin)
+    update_meta(load_run(twin), created="2020-01-02T03:04:05+00:00")
+    return str(twin)
+
+
+@pytest.mark.parametrize("which", ["syn", "twin"])
+def test_a_link_opens_the_same_run_on_a_server_that_opened_the_runs_in_another_order(
+        app, syn_dir, other_dir, twin_dir, which):
+    target, second = (syn_dir, twin_dir) if which == "syn" else (twin_dir, syn_dir)
+    run = load_run(target)
+    at = app([target, other_dir, second], "layers")
+    path = at.session_state[state.RUN_DIRS][0]
+    at = set_table(at, path, {4: {"format": "int8"}})
+    link = {"run": qp(at, "run"), "p": qp(at, "p")}
+
+    there = app([second, other_dir, target], "layers", link)  # the same Runs, opened in the other order
+    assert not there.exception and not there.warning
+    shown = there.session_state[state.RUN_DIRS][there.session_state[state.ACTIVE]]
+    assert shown == str(run.path.resolve())
+    assert there.session_state[state.codes_key(shown)].tolist() == decode_url_token(link["p"], run).codes.tolist()
+    assert qp(there, "run") == link["run"]
+
+
+def test_old_links_by_position_still_open_the_run_their_policy_fits(app, syn_dir, other_dir):
+    run = load_run(syn_dir)
+    codes = np.zeros(len(run.layer_names), dtype=np.int8)
+    codes[[0, 7]] = 1
+    at = app([other_dir, syn_dir], "overview", {"run": "0", "p": encode_codes(codes, run.model_sha256)})
+    assert not at.exception and not at.warning
+    path = at.session_state[state.RUN_DIRS][1]
+    assert at.session_state[state.ACTIVE] == 1
+    assert at.session_state[state.codes_key(path)].tolist() == codes.tolist()
+
+
+def test_a_link_to_a_run_that_is_not_open_says_so(app, syn_dir, other_dir):
+    at = app([syn_dir], "overview", {"run": load_run(other_dir).model_sha256[:12] + "-20200101000000"})
+    assert not at.exception
+    assert any("not open here" in w.value for w in at.warning)
