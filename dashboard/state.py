@@ -34,6 +34,7 @@ SEARCH_LAST = "ql.search_last"  # (Run path, message kind, text): the outcome of
 POLICY_SEEN = "ql.upload_seen"  # file id of the policy file last applied: a rerun does not apply it again
 BUNDLE_SEEN = "ql.bundle_seen"  # file id of the Run bundle last opened
 VERIFY_WATCH = "ql.verify_watch"  # id of a job this session saw running: when it ends, the whole page reruns once
+VERIFY_OWN = "ql.verify_own"  # ids of the verify jobs this session started: only their outcome is shown here
 FRAGMENT_MS = "ql.fragment_ms"  # last Layers fragment render time on the server, for the benchmark
 QP_RUN, QP_POLICY = "run", "p"
 

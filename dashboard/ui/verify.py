@@ -51,13 +51,17 @@ def _job_panel(path: str) -> None:
     job = verify_jobs().get(path)
     if job is None:
         return
+    mine = job.id in st.session_state.get(state.VERIFY_OWN, ())
     if not job.done:
         steps = " → ".join(job.steps) or "starting"
-        st.info(f"Verifying in onnxruntime… {job.seconds:.0f} s · {steps}", icon=":material/hourglass_top:")
+        who = "" if mine else " (started in another session)"
+        st.info(f"Verifying in onnxruntime{who}… {job.seconds:.0f} s · {steps}", icon=":material/hourglass_top:")
         return
     if st.session_state.get(state.VERIFY_WATCH) == job.id:  # it ended while this session watched: redraw everything once
         del st.session_state[state.VERIFY_WATCH]
         st.rerun()
+    if not mine:  # another session's verify: its measurement is in the Run's table below, its banner is not ours
+        return
     if job.error:
         st.error(f"Verify failed after {job.seconds:.1f} s: {job.error}")
         return
@@ -97,6 +101,8 @@ def render(lo: Loaded) -> None:
             job = jobs.start(lo.path, codes, state.policy(lo))
         except RuntimeError as e:
             st.warning(str(e))
+        else:
+            st.session_state[state.VERIFY_OWN] = (*st.session_state.get(state.VERIFY_OWN, ()), job.id)
         running = job is not None and not job.done
     if running:
         st.session_state[state.VERIFY_WATCH] = job.id

@@ -16,6 +16,8 @@ from analysis.store.run import load_run, update_meta
 from analysis.store.synthetic import synthetic_run
 from apptest_support import PAGES, switch_page
 from dashboard import state
+from dashboard.data import verify_jobs
+from dashboard.jobs import VerifyJob
 
 
 def size_bytes(at) -> int:
@@ -186,3 +188,27 @@ def test_a_link_to_a_run_that_is_not_open_says_so(app, syn_dir, other_dir):
     at = app([syn_dir], "overview", {"run": load_run(other_dir).model_sha256[:12] + "-20200101000000"})
     assert not at.exception
     assert any("not open here" in w.value for w in at.warning)
+
+
+@pytest.fixture
+def finished_elsewhere(tmp_path, syn_dir):
+    """A Run whose verify ran to the end in another browser session (jobs are shared by the server process)."""
+    path = tmp_path / "verified"
+    shutil.copytree(syn_dir, path)
+    run = load_run(path)
+    codes = np.ones(len(run.layer_names), dtype=np.int8)
+    job = VerifyJob(str(run.path.resolve()), codes)
+    job.result = {"name": "user-1 (onnxruntime)", "metric": 0.9, "measured_on": "onnxruntime, 100 samples",
+                  "file_bytes": 1000, "latency_ms": 1.0, "fp32_latency_ms": 1.0}
+    job.finished = job.started + 2.0
+    jobs = verify_jobs()
+    jobs._jobs[job.path] = job
+    yield str(path)
+    jobs._jobs.pop(job.path, None)
+
+
+def test_a_fresh_session_shows_no_verify_banner_of_another_session(app, finished_elsewhere):
+    at = app([finished_elsewhere], "export")
+    assert not at.exception
+    text = " ".join(e.value for e in [*at.success, *at.warning, *at.info])
+    assert "another policy" not in text and "Verified in" not in text
