@@ -4,10 +4,19 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 SCREENSHOTS = ROOT / "docs" / "screenshots"
+TIMEOUT = 30_000  # ms
+LOCAL_SCHEMES = {"data", "blob", "file", "about"}
+FOREIGN: list[str] = []  # requests for another host than 127.0.0.1 in the test that runs now (see conftest.py)
+
+
+def is_local(url: str) -> bool:
+    parts = urlsplit(url)
+    return parts.scheme in LOCAL_SCHEMES or parts.hostname == "127.0.0.1"
 
 
 def save_screenshot(locator, name: str) -> Path:
@@ -19,3 +28,19 @@ def save_screenshot(locator, name: str) -> Path:
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)
         shutil.copy(path, SCREENSHOTS / path.name)
     return path
+
+
+def set_format(page, row: int, fmt: str) -> None:
+    """Pick ``fmt`` in the Layers table's format cell of ``row`` (the grid is a canvas: cells by coordinates).
+
+    A double-click opens the cell's editor; on a cell edited before, its menu opens closed, so ArrowDown opens it.
+    """
+    from dashboard.ui.layers import FORMAT_PX, LAYER_PX, ROW_PX  # where the format cells sit in the grid
+
+    box = page.get_by_test_id("stDataFrame").bounding_box()
+    page.mouse.dblclick(box["x"] + LAYER_PX + FORMAT_PX / 2, box["y"] + ROW_PX * (row + 1) + ROW_PX / 2)
+    combo = page.locator('[id^="gdg-overlay"] [role="combobox"]')
+    combo.wait_for(timeout=TIMEOUT)
+    if combo.get_attribute("aria-expanded") != "true":
+        combo.press("ArrowDown")
+    page.get_by_role("option", name=fmt, exact=True).click(timeout=TIMEOUT)
