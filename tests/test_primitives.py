@@ -98,3 +98,18 @@ def test_observers_shrink_ranges_with_outliers():
     assert rng.lo <= p_lo < p_hi < 10 < rng.hi == 60.0
     assert m_hi < 60.0 and m_lo >= rng.lo
     assert math.isclose(h.fraction_outside(rng.lo, rng.hi), 0.0)
+
+
+@pytest.mark.parametrize("bits,symmetric", [(8, False), (8, True), (4, False)])
+def test_fake_quantize_equals_the_integer_path_bit_for_bit_and_in_layout(bits, symmetric):
+    """The in-place float path must give what dequantize(quantize(x)) gives, laid out alike: a later
+    convolution picks its kernel by layout (an (N, 1, H, W) input with channels-last strides once
+    changed the digits sweep's numbers)."""
+    g = torch.Generator().manual_seed(bits)
+    x = (torch.randn(64, 8, 8, 1, generator=g) * 3).permute(0, 3, 1, 2)  # (N, 1, 8, 8), strides (64, 1, 8, 1)
+    for t in (x, torch.randn(32, 300, generator=g) * 5):
+        scale, zero = choose_qparams(t.min() * 0.8, t.max() * 0.8, bits, symmetric)  # some values clip
+        qmin, qmax = qrange(bits, symmetric)
+        ref = dequantize(quantize(t, scale, zero, qmin, qmax), scale, zero)
+        out = fake_quantize(t, scale, zero, qmin, qmax)
+        assert torch.equal(out, ref) and out.stride() == ref.stride() and out.dtype == torch.float32

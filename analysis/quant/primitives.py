@@ -58,8 +58,16 @@ def dequantize(x_q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> to
 
 
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
-    """``dequantize(quantize(x))`` in float32, the value the quantized model computes with."""
-    return dequantize(quantize(x, scale, zero, qmin, qmax), scale, zero)
+    """``dequantize(quantize(x))`` in float32, the value the quantized model computes with.
+
+    For float32 it is computed in place on one buffer (it runs on every quantized activation of a
+    sweep): the codes are integers held exactly in float32, so the result equals the integer path bit
+    for bit, in the same memory layout (a later convolution picks its kernel by layout), except that
+    NaN stays NaN where the integer path makes it an arbitrary code."""
+    if x.dtype != torch.float32:
+        return dequantize(quantize(x, scale, zero, qmin, qmax), scale, zero)
+    q = torch.round(x * (1.0 / scale))  # out of place: round lays its output out as the integer path does
+    return q.add_(zero).clamp_(qmin, qmax).sub_(zero).mul_(scale)
 
 
 def weight_matrix(W: torch.Tensor) -> torch.Tensor:
