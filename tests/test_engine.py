@@ -202,3 +202,83 @@ def test_models_with_batchnorm_hash_and_keep_the_hash_of_other_tensors():
         lin.bias.zero_()
     # the same digest as before 0-d tensors were handled, so Runs made earlier still match their models
     assert state_sha256(lin) == "abdbbfb5aa0ea07e62081784ecac79068bdd715200bd2f12adacca9c83e02e86"
+
+
+def _layer_jobs(tm):
+    from analysis.engine.sweep import plan_jobs
+
+    return plan_jobs({}, [(l.name, f) for l in tm.layers() for f in ("int8", "int4")], {"all-int8": {
+        l.name: "int8" for l in tm.layers()}})
+
+
+@pytest.mark.parametrize("order", ["plan", "reversed"])
+def test_chunks_in_any_order_measure_what_one_chunk_and_the_full_forward_measure(order):
+    """Later chunks resume the FP32 forward where the previous one stopped; a chunk with an earlier layer
+    starts it over. Either way every number equals one chunk's and the full-forward path's exactly."""
+    from analysis.engine.executors import chunked
+    from analysis.engine.sweep import SweepRunner
+
+    task = _task(n=80)
+    tm = _prepared(factories.ResidualMLP(width=64, blocks=6), task)
+    jobs = _layer_jobs(tm)
+    chunks = chunked(jobs, 5)
+    runner = SweepRunner(tm, task, "accuracy")
+    assert runner.path == INCREMENTAL
+    by_chunks = {r["key"]: r for c in (chunks if order == "plan" else chunks[::-1]) for r in runner.run(c)}
+    one = {r["key"]: r for r in SweepRunner(tm, task, "accuracy").run(jobs)}
+    full = {r["key"]: r for r in SweepRunner(tm, task, "accuracy", incremental=False).run(jobs)}
+    assert tm._weight_cache == {}  # fake-quantized weights are dropped after each chunk
+    for j in jobs:
+        for other in (one, full):
+            assert by_chunks[j.key]["result"] == other[j.key]["result"], j
+            assert (by_chunks[j.key]["signal"], by_chunks[j.key]["noise"]) == (other[j.key]["signal"], other[j.key]["noise"])
+
+
+def test_chunks_in_plan_order_run_the_fp32_forward_about_twice_per_batch_not_once_per_chunk():
+    """Each batch: one forward for the FP32 output (kept for later chunks), and one forward that the jobs'
+    chunks share, each chunk resuming where the previous one stopped."""
+    from analysis.engine.executors import chunked
+    from analysis.engine.sweep import SweepRunner
+    from analysis.models.torch_graph import BatchValues
+
+    task = _task(n=80)
+    tm = _prepared(factories.ResidualMLP(width=64, blocks=6), task)
+    runner = SweepRunner(tm, task, "accuracy")
+    computed = {"output": 0, "jobs": 0}
+    advance = BatchValues.advance
+
+    def counting(self, stop):
+        computed["jobs" if self.pins else "output"] += max(0, stop - self.pos + 1)
+        advance(self, stop)
+
+    chunks = chunked(_layer_jobs(tm), 4)
+    with mock.patch.object(BatchValues, "advance", counting):
+        for c in chunks:
+            runner.run(c)
+    n_batches, n_nodes = -(-len(task.eval_inputs) // task.batch_size), len(runner.recompute.graph.nodes)
+    assert len(chunks) > 4
+    assert computed["output"] == n_batches * n_nodes
+    assert n_batches * n_nodes * 0.8 < computed["jobs"] <= n_batches * n_nodes
+
+
+@pytest.mark.parametrize("blocks", [4, 16])
+def test_values_held_per_batch_do_not_grow_with_depth(blocks):
+    """The FP32 values a batch holds while its jobs run (one chunk of every job) stay those of about one
+    block, however deep the model (``forward_all`` keeps every node's value)."""
+    from analysis.engine.sweep import SweepRunner
+    from analysis.models.torch_graph import UNSET, BatchValues
+
+    task = _task(n=56)
+    tm = _prepared(factories.ResidualMLP(width=64, blocks=blocks), task)
+    runner = SweepRunner(tm, task, "accuracy")
+    held = []
+    done = BatchValues.done
+
+    def counting(self, name):
+        held.append(sum(1 for v in self.values if v is not UNSET))
+        done(self, name)
+
+    with mock.patch.object(BatchValues, "done", counting):
+        runner.run(_layer_jobs(tm))
+    n_nodes = len(runner.recompute.graph.nodes)
+    assert n_nodes > 4 * blocks and max(held) <= 6, (max(held), n_nodes)

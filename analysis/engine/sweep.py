@@ -102,6 +102,8 @@ class SweepRunner:
                 self.path_reason = f"{model.kind} models run whole graphs: every job is a full forward"
         self.path = INCREMENTAL if self.recompute is not None else FULL_FORWARD
         self._first_x = first_x
+        self._carried: dict[int, object] = {}  # evaluation batch -> where its next chunk resumes (incremental)
+        self._signal: dict[str, float] = {}  # layer -> summed squares of its FP32 output, on the current batch
 
     def job_cost(self, job: Job) -> float:
         """Share of a full forward that ``job`` recomputes per batch (whole policies, and every job on
@@ -125,40 +127,64 @@ class SweepRunner:
         return state.result()
 
     def run(self, jobs: list[Job], progress=None) -> list[dict]:
-        """Measure ``jobs`` on the whole evaluation set; one record per job, in order."""
+        """Measure ``jobs`` on the whole evaluation set; one record per job, in order.
+
+        On the incremental path layer jobs run in graph order, so the batch's FP32 forward only moves
+        forward and drops what no pending job reads; what the next chunk on a batch resumes from is kept
+        (``carried``). Fake-quantized weights are made once per chunk and dropped after it."""
         accs = {job.key: _Acc(MetricState(self.metric_name)) for job in jobs}
-        layers = sorted({j.layer for j in jobs if j.is_layer})
         model, recompute = self.model, self.recompute
-        with model.evaluating():
-            for x, labels in self.task.eval_batches():
-                if recompute is not None:
-                    y_ref, env = recompute.forward_all(x)
-                else:
-                    y_ref, ref_outputs = model.forward(x, capture=layers)
-                y_ref = _finite_reference(y_ref)
-                for job in jobs:
-                    t0, acc = time.perf_counter(), accs[job.key]
-                    if job.is_layer:
-                        if recompute is not None:
-                            y, out, ref = recompute.rerun(env, job.layer, job.format, x)
-                        else:
-                            with model.quantized({job.layer: job.format}):
-                                y, outs = model.forward(x, capture=[job.layer])
-                            out, ref = outs[job.layer], ref_outputs[job.layer]
-                        acc.signal += float((ref.double() ** 2).sum())
-                        acc.noise += float(((out.double() - ref.double()) ** 2).sum())
+        layer_jobs = [j for j in jobs if j.is_layer]
+        if recompute is not None:
+            layer_jobs.sort(key=lambda j: recompute.order(j.layer))
+        order = layer_jobs + [j for j in jobs if not j.is_layer]
+        layers = sorted({j.layer for j in layer_jobs})
+        try:
+            with model.evaluating():
+                for b, (x, labels) in enumerate(self.task.eval_batches()):
+                    self._signal = {}
+                    if recompute is not None:
+                        cache = recompute.start(x, [j.layer for j in layer_jobs], self._carried.get(b))
+                        y_ref = recompute.output(cache)
                     else:
-                        with model.quantized(dict(job.policy)):
-                            y = model.forward(x)[0]
-                    acc.state.update(_as_tensor(y, "model output"), y_ref, labels)
-                    acc.nonfinite += _nonfinite_samples(y)
-                    acc.seconds += time.perf_counter() - t0
-                    if progress:
-                        progress(1)
+                        y_ref, ref_outputs = model.forward(x, capture=layers)
+                    y_ref = _finite_reference(y_ref)
+                    for job in order:
+                        self._measure(job, accs[job.key], x, labels, y_ref, cache if recompute is not None else None,
+                                      None if recompute is not None else ref_outputs)
+                        if progress:
+                            progress(1)
+                    if recompute is not None:
+                        self._carried[b] = recompute.carry(cache)
+                        del cache
+        finally:
+            getattr(model, "release_fake_weights", lambda: None)()
         return [{**job.to_dict(), "result": accs[job.key].state.result(), "signal": accs[job.key].signal,
                  "noise": accs[job.key].noise, "seconds": round(accs[job.key].seconds, 4), "path": self.path,
                  "nonfinite": accs[job.key].nonfinite}
                 for job in jobs]
+
+    def _measure(self, job: Job, acc: _Acc, x, labels, y_ref, cache, ref_outputs) -> None:
+        """One job on one batch, added to its accumulator."""
+        model = self.model
+        t0 = time.perf_counter()
+        if job.is_layer:
+            if cache is not None:
+                y, out, ref = self.recompute.rerun(cache, job.layer, job.format, x)
+            else:
+                with model.quantized({job.layer: job.format}):
+                    y, outs = model.forward(x, capture=[job.layer])
+                out, ref = outs[job.layer], ref_outputs[job.layer]
+            if job.layer not in self._signal:  # the FP32 output's power: the same for every format of a layer
+                self._signal[job.layer] = float((ref.double() ** 2).sum())
+            acc.signal += self._signal[job.layer]
+            acc.noise += float(((out.double() - ref.double()) ** 2).sum())
+        else:
+            with model.quantized(dict(job.policy)):
+                y = model.forward(x)[0]
+        acc.state.update(_as_tensor(y, "model output"), y_ref, labels)
+        acc.nonfinite += _nonfinite_samples(y)
+        acc.seconds += time.perf_counter() - t0
 
 
 def _finite_reference(y) -> torch.Tensor:

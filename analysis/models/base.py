@@ -32,9 +32,16 @@ class LayerInfo:
 
 class Recompute(Protocol):
     """Optional capability: one FP32 forward per batch keeps what jobs reuse, then a single-layer job
-    recomputes only what lies downstream of its layer."""
+    recomputes only what lies downstream of its layer. Jobs on a batch run in ``order``; the cache keeps
+    only what later jobs read, and ``carry`` is what the next chunk on the same batch starts from."""
 
-    def forward_all(self, x) -> tuple[object, object]: ...  # (FP32 output, cache)
+    def order(self, layer: str) -> int: ...  # jobs on a batch run in ascending order
+
+    def start(self, x, layers: list[str], carried=None) -> object: ...  # the batch's cache for jobs on ``layers``
+
+    def output(self, cache) -> object: ...  # the batch's FP32 output
+
+    def carry(self, cache) -> object: ...  # handed to ``start`` of the next chunk on the same batch
 
     def rerun(self, cache, layer: str, fmt: str, x) -> tuple[object, object, object]: ...  # (y, out, FP32 out)
 

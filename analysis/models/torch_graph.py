@@ -1,9 +1,16 @@
 """Incremental re-execution of a traced torch model.
 
-The FP32 forward of a batch runs once and keeps every intermediate value; a job that
-perturbs one layer then recomputes only the nodes downstream of it (residual branches
-included, because the traced graph says who uses what). Models that ``torch.fx`` cannot
-trace fall back to a full forward per job; the Run records which path was taken.
+The FP32 forward of a batch runs once; a job that perturbs one layer then recomputes only the
+nodes downstream of it (residual branches included, because the traced graph says who uses
+what). Models that ``torch.fx`` cannot trace fall back to a full forward per job; the Run
+records which path was taken.
+
+Memory does not grow with depth x batch: ``BatchValues`` computes the FP32 forward in graph
+order only as far as the pending jobs need (jobs run in graph order) and drops each value once
+no later node, no pending job and no carried cut reads it; a recomputation drops its own values
+the same way. ``carry`` hands a later chunk of jobs on the same batch the few values live at the
+chunk's last layer (for a transformer: the block's input, its q/k/v, the mask), so the next chunk
+resumes the FP32 forward there instead of starting over.
 
 Cached values are shared between jobs, so an in-place operation (``out += identity``,
 ``x.mul_(0.5)``) would corrupt them. Where only the operation's result is read afterwards
@@ -14,6 +21,8 @@ refuses to trace (``InplaceError``) and the sweep takes the full-forward path.
 from __future__ import annotations
 
 import operator
+from collections import Counter
+from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
@@ -66,6 +75,18 @@ class TracedGraph:
             raise ValueError(f"layers not found in the traced graph: {', '.join(sorted(missing))}")
         self.downstream = {name: self._downstream_of(node) for name, node in self.layer_node.items()}
         self.output_node = next(n for n in self.nodes if n.op == "output")
+        self.out_index = self.index[self.output_node]
+        # the last node that reads each value (-1: none), and per node the values it is the last reader of
+        self.last_user = [max((self.index[u] for u in n.users), default=-1) for n in self.nodes]
+        self.dies_at: list[list[int]] = [[] for _ in self.nodes]
+        for k, last in enumerate(self.last_user):
+            if last >= 0:
+                self.dies_at[last].append(k)
+        # per layer: the FP32 values its recomputation reads (outside its downstream), and how far the
+        # FP32 forward must have run before the job can start
+        self.reads = {name: self._reads_of(ds) for name, ds in self.downstream.items()}
+        self.need = {name: max([self.index[self.layer_node[name]], *self.reads[name]]) for name in self.downstream}
+        self._live: dict[int, list[int]] = {}
 
     def _copyable_inplace(self) -> set[int]:
         """Indices of in-place nodes that may write into a copy: no later node reads the tensor they modify."""
@@ -90,10 +111,20 @@ class TracedGraph:
                     stack.append(user)
         return sorted(self.index[n] for n in seen)
 
-    def reaches_output(self, name: str) -> bool:
-        return self.index[self.output_node] in self.downstream[name]
+    def _reads_of(self, downstream: list[int]) -> list[int]:
+        inside = set(downstream)
+        return sorted({self.index[a] for i in downstream for a in self.nodes[i].all_input_nodes} - inside)
 
-    def _run_node(self, i: int, env: list, x: torch.Tensor):
+    def live_at(self, cut: int) -> list[int]:
+        """Nodes before ``cut`` that a node at or after ``cut`` reads: all a computation from ``cut`` on needs."""
+        if cut not in self._live:
+            self._live[cut] = [k for k in range(cut) if self.last_user[k] >= cut]
+        return self._live[cut]
+
+    def reaches_output(self, name: str) -> bool:
+        return self.out_index in self.downstream[name]
+
+    def _run_node(self, i: int, env, x: torch.Tensor):
         node = self.nodes[i]
         if node.op == "placeholder":  # several inputs come as a dict by argument name
             if isinstance(x, dict):
@@ -128,13 +159,27 @@ class TracedGraph:
     def output(self, env: list):
         return env[self.index[self.output_node]]
 
-    def rerun_from(self, env: list, name: str, x: torch.Tensor) -> tuple[object, torch.Tensor]:
+    def rerun_from(self, env, name: str, x: torch.Tensor) -> tuple[object, torch.Tensor]:
         """Recompute what lies downstream of layer ``name`` (the caller has applied its
-        perturbation to the module); returns the output and the layer's own new output."""
-        local = list(env)
+        perturbation to the module); returns the output and the layer's own new output.
+        ``env`` (a list from ``forward_all``, or ``BatchValues``) is read, never written."""
+        y, out = self.rerun_values(env, name, x)
+        return (env[self.out_index] if y is UNSET else y), out
+
+    def rerun_values(self, env, name: str, x: torch.Tensor) -> tuple[object, torch.Tensor]:
+        """``rerun_from`` that returns ``UNSET`` as the output when the layer does not reach it; each
+        recomputed value is dropped after its last reader."""
+        new: dict[int, object] = {}
+        layer_i = self.index[self.layer_node[name]]
+        view = _Overlay(new, env)
+        out = None
         for i in self.downstream[name]:
-            local[i] = self._run_node(i, local, x)
-        return local[self.index[self.output_node]], local[self.index[self.layer_node[name]]]
+            new[i] = self._run_node(i, view, x)
+            if i == layer_i:
+                out = new[i]
+            for k in self.dies_at[i]:
+                new.pop(k, None)
+        return new.get(self.out_index, UNSET), out
 
     def layer_output(self, env: list, name: str) -> torch.Tensor:
         return env[self.index[self.layer_node[name]]]
@@ -142,3 +187,103 @@ class TracedGraph:
     def cost(self, name: str) -> float:
         """Share of the graph's nodes that a job on layer ``name`` recomputes."""
         return len(self.downstream[name]) / len(self.nodes)
+
+
+UNSET = object()  # a value not computed yet, or dropped
+
+
+class _Overlay:
+    """Recomputed values first, the FP32 values under them."""
+
+    __slots__ = ("new", "env")
+
+    def __init__(self, new: dict, env) -> None:
+        self.new, self.env = new, env
+
+    def __getitem__(self, k: int):
+        v = self.new.get(k, UNSET)
+        return self.env[k] if v is UNSET else v
+
+
+@dataclass
+class Carried:
+    """What a batch's next chunk of jobs resumes from: node ``cut``'s FP32 value and those live there
+    (``live_at``), so the forward goes on at ``cut + 1``; and the FP32 output when it was small enough
+    to keep (else None)."""
+
+    cut: int
+    values: dict[int, object]
+    output: object = None
+
+
+class BatchValues:
+    """One batch's FP32 node values, computed in graph order only as far as the pending jobs need, each
+    dropped once no later node, no pending job and the carried cut read it.
+
+    ``layers`` are the layers of the chunk's jobs, in the order they run (one entry per job); ``carried``
+    is a previous chunk's ``carry()`` on the same batch, used when no layer lies before its cut."""
+
+    def __init__(self, graph: TracedGraph, x, layers: list[str], carried: Carried | None = None) -> None:
+        self.g, self.x = graph, x
+        self.values: list = [UNSET] * len(graph.nodes)
+        self.pins: Counter = Counter()
+        for name in layers:
+            self.pins.update([graph.index[graph.layer_node[name]], *graph.reads[name]])
+        starts = [graph.index[graph.layer_node[n]] for n in layers]
+        self.pos, self.output, self.canon = 0, None, None  # canon: the output as the adapter compares it
+        if carried is not None:
+            self.output = carried.output
+            if carried.cut in carried.values and all(s >= carried.cut for s in starts):
+                for k, v in carried.values.items():
+                    self.values[k] = v
+                self.pos = carried.cut + 1
+        self.cut = max(starts, default=max(self.pos - 1, 0))
+        self.keep = {*graph.live_at(self.cut), self.cut, graph.out_index}
+
+    def __getitem__(self, k: int):
+        v = self.values[k]
+        if v is UNSET:
+            raise RuntimeError(f"value of node '{self.g.nodes[k].name}' was read after it was dropped or before "
+                               f"it was computed")
+        return v
+
+    def advance(self, stop: int) -> None:
+        """Compute the FP32 values of nodes up to ``stop`` (inclusive)."""
+        g = self.g
+        while self.pos <= stop:
+            i = self.pos
+            self.values[i] = g._run_node(i, self, self.x)
+            self.pos = i + 1
+            self._drop(g.dies_at[i])
+            if g.last_user[i] < 0:
+                self._drop([i])
+
+    def fp32_output(self):
+        """The FP32 output (runs the forward to the end unless a previous chunk kept it)."""
+        if self.output is None:
+            self.advance(len(self.g.nodes) - 1)
+            self.output = self.values[self.g.out_index]
+        return self.output
+
+    def ready(self, name: str) -> None:
+        """Run the FP32 forward far enough for a job on layer ``name``."""
+        self.advance(self.g.need[name])
+
+    def done(self, name: str) -> None:
+        """A job on layer ``name`` has finished: what only it read is dropped."""
+        g = self.g
+        ks = [g.index[g.layer_node[name]], *g.reads[name]]
+        self.pins.subtract(ks)
+        self._drop(ks)
+
+    def _drop(self, ks) -> None:
+        for k in ks:
+            if self.pins[k] <= 0 and k not in self.keep and self.g.last_user[k] < self.pos:
+                self.values[k] = UNSET
+
+    def carry(self, keep_output: bool) -> Carried:
+        """What the next chunk on this batch resumes from: this chunk's last layer's FP32 output and the
+        values live there (none when the forward never reached it)."""
+        ks = [*self.g.live_at(self.cut), self.cut]
+        values = {k: self.values[k] for k in ks if self.values[k] is not UNSET}
+        return Carried(self.cut, values if len(values) == len(ks) else {}, self.output if keep_output else None)

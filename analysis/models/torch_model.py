@@ -20,7 +20,7 @@ from analysis.quant.formats import DYNAMIC_CONV_REASON, QuantFormat, get_format
 from analysis.data.batch import batch_len, sample_shapes, take, to_numpy
 from analysis.models.base import LayerInfo, ModelError
 from analysis.models.outputs import OutputSpec, flatten_outputs, output_spec
-from analysis.models.torch_graph import InplaceError, TracedGraph
+from analysis.models.torch_graph import UNSET, BatchValues, Carried, InplaceError, TracedGraph
 from analysis.quant.act import ActivationStats, ActQuant, check_finite, fake_quantize_dynamic
 from analysis.quant.primitives import (HIST_BINS, RangeObserver, StreamingHistogram, fake_quantize_weight, group_size_error,
                                        swap_transposed_conv_layout, transposed_conv_error)
@@ -176,17 +176,27 @@ class TorchModel:
         return group_size_error(self.layer(name).weight_shape, fmt.weight)
 
     def fake_weight(self, name: str, fmt: QuantFormat) -> torch.Tensor:
-        """The fake-quantized weight in the engine's (out, in, *kernel) layout."""
-        return _oik(self.modules[name], self._fake_stored(name, fmt))
+        """The fake-quantized weight in the engine's (out, in, *kernel) layout (made anew, not kept)."""
+        key = (name, fmt.name)
+        return _oik(self.modules[name], self._weight_cache[key] if key in self._weight_cache else self._fake(name, fmt))
+
+    def _fake(self, name: str, fmt: QuantFormat) -> torch.Tensor:
+        mod = self.modules[name]
+        W = mod.weight.detach()
+        return _oik(mod, fake_quantize_weight(_oik(mod, W), fmt.weight).to(W.dtype)).contiguous()
 
     def _fake_stored(self, name: str, fmt: QuantFormat) -> torch.Tensor:
-        """The fake-quantized weight as the module stores it (what ``quantized`` swaps in)."""
+        """The fake-quantized weight as the module stores it (what ``quantized`` swaps in), made once and
+        kept until ``release_fake_weights``: a sweep chunk reuses it on every batch."""
         key = (name, fmt.name)
         if key not in self._weight_cache:
-            mod = self.modules[name]
-            W = mod.weight.detach()
-            self._weight_cache[key] = _oik(mod, fake_quantize_weight(_oik(mod, W), fmt.weight).to(W.dtype)).contiguous()
+            self._weight_cache[key] = self._fake(name, fmt)
         return self._weight_cache[key]
+
+    def release_fake_weights(self) -> None:
+        """Drop the kept fake-quantized weights (the sweep calls it after each chunk, so at most the weights
+        of one chunk's jobs are held, not every layer x format)."""
+        self._weight_cache.clear()
 
     def other_bytes(self) -> int:
         """Bytes of parameters and buffers outside the quantizable layers (kept as they are)."""
@@ -250,8 +260,13 @@ class TorchModel:
 
     @contextmanager
     def quantized(self, policy: dict[str, str]):
-        """Apply ``{layer: format}`` for the duration of the block; everything is restored after."""
+        """Apply ``{layer: format}`` for the duration of the block; everything is restored after.
+
+        A single layer's fake-quantized weight is kept for the next call (a sweep's job reruns it on every
+        batch); a policy of several layers makes its weights for the block only, so that no more than one
+        model's worth of them is ever held."""
         saved, hooks = [], []
+        fake = self._fake_stored if len(policy) == 1 else self._fake
         try:
             for name, fmt_name in policy.items():
                 fmt = self.format(fmt_name)
@@ -260,7 +275,7 @@ class TorchModel:
                 mod = self.modules[name]
                 if fmt.weight is not None:
                     saved.append((mod, mod.weight.data))
-                    mod.weight.data = self._fake_stored(name, fmt)
+                    mod.weight.data = fake(name, fmt)
                 if fmt.is_dynamic:
                     a = fmt.activation
                     hooks.append(mod.register_forward_pre_hook(
@@ -369,22 +384,59 @@ class TorchModel:
 
 
 class TorchRecompute:
-    """Downstream-only recomputation on a traced torch model: one FP32 forward per batch keeps
-    every intermediate value, then each single-layer job reruns only the nodes after its layer."""
+    """Downstream-only recomputation on a traced torch model: per batch the FP32 forward runs as far as
+    the chunk's jobs need (``torch_graph.BatchValues``), then each single-layer job reruns only the
+    nodes after its layer."""
+
+    CARRY_OUTPUT_BYTES = 32 << 20  # a batch's FP32 output kept for the next chunk up to this size
 
     def __init__(self, model: TorchModel, graph: TracedGraph) -> None:
         self.model, self.graph = model, graph
 
+    def order(self, layer: str) -> int:
+        """Jobs run in this order (ascending): the FP32 forward then only moves forward."""
+        return self.graph.need[layer]
+
+    def start(self, x, layers: list[str], carried: Carried | None = None) -> BatchValues:
+        """The cache of one batch for jobs on ``layers`` (in ``order``), resuming from ``carried``."""
+        return BatchValues(self.graph, x, layers, carried)
+
+    def output(self, cache: BatchValues) -> torch.Tensor:
+        """The batch's FP32 output (what the metric compares): kept from a previous chunk, or from a forward
+        of its own that holds no value longer than the next node needs it (running the chunk's cache to the
+        end instead would hold every value its jobs read at once)."""
+        if cache.canon is None:
+            if cache.output is None:
+                cache.output = BatchValues(self.graph, cache.x, []).fp32_output()
+            cache.canon = self.model._canon(cache.output)
+        return cache.canon
+
+    def carry(self, cache: BatchValues) -> Carried:
+        """What the next chunk on the same batch resumes from (its FP32 output too, when small)."""
+        y = self.output(cache)
+        c = cache.carry(keep_output=False)
+        if isinstance(y, torch.Tensor) and y.numel() * y.element_size() <= self.CARRY_OUTPUT_BYTES:
+            c.output = cache.output
+        return c
+
     def forward_all(self, x: torch.Tensor) -> tuple[object, list]:
-        """The FP32 output of a batch and the cache jobs reuse."""
+        """The FP32 output of a batch and every node's value (checks and benchmarks; the sweep uses ``start``)."""
         env = self.graph.forward_all(x)
         return self.model._canon(self.graph.output(env)), env
 
-    def rerun(self, env: list, layer: str, fmt: str, x: torch.Tensor) -> tuple[object, torch.Tensor, torch.Tensor]:
+    def rerun(self, cache, layer: str, fmt: str, x: torch.Tensor) -> tuple[object, torch.Tensor, torch.Tensor]:
         """Output with ``layer`` at ``fmt``, the layer's new output and its FP32 output."""
+        if isinstance(cache, BatchValues):
+            cache.ready(layer)
+            with self.model.quantized({layer: fmt}):
+                y, out = self.graph.rerun_values(cache, layer, x)
+            ref = self.graph.layer_output(cache, layer)
+            y = self.output(cache) if y is UNSET else self.model._canon(y)
+            cache.done(layer)
+            return y, out, ref
         with self.model.quantized({layer: fmt}):
-            y, out = self.graph.rerun_from(env, layer, x)
-        return self.model._canon(y), out, self.graph.layer_output(env, layer)
+            y, out = self.graph.rerun_from(cache, layer, x)
+        return self.model._canon(y), out, self.graph.layer_output(cache, layer)
 
     def cost(self, layer: str) -> float:
         return self.graph.cost(layer)
