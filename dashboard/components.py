@@ -14,13 +14,62 @@ from dashboard import state
 from dashboard.data import MB, Loaded, open_run
 
 
+EMPTY = "—"  # a missing value, in every table (st.dataframe's ``placeholder``) and text
+PCT_METRICS = ("accuracy", "agreement")  # fractions, shown in % and percentage points
+METRIC_LABELS = {"agreement": "top-1 agreement", "cosine": "cosine similarity", "embedding": "cosine similarity",
+                 "nmse": "NMSE"}  # what a reader calls the metric a Run stores by name; others keep their name
+
+
+def metric_label(loaded: Loaded) -> str:
+    """The Run's metric as the pages name it: ``embedding`` is a cosine similarity of embeddings to FP32."""
+    name = str(loaded.run.meta["metric"].get("name"))
+    return METRIC_LABELS.get(name, name)
+
+
+def _pct(loaded: Loaded) -> bool:
+    m = loaded.run.meta["metric"]
+    return m.get("unit", "") in ("fraction", "") and m.get("name") in PCT_METRICS
+
+
 def fmt_metric(x: float | None, loaded: Loaded, signed: bool = False) -> str:
+    """A metric value (``signed``: a change) at the precision shown everywhere; what rounds to zero has no sign."""
     if x is None or not math.isfinite(x):
-        return "—"
-    unit = loaded.run.meta["metric"].get("unit", "")
-    if unit in ("fraction", "") and loaded.run.meta["metric"].get("name") in ("accuracy", "agreement"):
-        return f"{x * 100:+.2f} pp" if signed else f"{x * 100:.2f} %"
-    return f"{x:+.4f}" if signed else f"{x:.4f}"
+        return EMPTY
+    value, digits, unit = (x * 100, 2, " pp" if signed else " %") if _pct(loaded) else (x, 4, "")
+    text = f"{value:.{digits}f}"
+    if float(text) == 0:
+        text = f"{0:.{digits}f}"  # never "-0.0000"
+    elif signed and value > 0:
+        text = "+" + text
+    return text + unit
+
+
+def fmt_ms(ms: float | None) -> str:
+    """Milliseconds to three significant digits, at least two decimals (1.25, 0.0412, 0.000430), never 0.00."""
+    if ms is None or not math.isfinite(ms):
+        return EMPTY
+    if ms == 0:
+        return "0"
+    return f"{ms:.{max(2, min(8, 2 - math.floor(math.log10(abs(ms)))))}f}"
+
+
+def ms_decimals(values: np.ndarray) -> int:
+    """Decimals that show every nonzero value of a column of milliseconds with two significant digits."""
+    v = np.abs(np.asarray(values, dtype=float))
+    v = v[np.isfinite(v) & (v > 0)]
+    return 2 if not len(v) else max(1, min(6, 1 - math.floor(math.log10(v.min()))))
+
+
+def latency_unit(loaded: Loaded) -> str:
+    """The unit of every latency of this Run, as measured (e.g. "ms per batch of 32")."""
+    return str((loaded.run.meta.get("latency") or {}).get("unit") or "ms")
+
+
+def fmt_latency(ms: float | None, loaded: Loaded) -> str:
+    """A latency with the Run's unit, or "not measured"."""
+    if ms is None or not math.isfinite(ms):
+        return "not measured"
+    return f"{fmt_ms(ms)} {latency_unit(loaded)}"
 
 
 def fmt_band(band: float | None, loaded: Loaded) -> str:
@@ -121,7 +170,7 @@ def projection_kind(loaded: Loaded) -> str:
 
 def _resolution(loaded: Loaded) -> str:
     n = loaded.run.meta.get("data", {}).get("n_eval")
-    if loaded.run.meta["metric"].get("name") in ("accuracy", "agreement") and isinstance(n, int) and n > 0:
+    if _pct(loaded) and isinstance(n, int) and n > 0:
         return f"Measured on {n} samples: one sample moves it by {fmt_metric(1 / n, loaded, signed=True).lstrip('+')}."
     return ""
 
@@ -133,7 +182,7 @@ def headline(loaded: Loaded, p: Projection, codes: np.ndarray) -> None:
     c = st.columns(4)
     change = p.metric - base
     change = 0.0 if abs(change) < 1e-9 else change  # float noise around the anchored baseline
-    c[0].metric(f"Projected {meta['metric']['name']} ({fmt_band(p.band, loaded)})", fmt_metric(p.metric, loaded),
+    c[0].metric(f"Projected {metric_label(loaded)} ({fmt_band(p.band, loaded)})", fmt_metric(p.metric, loaded),
                 delta=fmt_metric(change, loaded, signed=True) + " vs FP32",
                 delta_color="normal" if loaded.run.higher_is_better else "inverse",
                 delta_arrow="auto" if change else "off",
@@ -145,14 +194,16 @@ def headline(loaded: Loaded, p: Projection, codes: np.ndarray) -> None:
                 help="Exact: sum of per-layer bytes (weights, scales, zero points, bias) "
                                         "plus the parameters outside quantizable layers.")
     if p.latency_ms is not None:
-        lat = meta.get("latency") or {}
+        lat, unit = meta.get("latency") or {}, latency_unit(loaded)
+        per = unit.removeprefix("ms").strip()  # "per batch of 32": the value itself reads in ms
         fp32_ms = float(lat.get("fp32_ms", p.latency_ms))
-        c[2].metric("Projected latency", f"{p.latency_ms:.2f} ms", delta=f"FP32 measured {fp32_ms:.2f} ms",
+        c[2].metric("Projected latency", f"{fmt_ms(p.latency_ms)} ms",
+                    delta=" · ".join(x for x in (per, f"FP32 {fmt_ms(fp32_ms)} ms") if x),
                     delta_color="off", delta_arrow="off",
-                    help=f"Measured FP32 end-to-end latency ({lat.get('unit', 'ms')}, {lat.get('provider', '')} "
+                    help=f"Measured FP32 end-to-end latency ({unit}, {lat.get('provider', '')} "
                          f"onnxruntime {lat.get('onnxruntime', '')}, {lat.get('threads', '?')} thread(s)) plus the "
                          "measured per-layer latency changes of the quantized layers. Timing on a shared machine "
-                         f"varies: FP32 spread (IQR) {float(lat.get('fp32_spread_ms', float('nan'))):.2f} ms.")
+                         f"varies: FP32 spread (IQR) {fmt_ms(float(lat.get('fp32_spread_ms', float('nan'))))} ms.")
     else:
         c[2].metric("Latency", "not measured", help="This Run holds no per-layer latency measurement.")
     counts = np.bincount(np.asarray(codes, dtype=np.intp), minlength=len(POLICY_FORMATS))

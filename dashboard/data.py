@@ -58,6 +58,11 @@ def _stamp(path: str) -> tuple[float, ...]:
     return tuple(out)
 
 
+def _shown_as_zero(x: np.ndarray, decimals: int = 4) -> np.ndarray:
+    """``x`` with the values the table shows as zero (at ``decimals``) set to +0: -3e-5 reads 0.0000, not -0.0000."""
+    return np.where(np.round(x, decimals) == 0, 0.0, x)
+
+
 def _layer_frame(run: Run, pj: Projector) -> pd.DataFrame:
     names = pj.names
     lay = run.layers.set_index("name").reindex(names)
@@ -66,8 +71,8 @@ def _layer_frame(run: Run, pj: Projector) -> pd.DataFrame:
     sens = run.sensitivity
     for fmt in run.formats:
         s = sens[sens["format"] == fmt].set_index("layer").reindex(names)
-        df[f"Δmetric {fmt}"] = s["metric_delta"].to_numpy(dtype=float)
-        df[f"Δloss {fmt}"] = s["loss_delta"].to_numpy(dtype=float)
+        df[f"Δmetric {fmt}"] = _shown_as_zero(s["metric_delta"].to_numpy(dtype=float))
+        df[f"Δloss {fmt}"] = _shown_as_zero(s["loss_delta"].to_numpy(dtype=float))
         code = FORMAT_CODE.get(fmt)
         if code is not None:  # what the projection adds up: KL to FP32 (or the loss increase), never negative
             df[f"sensitivity {fmt}"] = np.where(pj.allowed[:, code], pj.penalty[:, code], np.nan)

@@ -10,7 +10,7 @@ import streamlit as st
 
 from analysis.api import get_format
 from dashboard import state
-from dashboard.components import require_run
+from dashboard.components import EMPTY, require_run
 from dashboard.data import Loaded
 
 COLORS = {"int8": "#4C78A8", "int4": "#E45756", "int8-dyn": "#54A24B"}
@@ -85,7 +85,7 @@ def render() -> None:
                          help="Defaults to the layer most sensitive at INT4.")
     log_y = c2.toggle("log counts", value=True, key=state.ACT_LOG)
     row = lo.layers.iloc[names.index(layer)]
-    st.caption(f"{row['type']} · {int(row['params']):,} parameters · note: {row['note'] or '—'}")
+    st.caption(f"{row['type']} · {int(row['params']):,} parameters · note: {row['note'] or EMPTY}")
 
     for tensor in TENSORS:
         fig, notes = _figure(lo, layer, tensor, log_y)
@@ -104,7 +104,8 @@ def render() -> None:
                                    "clip range": [f"[{a:.4g}, {b:.4g}]"
                                                   for a, b in zip(rows["clip_lo"], rows["clip_hi"])],
                                    "clipped %": rows["clipped_fraction"] * 100, "SQNR (dB)": rows["sqnr_db"]}),
-                     hide_index=True, column_config={"clipped %": st.column_config.NumberColumn(format="%.3f"),
+                     hide_index=True, placeholder=EMPTY,
+                     column_config={"clipped %": st.column_config.NumberColumn(format="%.3f"),
                                                      "SQNR (dB)": st.column_config.NumberColumn(format="%.1f")})
     else:
         st.caption("This Run holds no clipping measurement for this layer.")

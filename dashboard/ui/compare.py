@@ -14,7 +14,7 @@ import streamlit as st
 
 from analysis.api import POLICY_FORMATS, match_layers
 from dashboard import state
-from dashboard.components import fmt_metric
+from dashboard.components import EMPTY, fmt_metric, metric_label
 from dashboard.data import Loaded, frontier_frame, open_run, stamp_of
 
 COLORS = ("#4C78A8", "#E45756")
@@ -51,8 +51,8 @@ def _uniform_table(a: Loaded, b: Loaded) -> pd.DataFrame:
     ua, ub = _uniform(a), _uniform(b)
     t = ua.add_suffix(" A").join(ub.add_suffix(" B"), how="outer").reindex(list(dict.fromkeys([*ua.index, *ub.index])))
     return pd.DataFrame({"policy": t.index,
-                         f"{a.run.meta['metric']['name']} A": [fmt_metric(x, a) for x in t["metric A"]],
-                         f"{b.run.meta['metric']['name']} B": [fmt_metric(x, b) for x in t["metric B"]],
+                         f"{metric_label(a)} A": [fmt_metric(x, a) for x in t["metric A"]],
+                         f"{metric_label(b)} B": [fmt_metric(x, b) for x in t["metric B"]],
                          "size A (MB)": t["bytes A"] / 1e6, "size B (MB)": t["bytes B"] / 1e6})
 
 
@@ -117,13 +117,13 @@ def render() -> None:
         col.markdown(f"**Run {tag}** · {lo.name} · {len(lo.projector.names)} layers · status **{lo.run.status}**"
                      + (" · *synthetic*" if lo.synthetic else ""))
         col.caption(f"model sha256 `{lo.run.model_sha256[:12]}…` · task {m.get('data', {}).get('task')} · "
-                    f"metric {m['metric']['name']} · formats {', '.join(lo.run.formats)}")
+                    f"metric {metric_label(lo)} · formats {', '.join(lo.run.formats)}")
     if a.run.meta["metric"]["name"] != b.run.meta["metric"]["name"]:
         st.warning(f"Run A measures {a.run.meta['metric']['name']}, Run B {b.run.meta['metric']['name']}: "
                    "their metrics are not on one scale.")
 
     st.subheader("Uniform formats (measured)")
-    st.dataframe(_uniform_table(a, b), hide_index=True, width="stretch",
+    st.dataframe(_uniform_table(a, b), hide_index=True, width="stretch", placeholder=EMPTY,
                  column_config={c: st.column_config.NumberColumn(format="%.3f") for c in ("size A (MB)", "size B (MB)")})
 
     st.subheader("Per-layer sensitivity")
@@ -138,7 +138,7 @@ def render() -> None:
     if common and formats:
         fmt = st.radio("Format", formats, horizontal=True, key=state.COMPARE_FMT)
         st.plotly_chart(_sensitivity_chart(table, fmt), key=state.COMPARE_SENS)
-    st.dataframe(table, hide_index=True, width="stretch", height=min(400, 36 + 35 * len(table)))
+    st.dataframe(table, hide_index=True, width="stretch", height=min(400, 36 + 35 * len(table)), placeholder=EMPTY)
 
     st.subheader("Frontiers")
     st.plotly_chart(_frontier_chart(a, b), key=state.COMPARE_FRONTIER)

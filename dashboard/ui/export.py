@@ -10,7 +10,7 @@ import streamlit as st
 
 from analysis.api import FORMAT_CODE, POLICY_FORMATS, BundleError, PolicyError, from_json, match_policy
 from dashboard import state
-from dashboard.components import fmt_band, fmt_mb, fmt_metric, require_run
+from dashboard.components import EMPTY, fmt_band, fmt_mb, fmt_metric, metric_label, require_run
 from dashboard.data import Loaded, bundle_bytes, open_run, open_uploaded_bundle, report_html, stamp_of
 from dashboard.ui import verify
 
@@ -79,7 +79,7 @@ def render() -> None:
     band = f" ({fmt_band(proj.band, lo)})"
     st.markdown(f"**Current policy:** " + ", ".join(f"{f.upper()} {int(counts[FORMAT_CODE[f]])}"
                                                       for f in lo.projector.formats)
-                + f" · projected {lo.run.meta['metric']['name']} {fmt_metric(proj.metric, lo)}{band}"
+                + f" · projected {metric_label(lo)} {fmt_metric(proj.metric, lo)}{band}"
                 + f" · {fmt_mb(proj.bytes)} ({proj.size_ratio:.2f}× smaller than FP32)")
     verify.render(lo)
 
@@ -103,8 +103,8 @@ def render() -> None:
             rows.append({"#": i, "folder": p, "model": other.name, "layers": len(other.projector.names),
                          "status": other.run.status, "model sha256": other.run.model_sha256[:12] + "…"})
         else:
-            rows.append({"#": i, "folder": p, "model": "—", "layers": 0, "status": f"cannot open: {other}",
-                         "model sha256": "—"})
-    st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
+            rows.append({"#": i, "folder": p, "model": EMPTY, "layers": 0, "status": f"cannot open: {other}",
+                         "model sha256": EMPTY})
+    st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch", placeholder=EMPTY)
     st.caption("Switch Runs in the sidebar; each Run keeps its own policy in this session.")
     _report_and_bundle(lo)

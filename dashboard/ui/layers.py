@@ -9,7 +9,7 @@ import streamlit as st
 
 from analysis.api import FORMAT_CODE, POLICY_FORMATS, fp32_for_most_sensitive, layers_of_type, with_format
 from dashboard import state
-from dashboard.components import headline, require_run
+from dashboard.components import EMPTY, headline, latency_unit, ms_decimals, require_run
 from dashboard.data import Loaded, sensitivity_figure, stamp_of
 
 SORTS = {
@@ -170,13 +170,17 @@ def policy_editor() -> None:
             cfg[col] = st.column_config.NumberColumn(col, format="%.2e", help=(
                 "measured with only this layer quantized: the per-layer penalty the projection sums "
                 "(KL divergence to the FP32 outputs, or the loss increase); never negative"))
-        elif col.startswith(("SQNR", "KB", "ms ")):
+        elif col.startswith("ms "):  # per-layer times can be a few µs: as many decimals as the column needs
+            cfg[col] = st.column_config.NumberColumn(col, format=f"%.{ms_decimals(view[col].to_numpy())}f", help=(
+                f"measured latency of this layer at {col[3:].upper()}, {latency_unit(lo)}: its FP32 kernel time "
+                "plus the measured change with only this layer quantized"))
+        elif col.startswith(("SQNR", "KB")):
             cfg[col] = st.column_config.NumberColumn(col, format="%.1f")
     st.caption(f"{len(view)} of {len(codes)} layers shown. Change a layer's **format** cell; the numbers above "
                "follow. Δ columns are measured with only that layer quantized.")
     st.data_editor(view, key=state.editor_key(lo.path), hide_index=True, column_config=cfg, row_height=ROW_PX,
                    height=min(420, ROW_PX * (len(view) + 1) + 3),
-                   disabled=[c for c in view.columns if c != "format"], width="stretch")
+                   disabled=[c for c in view.columns if c != "format"], width="stretch", placeholder=EMPTY)
     st.session_state[state.FRAGMENT_MS] = (time.perf_counter() - t0) * 1e3
 
 

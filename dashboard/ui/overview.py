@@ -8,9 +8,22 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from dashboard import state
-from dashboard.components import fmt_mb, fmt_metric, headline, projection_kind, require_run
+from dashboard.components import (EMPTY, fmt_mb, fmt_metric, fmt_ms, headline, latency_unit, metric_label,
+                                  projection_kind, require_run)
 from dashboard.data import Loaded
 from dashboard.ui.charts import metric_figure
+
+
+def _text(v: object) -> str:
+    """A provenance value as text: a field the Run does not fill reads as a dash, not "None"."""
+    return EMPTY if v is None or v == "" else str(v)
+
+
+def _metric_text(lo: Loaded, metric: dict) -> str:
+    direction = "higher is better" if metric.get("higher_is_better") else "lower is better"
+    label, name = metric_label(lo), str(metric.get("name"))
+    what = f"{label}: {metric['description']}" if metric.get("description") else label
+    return what + (f" (stored as {name}; {direction})" if name != label else f" ({direction})")
 
 
 def _provenance(lo: Loaded) -> None:
@@ -21,18 +34,17 @@ def _provenance(lo: Loaded) -> None:
         st.markdown("**Model**")
         st.table(pd.DataFrame({"": ["name", "kind", "source", "sha256", "parameters", "FP32 size",
                                     "outside quantizable layers"],
-                               "value": [str(model.get("name")), str(model.get("kind")), str(model.get("source")),
-                                         str(model.get("sha256")), f"{int(model.get('params', 0)):,}",
+                               "value": [_text(model.get("name")), _text(model.get("kind")), _text(model.get("source")),
+                                         _text(model.get("sha256")), f"{int(model.get('params', 0)):,}",
                                          fmt_mb(float(model.get("fp32_bytes", 0))),
                                          fmt_mb(float(model.get("other_bytes", 0)))]}).set_index(""))
     with b:
         st.markdown("**Data and metric**")
-        direction = "higher is better" if metric.get("higher_is_better") else "lower is better"
         st.table(pd.DataFrame({"": ["task", "source", "sha256", "calibration samples", "evaluation samples",
                                     "metric", "loss"],
-                               "value": [str(data.get("task")), str(data.get("source")), str(data.get("sha256")),
-                                         str(data.get("n_calib")), str(data.get("n_eval")),
-                                         f"{metric.get('name')} ({direction})", str(metric.get("loss"))]}
+                               "value": [_text(data.get("task")), _text(data.get("source")), _text(data.get("sha256")),
+                                         _text(data.get("n_calib")), _text(data.get("n_eval")),
+                                         _metric_text(lo, metric), _text(metric.get("loss"))]}
                               ).set_index(""))
     _what_was_judged(model, metric)
     sweep = meta.get("sweep", {})
@@ -67,10 +79,11 @@ def _measured_table(lo: Loaded) -> pd.DataFrame:
     for r in pol.itertuples(index=False):
         if not math.isfinite(r.metric):
             continue
-        rows.append({"policy": r.name, "kind": r.kind, meta["metric"]["name"]: fmt_metric(r.metric, lo),
+        rows.append({"policy": r.name, "kind": r.kind, metric_label(lo): fmt_metric(r.metric, lo),
                      "vs FP32": fmt_metric(r.metric - base, lo, signed=True), "loss": round(float(r.loss), 4),
                      "size": fmt_mb(float(r.bytes)), "× smaller": round(lo.projector.fp32_bytes / float(r.bytes), 2),
-                     "latency": f"{r.latency_ms:.2f} ms" if math.isfinite(r.latency_ms) else "not measured",
+                     f"latency ({latency_unit(lo)})": fmt_ms(r.latency_ms) if math.isfinite(r.latency_ms)
+                     else "not measured",
                      "measured on": r.measured_on})
     return pd.DataFrame(rows)
 
@@ -88,7 +101,7 @@ def render() -> None:
 
     st.subheader("Measured whole-model policies: the FP32 baseline, uniform formats and others")
     table = _measured_table(lo)
-    st.dataframe(table, hide_index=True, width="stretch")
+    st.dataframe(table, hide_index=True, width="stretch", placeholder=EMPTY)
     for fmt, u in (lo.run.meta.get("uniform") or {}).items():
         skipped = u.get("skipped_layers") or []
         if skipped:
@@ -118,4 +131,4 @@ def render() -> None:
                                         "projected": fmt_metric(v.projected_metric, lo),
                                         "error": fmt_metric(v.error, lo, signed=True),
                                         "own point held out": "yes" if v.held_out else "no"} for v in val]),
-                         hide_index=True)
+                         hide_index=True, placeholder=EMPTY)

@@ -10,16 +10,17 @@ import streamlit as st
 
 from analysis.api import SearchError, best_policy
 from dashboard import state
-from dashboard.components import fmt_band, fmt_mb, fmt_metric, headline, require_run
+from dashboard.components import (PCT_METRICS, fmt_band, fmt_latency, fmt_mb, fmt_metric, fmt_ms, headline, latency_unit,
+                                  metric_label, require_run)
 from dashboard.data import MB, Loaded, coupled, frontier_frame, stamp_of
 from dashboard.ui.charts import measured_points, metric_figure
 
 def _pct(lo: Loaded) -> bool:
-    return lo.run.meta["metric"].get("name") in ("accuracy", "agreement")
+    return lo.run.meta["metric"].get("name") in PCT_METRICS
 
 
 def _drop_label(lo: Loaded) -> str:
-    name = lo.run.meta["metric"]["name"]
+    name = metric_label(lo)
     if _pct(lo):
         return f"Max {name} drop from FP32 (percentage points; 1 = 0.01 {name})"
     worse = "drop" if lo.run.higher_is_better else "rise"
@@ -41,10 +42,12 @@ def _budget_form(lo: Loaded) -> None:
                                    f"{fmt_mb(smallest)}. 1 MB = 10^6 bytes.")
         latency = None
         if lo.has_latency:
-            latency = b.number_input(f"Max latency ({lat.get('unit', 'ms')})", min_value=0.0, value=None, step=0.1,
-                                     format="%.3f", key=state.SEARCH_LATENCY,
+            fp32_ms = float(lat.get("fp32_ms", float("nan")))
+            digits = max(3, len(fmt_ms(fp32_ms).partition(".")[2]))  # a budget as fine as the latency is small
+            latency = b.number_input(f"Max latency ({latency_unit(lo)})", min_value=0.0, value=None,
+                                     step=10.0 ** (2 - digits), format=f"%.{digits}f", key=state.SEARCH_LATENCY,
                                      help=f"Projected from the measured per-layer latency; FP32 measured "
-                                          f"{float(lat.get('fp32_ms', float('nan'))):.3f} ms.")
+                                          f"{fmt_latency(fp32_ms, lo)}.")
         else:
             b.caption("Latency: not measured in this Run, so no latency budget.")
         drop = c.number_input(_drop_label(lo), min_value=0.0, value=None, step=0.1 if _pct(lo) else 0.001,
@@ -78,9 +81,9 @@ def _budget_form(lo: Loaded) -> None:
     counts = np.bincount(res.codes.astype(np.intp), minlength=3)
     goal = {"metric": "best projected metric", "size": "smallest size", "latency": "lowest latency"}[res.objective]
     text = (f"Applied the policy with the {goal} under the budget: INT8 {int(counts[1])}, INT4 {int(counts[2])}, "
-            f"FP32 {int(counts[0])} layers · projected {lo.run.meta['metric']['name']} {fmt_metric(pr.metric, lo)} "
+            f"FP32 {int(counts[0])} layers · projected {metric_label(lo)} {fmt_metric(pr.metric, lo)} "
             f"({fmt_band(pr.band, lo)}) · {fmt_mb(pr.bytes)}"
-            + (f" · {pr.latency_ms:.3f} ms" if pr.latency_ms is not None else "")
+            + (f" · {fmt_latency(pr.latency_ms, lo)}" if pr.latency_ms is not None else "")
             + ". The Layers table and the link follow; verify it on Export & share.")
     st.session_state[state.SEARCH_LAST] = (lo.path, "success", text)
     if pr.extrapolated:

@@ -14,7 +14,7 @@ import streamlit as st
 
 from analysis.api import Projector
 from dashboard import state
-from dashboard.components import fmt_band, fmt_mb, fmt_metric
+from dashboard.components import EMPTY, fmt_band, fmt_latency, fmt_mb, fmt_metric, fmt_ms, latency_unit, metric_label
 from dashboard.data import Loaded, open_run, verify_blocker, verify_jobs
 
 POLL_S = 0.5
@@ -31,18 +31,19 @@ def measured_rows(lo: Loaded, codes: np.ndarray) -> pd.DataFrame:
 
 def _comparison(lo: Loaded, codes: np.ndarray) -> None:
     p = lo.projector.project(codes)
-    rows = [{"": "projected (now)", lo.run.meta["metric"]["name"]: f"{fmt_metric(p.metric, lo)} ({fmt_band(p.band, lo)})",
-             "size": fmt_mb(p.bytes), "latency": "—" if p.latency_ms is None else f"{p.latency_ms:.3f} ms",
+    metric, latency = metric_label(lo), f"latency ({latency_unit(lo)})"
+    rows = [{"": "projected (now)", metric: f"{fmt_metric(p.metric, lo)} ({fmt_band(p.band, lo)})",
+             "size": fmt_mb(p.bytes), latency: "not measured" if p.latency_ms is None else fmt_ms(p.latency_ms),
              "measured on": "projection from the per-layer measurements", "|measured − projected|": ""}]
     for r in measured_rows(lo, codes).itertuples(index=False):
         err = abs(float(r.metric) - p.metric)
         inside = "" if p.band is None else (" — inside the band" if err <= p.band + 1e-12 else " — outside the band")
-        rows.append({"": f"measured: {r.name}", lo.run.meta["metric"]["name"]: fmt_metric(float(r.metric), lo),
+        rows.append({"": f"measured: {r.name}", metric: fmt_metric(float(r.metric), lo),
                      "size": fmt_mb(float(r.bytes)),
-                     "latency": f"{r.latency_ms:.3f} ms" if math.isfinite(r.latency_ms) else "not measured",
+                     latency: fmt_ms(r.latency_ms) if math.isfinite(r.latency_ms) else "not measured",
                      "measured on": str(r.measured_on),
                      "|measured − projected|": fmt_metric(err, lo, signed=True).lstrip("+") + inside})
-    st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
+    st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch", placeholder=EMPTY)
     if len(rows) == 1:
         st.caption("No measurement of exactly this policy yet.")
 
@@ -71,13 +72,15 @@ def _job_panel(path: str) -> None:
     st.success(f"Verified in {job.seconds:.1f} s as **{r.get('name')}**: measured "
                f"{fmt_metric(float(r['metric']), lo) if isinstance(lo, Loaded) else r['metric']} on "
                f"{r.get('measured_on')}; ONNX file {fmt_mb(float(r.get('file_bytes', 0)))}; latency "
-               f"{float(r.get('latency_ms', float('nan'))):.3f} ms (FP32 {float(r.get('fp32_latency_ms', float('nan'))):.3f} ms"
-               f" in the same run)." + ("" if same else " That was another policy than the current one."))
+               f"{fmt_latency(float(r.get('latency_ms', float('nan'))), lo) if isinstance(lo, Loaded) else EMPTY} "
+               f"(FP32 {fmt_ms(float(r.get('fp32_latency_ms', float('nan'))))} ms in the same run)."
+               + ("" if same else " That was another policy than the current one."))
     kernels = r.get("kernels") or {}
     if kernels or r.get("notes"):
         with st.expander("Kernels and notes of the verified model", expanded=False):
             if kernels:
-                st.dataframe(pd.DataFrame({"layer": list(kernels), "kernel": list(kernels.values())}), hide_index=True)
+                st.dataframe(pd.DataFrame({"layer": list(kernels), "kernel": list(kernels.values())}), hide_index=True,
+                             placeholder=EMPTY)
             for n in r.get("notes") or []:
                 st.caption(n)
 
