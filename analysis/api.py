@@ -62,7 +62,7 @@ def __getattr__(name: str):
 
 def analyze(model: str, task: str = "digits", out: str | os.PathLike = "runs/run", *, latency: bool = True,
             verify_policies: int = DEFAULT_VERIFIED, threads: int | None = None, progress: bool = True,
-            latency_budget: float | None = None, **options) -> Run:
+            latency_budget: float | None = None, latency_method: str = "profile", **options) -> Run:
     """Measure every quantizable layer of ``model`` under each format on ``task``; write a Run at ``out``.
 
     Two measurements, one after the other: the sensitivity sweep (``analysis.engine.analyze.sweep_to_run``,
@@ -70,7 +70,9 @@ def analyze(model: str, task: str = "digits", out: str | os.PathLike = "runs/run
     incremental, overwrite, executor, workers, ray_address, resume, chunk_size, random_policies), then,
     with ``latency``, per-layer and end-to-end latency in onnxruntime (within ``latency_budget`` seconds when
     given: single-layer models not timed by then are recorded as not measured, see
-    ``analysis.runtime.latency.measure_latency``), then the uniform policies and
+    ``analysis.runtime.latency.measure_latency``; ``latency_method`` is ``profile``, per-layer times from one
+    profiled run of each uniform model, or ``pairs``, one single-layer model per layer and format), then the
+    uniform policies and
     ``verify_policies`` of the random mixed ones verified in onnxruntime, so the projection is fitted
     to the model as shipped (0 turns that off). If the runtime cannot take the model, the sensitivity
     Run stands and ``run.json`` says why latency or the runtime check is missing.
@@ -82,9 +84,11 @@ def analyze(model: str, task: str = "digits", out: str | os.PathLike = "runs/run
 
     if latency_budget is not None and not (isinstance(latency_budget, (int, float)) and latency_budget > 0):
         raise InputError(f"latency_budget={latency_budget!r}: must be a positive number of seconds")
+    if latency_method not in ("profile", "pairs"):
+        raise InputError(f"latency_method={latency_method!r}: known: profile, pairs")
     run = sweep_to_run(model, task, out, threads=threads, progress=progress, **options)
     if latency:
-        _measure_latency(run, threads or 1, progress, latency_budget)
+        _measure_latency(run, threads or 1, progress, latency_budget, latency_method)
         run = load_run(Path(out))
     if verify_policies > 0:
         _verify_sweep_policies(run, verify_policies, threads or 1, progress)
@@ -118,12 +122,14 @@ def _verify_sweep_policies(run: Run, k: int, threads: int, progress: bool) -> No
     update_meta(run, runtime_check={"verified": done, "policies": [f"{r.name}{VERIFIED_SUFFIX}" for r in chosen]})
 
 
-def _measure_latency(run: Run, threads: int, progress: bool, budget: float | None = None) -> None:
+def _measure_latency(run: Run, threads: int, progress: bool, budget: float | None = None,
+                     method: str = "profile") -> None:
     from analysis.runtime.latency import measure_latency
 
     say = (lambda s: print(f"latency: {s}", file=sys.stderr)) if progress else None
     try:
-        measure_latency(run, threads=threads, progress=say, latency_budget=budget, progress_bar=progress)
+        measure_latency(run, threads=threads, progress=say, latency_budget=budget, progress_bar=progress,
+                        method=method)
     except KeyboardInterrupt:
         raise
     except Exception as e:  # noqa: BLE001 - any runtime failure is reported, not fatal

@@ -42,7 +42,8 @@ def test_untimed_layers_are_nan_with_their_reason(run_copy, monkeypatch, capsys)
         return len(job_s) >= 3
 
     monkeypatch.setattr(latency, "_out_of_budget", three_then_out)
-    meta = latency.measure_latency(run_copy, repeats=3, warmup=1, latency_budget=60.0, progress_bar=True)
+    meta = latency.measure_latency(run_copy, repeats=3, warmup=1, latency_budget=60.0, progress_bar=True,
+                                   method="pairs")
     err = capsys.readouterr().err
     assert "latency" in err and "/13" in err  # the bar, over every single-layer model
 
@@ -86,7 +87,8 @@ def test_budget_must_be_positive(run_copy):
 
 def test_cli_budget_that_runs_out_leaves_a_run_that_still_projects_and_searches(tmp_path, capsys):
     out = tmp_path / "r"
-    code = main(["analyze", "demo:digits", "--out", str(out), "--latency-budget", "0.001", "--verify-policies", "0"])
+    code = main(["analyze", "demo:digits", "--out", str(out), "--latency-budget", "0.001", "--verify-policies", "0",
+                 "--latency-method", "pairs"])
     cap = capsys.readouterr()
     assert code == 0, cap.err
     assert "the latency budget of 0.001 s ran out after 0 of 13 single-layer models" in cap.err

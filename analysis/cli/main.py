@@ -63,6 +63,9 @@ def _add_analyze(sub) -> None:
     p.add_argument("--latency-budget", type=float, default=None, metavar="SECONDS",
                    help="most seconds for the latency measurement; layers not timed by then are recorded as not "
                         "measured (default: no limit)")
+    p.add_argument("--latency-method", choices=("profile", "pairs"), default="profile",
+                   help="per-layer latency from one profiled run of each uniform model (profile, default) or from one "
+                        "single-layer model per layer and format timed against FP32 (pairs: slower, the check)")
     p.add_argument("--verify-policies", type=int, default=4, metavar="K",
                    help="verify the uniform policies and K of the random mixed ones in onnxruntime, so projections "
                         "are fitted to the model as shipped (default 4; 0: projections stay the engine's)")
@@ -131,7 +134,8 @@ def _cmd_analyze(args) -> int:
                   progress=not args.quiet, executor=args.executor, workers=args.workers,
                   ray_address=args.ray_address, resume=args.resume, chunk_size=args.chunk_size,
                   random_policies=args.random_policies, latency=not args.no_latency,
-                  verify_policies=args.verify_policies, latency_budget=args.latency_budget, **extra)
+                  verify_policies=args.verify_policies, latency_budget=args.latency_budget,
+                  latency_method=args.latency_method, **extra)
     print(summary(run))
     print(f"wrote {run.path}")
     return 0

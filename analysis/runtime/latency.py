@@ -6,7 +6,19 @@ shared machine hits all of them alike:
 
 * **End to end**: wall time of ``session.run`` for the FP32 model, each uniform-format model
   and any policy.
-* **Per layer x format**: the model with only that layer quantized (real kernels:
+* **Per layer x format**, by one of two methods:
+
+  ``profile`` (the default): each uniform model (all layers in one format) and the FP32 model run
+  once more under onnxruntime's profiler, as optimised for deployment; each node of the optimised
+  graph is attributed to the layer it works for (``analysis.runtime.attribution``), so a layer's
+  latency in a format is the kernel time of its nodes in that format's model, plus the change it
+  causes in the nodes between it and the next layer (its Relu folded away, a pooling that now runs
+  on uint8). One model per format is built, not one per layer. What is left, the uniform model's
+  measured end-to-end change less the sum of its layers' changes, is recorded per format
+  (``latency.uniform.<format>.residual_ms``): session overhead, nodes before the first layer, and
+  timing noise. It is not spread over the layers, where noise would pass for a measurement.
+
+  ``pairs``: the model with only that layer quantized (real kernels:
   QOperator ``QLinearConv``/``QGemm``/``QLinearMatMul``, ``MatMulNBits``, blocked uint4
   ``DequantizeLinear``), timed against FP32 in the same rounds; the layer's latency is its
   FP32 kernel time plus the median paired difference. Node profiles alone mislead here: the
@@ -14,7 +26,10 @@ shared machine hits all of them alike:
   what quantizing a layer really changes shows only in the whole graph. The FP32 kernel time
   comes from node profiling at ``ORT_DISABLE_ALL`` (one node per layer).
 
-Median and spread (interquartile range) are over the repeats; times are ms per batch.
+Median and spread (interquartile range) are over the repeats; times are ms per batch. With one
+thread, onnxruntime runs a model on the calling thread, and a run's time is that thread's CPU time
+(``time.thread_time``): on shared cores the scheduler preempts runs for milliseconds, which wall
+time counts and CPU time does not; on an idle machine the two agree. With more threads, wall time.
 """
 from __future__ import annotations
 
@@ -31,12 +46,14 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from analysis.runtime.attribution import attach, attribute, layer_kernel_times, profile
 from analysis.runtime.onnx_quantize import QuantizedModel, layer_nodes, quantize_model
 from analysis.store.atomic import folder_lock
 from analysis.store.run import Run, load_run, read_table, replace_table, update_meta
 from analysis.runtime.session import RuntimeModel, resolve_model, resolve_task, run_formats
 
 PROVIDER = "CPUExecutionProvider"
+LATENCY_METHODS = ("profile", "pairs")
 TIMING_CALIB_SAMPLES = 4
 
 
@@ -63,6 +80,12 @@ def _stats(values_ms: Sequence[float]) -> tuple[float, float]:
     return float(med), float(q3 - q1)
 
 
+def run_clock(threads: int):
+    """The clock a run is timed with: the calling thread's CPU time with one thread (onnxruntime then runs
+    on it, and preemption by other work is not counted), wall time with more."""
+    return time.thread_time if threads == 1 else time.perf_counter
+
+
 def timed_runs(models: dict, feed: dict[str, np.ndarray], *, threads: int = 1, repeats: int = 30,
                warmup: int = 3) -> dict[str, np.ndarray]:
     """Wall times (ms) of ``repeats`` runs per model, timed round-robin in one loop.
@@ -73,11 +96,12 @@ def timed_runs(models: dict, feed: dict[str, np.ndarray], *, threads: int = 1, r
         for _ in range(warmup):
             s.run(None, feed)
     times: dict[str, list[float]] = defaultdict(list)
+    clock = run_clock(threads)
     for _ in range(repeats):
         for k, s in sessions.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             s.run(None, feed)
-            times[k].append((time.perf_counter() - t0) * 1e3)
+            times[k].append((clock() - t0) * 1e3)
     return {k: np.asarray(v) for k, v in times.items()}
 
 
@@ -133,7 +157,7 @@ def uniform_policy(run: Run, fmt: str) -> dict[str, str]:
 def measure_latency(run: Run | str | os.PathLike, *, repeats: int = 50, warmup: int = 3, batch: int = 32,
                     threads: int = 1, progress: Callable[[str], None] | None = None,
                     time_budget_s: float = 60.0, latency_budget: float | None = None,
-                    progress_bar: bool = False) -> dict:
+                    progress_bar: bool = False, method: str = "profile") -> dict:
     """Measure per-layer and end-to-end latency of a Run's model in onnxruntime; store them in the Run.
 
     Fills the ``cost`` table's ``latency_ms`` / ``latency_spread_ms`` / ``latency_source`` for every
@@ -150,6 +174,8 @@ def measure_latency(run: Run | str | os.PathLike, *, repeats: int = 50, warmup: 
             FP32 kernel profile are always timed; single-layer models are timed while the budget lasts
             (fewer paired repeats first), and those left are recorded as not measured: NaN latency in
             ``cost`` with the reason in ``latency_source`` and in run.json ``latency.not_measured``.
+        method: ``profile`` (per-layer times from one profiled run of each uniform model) or ``pairs``
+            (one single-layer model per layer x format, timed against FP32; budgets apply to these).
         progress: optional callable receiving one line per step.
         progress_bar: a tqdm bar with ETA on stderr over the single-layer models.
 
@@ -159,6 +185,8 @@ def measure_latency(run: Run | str | os.PathLike, *, repeats: int = 50, warmup: 
     Example:
         >>> measure_latency("runs/digits")["uniform"]["int8"]["ratio_vs_fp32"]
     """
+    if method not in LATENCY_METHODS:
+        raise ValueError(f"latency method {method!r}: known: {', '.join(LATENCY_METHODS)}")
     if latency_budget is not None and not latency_budget > 0:
         raise ValueError(f"latency_budget={latency_budget}: must be a positive number of seconds")
     t_start = time.perf_counter()
@@ -182,6 +210,10 @@ def measure_latency(run: Run | str | os.PathLike, *, repeats: int = 50, warmup: 
         models[f"all-{fmt}"] = built[fmt].model
     say(f"timing {len(models)} whole models round-robin")
     times = timed_runs(models, feed, threads=threads, repeats=repeats, warmup=warmup)
+    if method == "profile":
+        meta = _profiled_layers(run, rm, models, times, feed, threads=threads, repeats=repeats, warmup=warmup,
+                                say=say, progress_bar=progress_bar)
+        return _store(run, rm, built, times, meta, threads, len(x), repeats, warmup, latency_budget, t_start)
     del models
     say("profiling fp32 kernels")
     fp32_layer = layer_times(rm, None, node_times(rm.model, feed, threads=threads, repeats=repeats, warmup=warmup))
@@ -241,37 +273,102 @@ def measure_latency(run: Run | str | os.PathLike, *, repeats: int = 50, warmup: 
         elif f"{layer}|{fmt}" in untimed:  # NaN, never an earlier measurement's value or zero
             cost.at[i, "latency_ms"], cost.at[i, "latency_spread_ms"] = np.nan, np.nan
             cost.at[i, "latency_source"] = f"not measured: {why_untimed}"
+    meta = {"cost": cost, "pair_repeats": pair_repeats, "per_layer_method": "pairs",
+            "method": "end to end: session.run wall time, fp32 and uniform models timed round-robin; per layer x "
+                      "format: FP32 kernel time (node profile, ORT_DISABLE_ALL) + median paired end-to-end difference "
+                      "between the model with only that layer quantized and FP32, timed in alternation"}
+    if untimed:
+        meta["not_measured"] = {"reason": why_untimed, "count": len(untimed), "of": len(jobs), "layers": untimed}
+    return _store(run, rm, built, times, meta, threads, len(x), repeats, warmup, latency_budget, t_start)
+
+
+def _store(run: Run, rm: RuntimeModel, built: dict, times: dict, meta: dict, threads: int, batch: int,
+           repeats: int, warmup: int, latency_budget: float | None, t_start: float) -> dict:
+    """Write the cost table (``meta["cost"]``), the fp32/uniform policies' latency and run.json ``latency``."""
+    cost = meta.pop("cost")
+    version = ort.__version__
     fp32_ms, fp32_spread = _stats(times["fp32"])
     uniform = {}
     for fmt in run.formats:
         ms, spread = _stats(times[f"all-{fmt}"])
         uniform[fmt] = {"ms": ms, "spread_ms": spread, "ratio_vs_fp32": ms / fp32_ms,
                         "kernels": dict(sorted(Counter(built[fmt].kernels.values()).items())), "notes": built[fmt].notes}
-    meta = {
+        if fmt in meta.get("residual_ms", {}):
+            uniform[fmt]["residual_ms"] = meta["residual_ms"][fmt]
+    meta.pop("residual_ms", None)
+    out = {
         "fp32_ms": fp32_ms, "fp32_spread_ms": fp32_spread, "uniform": uniform,
-        "threads": threads, "provider": PROVIDER, "onnxruntime": version, "batch": int(len(x)),
-        "repeats": repeats, "warmup": warmup, "unit": f"ms per batch of {len(x)}", "spread": "interquartile range",
+        "threads": threads, "provider": PROVIDER, "onnxruntime": version, "batch": int(batch),
+        "repeats": repeats, "warmup": warmup, "unit": f"ms per batch of {batch}", "spread": "interquartile range",
         "graph_optimization": "ORT_ENABLE_ALL",
-        "method": "end to end: session.run wall time, fp32 and uniform models timed round-robin; per layer x "
-                  "format: FP32 kernel time (node profile, ORT_DISABLE_ALL) + median paired end-to-end difference "
-                  "between the model with only that layer quantized and FP32, timed in alternation",
-        "pair_repeats": pair_repeats,
         "model": "exported from torch with torch.onnx" if rm.exported else "the Run's ONNX file",
-        "budget_s": latency_budget, "seconds": round(time.perf_counter() - t_start, 3),
+        "budget_s": latency_budget, "seconds": round(time.perf_counter() - t_start, 3), **meta,
     }
-    if untimed:
-        meta["not_measured"] = {"reason": why_untimed, "count": len(untimed), "of": len(jobs), "layers": untimed}
     replace_table(run, "cost", cost)
     _store_policy_latency(run, fp32_ms, {fmt: u["ms"] for fmt, u in uniform.items()})
-    update_meta(run, latency=meta)
-    return meta
+    update_meta(run, latency=out)
+    return out
 
 
-def _layer_bar(total: int):
-    """A tqdm bar on stderr over the single-layer models, with its ETA."""
+def _profiled_layers(run: Run, rm: RuntimeModel, models: dict, times: dict, feed: dict, *, threads: int,
+                     repeats: int, warmup: int, say, progress_bar: bool) -> dict:
+    """Per-layer latency from one profiled run of the FP32 model and of each uniform model (``profile``)."""
+    names = list(models)
+    bar = _layer_bar(len(names), unit="model") if progress_bar else None
+    per: dict[str, dict[str, tuple[float, float, str]]] = {}  # the layers' own nodes
+    near: dict[str, dict[str, tuple[float, float, str]]] = {}  # the nodes attached to them
+    for name in names:
+        say(f"profiling {name}")
+        node_ms, ops, optimized = profile(models[name], feed, threads=threads, repeats=repeats, warmup=warmup)
+        owner = attribute(optimized, rm.layers)
+        per[name] = layer_kernel_times(node_ms, ops, owner, rm.layers)
+        near[name] = layer_kernel_times(node_ms, ops, attach(optimized, owner), rm.layers)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    fp32 = per["fp32"]
+    attached_ms = lambda name, l: near[name][l][0] if l in near[name] else 0.0  # noqa: E731
+    change: dict[str, dict[str, float]] = {}  # format -> layer -> change of what is attached to it vs fp32
+    residual = {}
+    for fmt in run.formats:
+        own = per[f"all-{fmt}"]
+        layers = [rm.to_onnx[l] for l in uniform_policy(run, fmt) if rm.to_onnx.get(l) in own and rm.to_onnx[l] in fp32]
+        change[fmt] = {l: attached_ms(f"all-{fmt}", l) - attached_ms("fp32", l) for l in layers}
+        attributed = sum(own[l][0] - fp32[l][0] + change[fmt][l] for l in layers)
+        residual[fmt] = float(np.median(times[f"all-{fmt}"]) - np.median(times["fp32"]) - attributed)
+    version = ort.__version__
+    where = f"{threads} thread(s), batch {len(next(iter(feed.values())))}"
+    cost = run.cost.copy()
+    for i, r in cost.iterrows():
+        layer, fmt = str(r["layer"]), str(r["format"])
+        onnx_name = rm.to_onnx.get(layer)
+        src = per.get("fp32" if fmt == "fp32" else f"all-{fmt}", {})
+        if onnx_name is None or onnx_name not in fp32 or (fmt != "fp32" and onnx_name not in change.get(fmt, {})):
+            if fmt == "fp32" or fmt in change:
+                cost.at[i, "latency_ms"], cost.at[i, "latency_spread_ms"] = np.nan, np.nan
+                cost.at[i, "latency_source"] = "not measured: no node of this layer in the profiled model"
+            continue
+        ms, spread, kernels = src[onnx_name]
+        around = 0.0 if fmt == "fp32" else change[fmt][onnx_name]
+        cost.at[i, "latency_ms"], cost.at[i, "latency_spread_ms"] = ms + around, spread
+        cost.at[i, "latency_source"] = (f"onnxruntime {version} CPU profile of the "
+                                        f"{'fp32' if fmt == 'fp32' else 'all-' + fmt} model: {kernels}, {where}"
+                                        + ("" if fmt == "fp32" else f"; {around:+.4f} ms in the nodes after it"))
+    return {"cost": cost, "residual_ms": residual, "per_layer_method": "profile",
+            "method": "end to end: session.run wall time, fp32 and uniform models timed round-robin; per layer x "
+                      "format: kernel time of the layer's nodes in one profiled run of the format's uniform model "
+                      "(ORT_ENABLE_ALL, nodes attributed by name, weights and quantize/dequantize neighbours), plus "
+                      "the change, against the FP32 model, of the nodes between it and the next layer; "
+                      "uniform.<format>.residual_ms: the uniform model's end-to-end change that the layers' changes "
+                      "do not account for"}
+
+
+def _layer_bar(total: int, unit: str = "model"):
+    """A tqdm bar on stderr over the models timed or profiled, with its ETA."""
     from tqdm import tqdm
 
-    return tqdm(total=total, desc="latency", unit="model", file=sys.stderr, leave=False)
+    return tqdm(total=total, desc="latency", unit=unit, file=sys.stderr, leave=False)
 
 
 def _out_of_budget(deadline: float | None, job_s: list[float]) -> bool:
