@@ -81,8 +81,8 @@ def side_engine(quick: bool, formats: list[str]) -> dict:
     calibrate(tm, collect_activation_stats(tm, task.calib_batches), fmts)
     layers = _layer_names(tm.module, quick)
     jobs = plan_jobs({}, [(l, f) for l in layers for f in formats], {})
+    runner = SweepRunner(tm, task, "embedding")  # traces the model and checks the trace on every layer
     t1 = time.perf_counter()
-    runner = SweepRunner(tm, task, "embedding")
     records = [r for chunk in chunked(jobs, SERIAL_CHUNK) for r in runner.run(chunk)]
     t2 = time.perf_counter()
     return {"path": runner.path, "setup_s": t1 - t0, "jobs_s": t2 - t1, "threads": torch.get_num_threads(),
