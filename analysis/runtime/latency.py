@@ -317,8 +317,8 @@ def _profiled_layers(run: Run, rm: RuntimeModel, models: dict, times: dict, feed
     bar = _layer_bar(len(names), unit="model") if progress_bar else None
     per: dict[str, dict[str, tuple[float, float, str]]] = {}  # the layers' own nodes
     near: dict[str, dict[str, tuple[float, float, str]]] = {}  # the nodes attached to them
+    say(f"profiling {len(names)} models: {', '.join(names)}")
     for name in names:
-        say(f"profiling {name}")
         node_ms, ops, optimized = profile(models[name], feed, threads=threads, repeats=repeats, warmup=warmup)
         owner = attribute(optimized, rm.layers)
         per[name] = layer_kernel_times(node_ms, ops, owner, rm.layers)
