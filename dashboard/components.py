@@ -159,6 +159,16 @@ def require_run() -> Loaded:
     return lo
 
 
+def penalty_name(loaded: Loaded) -> str:
+    """What the per-layer sensitivity measures: the penalty the projection sums."""
+    cal = loaded.projector.calibration
+    if cal is not None and cal.kind == "kl":
+        return "KL divergence to FP32 outputs"
+    if cal is not None:
+        return f"{loaded.run.meta['metric'].get('loss', 'loss')} increase"
+    return f"Δ {loaded.run.meta['metric'].get('loss', 'loss')}"
+
+
 def projection_kind(loaded: Loaded) -> str:
     """One sentence naming the projection the Run supports."""
     if getattr(loaded.projector, "calibration", None) is not None:

@@ -6,8 +6,6 @@ a cost proportional to the Run on every toggle.
 """
 from __future__ import annotations
 
-import html
-
 import json
 import os
 from dataclasses import dataclass, field
@@ -126,43 +124,6 @@ def open_run(path: str) -> Loaded | str:
     except (KeyError, ValueError, TypeError, AttributeError, json.JSONDecodeError) as e:
         what = f"field {e}" if isinstance(e, KeyError) else str(e)
         return f"{path}: not a readable Run ({type(e).__name__}: {what})"
-
-
-@st.cache_resource(show_spinner=False, max_entries=16)
-def sensitivity_figure(path: str, stamp: tuple[float, ...]):
-    """Loss change per layer at each format, execution order (built once per Run)."""
-    import plotly.graph_objects as go
-
-    loaded = _load(path, stamp)
-    df = loaded.layers
-    names = [html.escape(str(n)) for n in df["layer"]]  # plotly renders some tags in hover and tick text
-    # numeric x and plain-list names: Streamlit copies the figure on every render, and object arrays copy slowly
-    x = np.arange(len(df))
-    fig = go.Figure()
-    colors = {"int8": "#4C78A8", "int4": "#E45756", "int8-dyn": "#54A24B"}
-    for fmt in loaded.run.formats:
-        col = f"sensitivity {fmt}"
-        if col in df:
-            fig.add_bar(x=x, y=df[col].to_numpy(dtype=float), name=fmt.upper(), marker_color=colors.get(fmt),
-                        hovertext=names, hovertemplate="%{hovertext}: %{y:.4g}<extra>" + fmt.upper() + "</extra>")
-    small = len(df) <= 60
-    fig.update_layout(barmode="group", height=320, margin=dict(l=10, r=10, t=30, b=10),
-                      title=f"Sensitivity with only that layer quantized (measured {_penalty_name(loaded)}), "
-                            "execution order",
-                      xaxis=dict(title="layer (execution order)", tickmode="array" if small else "auto",
-                                 tickvals=x.tolist() if small else None, ticktext=names if small else None),
-                      yaxis=dict(title=_penalty_name(loaded)),
-                      legend=dict(orientation="h", y=1.12, x=1, xanchor="right"))
-    return fig
-
-
-def _penalty_name(loaded) -> str:
-    cal = loaded.projector.calibration
-    if cal is not None and cal.kind == "kl":
-        return "KL divergence to FP32 outputs"
-    if cal is not None:
-        return f"{loaded.run.meta['metric'].get('loss', 'loss')} increase"
-    return f"Δ {loaded.run.meta['metric'].get('loss', 'loss')}"
 
 
 def stamp_of(path: str) -> tuple[float, ...]:

@@ -43,6 +43,8 @@ OPEN_FORM, RUN_PICK = "ql.open_form", "ql.run_pick"  # sidebar
 FILTER_TEXT, FILTER_TYPES, SORT = "ql.filter_text", "ql.filter_types", "ql.sort"  # Layers
 BULK_SCOPE, BULK_FMT, BULK_SET = "ql.bulk_scope", "ql.bulk_fmt", "ql.bulk_set"
 BULK_N, BULK_REST, BULK_TOPN, BULK_RESET = "ql.bulk_n", "ql.bulk_rest", "ql.bulk_topn", "ql.bulk_reset"
+BARS_ORDER, BARS_FMT, BARS_LOG = "ql.bars_order", "ql.bars_fmt", "ql.bars_log"  # and bars_top_key
+SENS_CHART = "ql.sens_chart"
 SEARCH_FORM = "ql.search_form"  # Search
 SEARCH_SIZE, SEARCH_LATENCY, SEARCH_DROP = "ql.s_size", "ql.s_latency", "ql.s_drop"
 SEARCH_MINIMIZE, SEARCH_GROUPS, FRONTIER_GO = "ql.s_minimize", "ql.s_groups", "ql.frontier_go"
@@ -55,6 +57,11 @@ COMPARE_SENS, COMPARE_FRONTIER = "ql.compare_sens", "ql.compare_frontier"
 
 def search_chart_key(axis: str) -> str:
     return f"ql.search_chart_{axis}"
+
+
+def bars_top_key(path: str) -> str:
+    """The sensitivity chart's top-N box, per Run: its bounds and default depend on the Run's layer count."""
+    return f"ql.bars_top::{path}"
 
 
 def hist_key(tensor: str) -> str:

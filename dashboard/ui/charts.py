@@ -86,3 +86,94 @@ def metric_figure(lo: Loaded, p: Projection, axis: str = "size", front: pd.DataF
                       legend=dict(orientation="h", y=-0.2),
                       title=title or f"{label.split(' ')[0].capitalize()} vs {name}")
     return fig
+
+
+# --- per-layer sensitivity: horizontal bars, one row per layer, readable from a dozen layers to thousands
+SENS_COLORS = {"int8": "#4C78A8", "int4": "#E45756", "int8-dyn": "#54A24B"}
+BAR_ORDERS = ("most sensitive first", "execution order")
+LABELLED_ROWS = 150  # above this many rows a tick per layer cannot be read: hover names them instead
+SHORT_NAME = 28  # characters of a layer name on the axis
+
+
+def short_names(names: list[str], width: int = SHORT_NAME) -> list[str]:
+    """Axis labels for layer names of at most ``width`` characters where it can be done.
+
+    The dotted prefix every name shares is dropped; when a name is still longer than ``width``, the inner
+    parts longer than four letters (not numbers, not the last part) of every name over ``width // 2`` are
+    cut to three, so that one block's layers read alike; a name still too long keeps its end after "…".
+    A short form that two names would share falls back to the full names.
+
+    Example:
+        >>> short_names(["encoder.layer.0.attention.self.query", "pooler.dense"])
+        ['enc.lay.0.att.self.query', 'pooler.dense']
+    """
+    parts = [str(n).split(".") for n in names]
+    common = 0
+    if len(parts) > 1:
+        for group in zip(*(p[:-1] for p in parts)):  # never drop a name's last part
+            if len(set(group)) > 1:
+                break
+            common += 1
+    while common and any(p[common].isdigit() for p in parts):  # "features.0", not a bare "0"
+        common -= 1
+    parts = [p[common:] for p in parts]
+    if any(len(".".join(p)) > width for p in parts):
+        parts = [[q[:3] if i < len(p) - 1 and len(q) > 4 and not q.isdigit() else q for i, q in enumerate(p)]
+                 if len(".".join(p)) > width // 2 else p for p in parts]
+    out = [s if len(s) <= width else "…" + s[-(width - 1):] for s in (".".join(p) for p in parts)]
+    seen: dict[str, int] = {}
+    for s in out:
+        seen[s] = seen.get(s, 0) + 1
+    return [s if seen[s] == 1 else str(n) for s, n in zip(out, names)]
+
+
+def sensitivity_rows(layers: pd.DataFrame, rank_fmt: str, order: str = BAR_ORDERS[0],
+                     top: int | None = None) -> np.ndarray:
+    """Row positions of ``layers`` the chart draws, top to bottom: the ``top`` most sensitive at ``rank_fmt``
+    (all when None), most sensitive first or in execution order. Unmeasured layers rank last."""
+    if order not in BAR_ORDERS:
+        raise KeyError(f"unknown order {order!r}; known: {', '.join(BAR_ORDERS)}")
+    col = f"sensitivity {rank_fmt}"
+    sens = layers[col].to_numpy(dtype=float) if col in layers else np.full(len(layers), np.nan)
+    ranked = np.argsort(np.where(np.isfinite(sens), -sens, np.inf), kind="stable")
+    keep = ranked[: top if top is not None else len(ranked)]
+    return keep if order == BAR_ORDERS[0] else np.sort(keep)
+
+
+def sensitivity_figure(layers: pd.DataFrame, formats: list[str], penalty: str, rank_fmt: str,
+                       order: str = BAR_ORDERS[0], top: int | None = None, log_x: bool = False) -> go.Figure:
+    """Sensitivity with only that layer quantized, one horizontal bar per layer and format.
+
+    Short names on the axis, the full name, its execution position and the value on hover; a log axis on
+    request (a layer at exactly zero has no bar there). Height grows with the rows drawn, up to a cap.
+    """
+    rows = sensitivity_rows(layers, rank_fmt, order, top)
+    names = layers["layer"].astype(str).to_numpy()[rows]
+    full = [html.escape(n) for n in names]  # plotly renders some tags in hover and tick text
+    ticks = [html.escape(s) for s in short_names(list(names))]
+    y = np.arange(len(rows))
+    fmts = [f for f in formats if f"sensitivity {f}" in layers]
+    fig = go.Figure()
+    for fmt in fmts:
+        v = layers[f"sensitivity {fmt}"].to_numpy(dtype=float)[rows]
+        fig.add_bar(x=v, y=y, orientation="h", name=fmt.upper(), marker_color=SENS_COLORS.get(fmt),
+                    customdata=np.stack([np.array(full, dtype=object), rows + 1], axis=1),
+                    hovertemplate="%{customdata[0]} (layer %{customdata[1]}): %{x:.4g}<extra>" + fmt.upper()
+                                  + "</extra>")
+    labelled = len(rows) <= LABELLED_ROWS
+    row_px = 4 + 6 * max(len(fmts), 1) if labelled else 2
+    height = int(min(max(120 + row_px * len(rows), 260), 1600))
+    what = "all" if len(rows) == len(layers) else f"the {len(rows)} most sensitive at {rank_fmt.upper()} of"
+    fig.update_layout(
+        barmode="group", bargap=0.25, height=height,
+        margin=dict(l=10, r=10, t=125, b=10),
+        title=dict(text=f"Sensitivity: only that layer quantized<br><sub>{what} {len(layers)} layers · {order}</sub>",
+                   font=dict(size=15), y=1, yref="container", yanchor="top", pad=dict(t=12)),
+        xaxis=dict(title=f"{penalty} (measured{', log scale' if log_x else ''})", type="log" if log_x else "linear",
+                   side="top", exponentformat="power" if log_x else "SI"),
+        yaxis=dict(title=None, autorange="reversed", automargin=True,
+                   tickmode="array" if labelled else "auto", tickvals=y.tolist() if labelled else None,
+                   ticktext=ticks if labelled else None, showticklabels=labelled),
+        # its own line under the title: at 1024 px a title and a legend on one line overlap
+        legend=dict(orientation="h", y=1 - 58 / height, yref="container", yanchor="top", x=0, xanchor="left"))
+    return fig

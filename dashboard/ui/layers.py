@@ -9,8 +9,9 @@ import streamlit as st
 
 from analysis.api import FORMAT_CODE, POLICY_FORMATS, fp32_for_most_sensitive, layers_of_type, with_format
 from dashboard import state
-from dashboard.components import EMPTY, headline, latency_unit, ms_decimals, require_run
-from dashboard.data import Loaded, sensitivity_figure, stamp_of
+from dashboard.components import EMPTY, headline, latency_unit, ms_decimals, penalty_name, require_run
+from dashboard.data import Loaded
+from dashboard.ui.charts import BAR_ORDERS, sensitivity_figure, sensitivity_rows
 
 SORTS = {
     "execution order": None,
@@ -23,6 +24,8 @@ SORTS = {
 FMT_LABELS = np.array(POLICY_FORMATS, dtype=object)
 LAYER_PX, FORMAT_PX, ROW_PX = 240, 90, 35
 ALL, SHOWN = "all", "shown"  # bulk scopes besides a layer type; a type is chosen as ("type", name)
+ALL_BARS = 60  # up to this many layers the chart shows every one by default; above, the most sensitive
+TOP_DEFAULT = 30
 
 
 def _build_view(lo: Loaded, codes: np.ndarray, text: str, types: list[str], sort: str) -> pd.DataFrame:
@@ -189,5 +192,32 @@ def render() -> None:
     lo = require_run()
     st.title("Layers")
     policy_editor()
-    st.plotly_chart(sensitivity_figure(lo.path, stamp_of(lo.path)), width="stretch")
-    st.caption("Layers that do not reach the output have zero change by construction; the table's note says so.")
+    sensitivity_chart(lo)
+
+
+def sensitivity_chart(lo: Loaded) -> None:
+    """Per-layer sensitivity as horizontal bars, with its order, top-N, ranking format and scale."""
+    fmts = [f for f in lo.run.formats if f"sensitivity {f}" in lo.layers]
+    if not fmts:
+        st.caption("No per-layer sensitivity in this Run yet.")
+        return
+    n = len(lo.layers)
+    a, b, c, d = st.columns([3, 2, 2, 2], vertical_alignment="bottom")
+    order = a.radio("Bars", BAR_ORDERS, horizontal=True, key=state.BARS_ORDER)
+    rank = b.selectbox("Rank by", fmts, index=fmts.index("int4") if "int4" in fmts else len(fmts) - 1,
+                       key=state.BARS_FMT, format_func=str.upper, help="Which format's sensitivity picks the top N "
+                       "and orders the bars.")
+    top = c.number_input("Show the top N (0 = all)", 0, n, 0 if n <= ALL_BARS else TOP_DEFAULT, step=5,
+                         key=state.bars_top_key(lo.path), help=f"The N layers most sensitive at the ranking format; {n} in all.")
+    log_x = d.toggle("log scale", value=False, key=state.BARS_LOG)
+    fig = sensitivity_figure(lo.layers, fmts, penalty_name(lo), rank, order, int(top) or None, log_x)
+    st.plotly_chart(fig, width="stretch", key=state.SENS_CHART)
+    notes = ["Hover a bar for the layer's full name; layers that do not reach the output have zero change by "
+             "construction (the table's note says so)."]
+    if log_x:
+        rows = sensitivity_rows(lo.layers, rank, order, int(top) or None)
+        v = lo.layers[[f"sensitivity {f}" for f in fmts]].to_numpy(dtype=float)[rows]
+        zero = int((np.isfinite(v) & (v <= 0)).any(axis=1).sum())
+        if zero:
+            notes.append(f"{zero} layer(s) at exactly zero have no bar on a log scale.")
+    st.caption(" ".join(notes))
