@@ -11,11 +11,13 @@ from pathlib import Path
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
+from plotly.subplots import make_subplots
 
 from analysis.api import POLICY_FORMATS, match_layers
 from dashboard import state
 from dashboard.components import EMPTY, fmt_metric, metric_label
 from dashboard.data import Loaded, frontier_frame, open_run, stamp_of
+from dashboard.ui.charts import LABELLED_ROWS, short_names
 
 COLORS = ("#4C78A8", "#E45756")
 
@@ -56,38 +58,65 @@ def _uniform_table(a: Loaded, b: Loaded) -> pd.DataFrame:
                          "size A (MB)": t["bytes A"] / 1e6, "size B (MB)": t["bytes B"] / 1e6})
 
 
-def _sensitivity_chart(table: pd.DataFrame, fmt: str) -> go.Figure:
+def _loss_name(lo: Loaded) -> str:
+    return str(lo.run.meta["metric"].get("loss") or "loss")
+
+
+def _same_scale(a: Loaded, b: Loaded, what: str) -> bool:
+    """Whether both Runs' ``what`` ("metric" or "loss") can share an axis: same name and direction."""
+    ma, mb = a.run.meta["metric"], b.run.meta["metric"]
+    key = "name" if what == "metric" else "loss"
+    return ma.get(key) == mb.get(key) and bool(ma.get("higher_is_better")) == bool(mb.get("higher_is_better"))
+
+
+def _sensitivity_chart(table: pd.DataFrame, fmt: str, a: Loaded, b: Loaded) -> go.Figure:
+    """Loss change per layer in both Runs as horizontal bars; one panel per Run when their losses differ."""
     both = table[table["in"] == "both"]
-    names = [html.escape(n) for n in both["layer"]]  # plotly reads tags in text
-    small = len(names) <= 40
-    fig = go.Figure()
-    for tag, color in zip("AB", COLORS):
+    full = [html.escape(str(n)) for n in both["layer"]]  # plotly reads tags in text
+    ticks = [html.escape(n) for n in short_names([str(n) for n in both["layer"]])]
+    shared = _same_scale(a, b, "loss")
+    fig = make_subplots(rows=1, cols=1 if shared else 2, shared_yaxes=True, horizontal_spacing=0.04)
+    y = list(range(len(both)))
+    for k, (tag, lo, color) in enumerate(zip("AB", (a, b), COLORS)):
         col = f"Δloss {fmt} {tag}"
         if col in both:
-            fig.add_bar(x=list(range(len(both))), y=both[col], name=f"Run {tag}", marker_color=color, hovertext=names,
-                        hovertemplate="%{hovertext}: %{y:.4g}<extra>Run " + tag + "</extra>")
-    fig.update_layout(barmode="group", height=320, margin=dict(l=10, r=10, t=40, b=10),
-                      title=f"Loss change with only that layer at {fmt.upper()} (layers in both Runs)",
-                      xaxis=dict(title="layer (Run A's execution order)", tickmode="array" if small else "auto",
-                                 tickvals=list(range(len(names))) if small else None, ticktext=names if small else None),
-                      yaxis=dict(title="Δ loss"),
-                      legend=dict(orientation="h", y=1.12, x=1, xanchor="right"))
+            fig.add_bar(x=both[col], y=y, orientation="h", name=f"Run {tag}", marker_color=color, customdata=full,
+                        hovertemplate="%{customdata}: %{x:.4g}<extra>Run " + tag + "</extra>",
+                        row=1, col=1 if shared else k + 1)
+        if not shared:
+            fig.update_xaxes(title_text=f"Run {tag}: Δ {_loss_name(lo)}", row=1, col=k + 1)
+    if shared:
+        fig.update_xaxes(title_text=f"Δ {_loss_name(a)}")
+    labelled = len(y) <= LABELLED_ROWS
+    fig.update_yaxes(autorange="reversed", tickmode="array" if labelled else "auto",
+                     tickvals=y if labelled else None, ticktext=ticks if labelled else None, showticklabels=labelled,
+                     automargin=True, row=1, col=1)
+    fig.update_layout(barmode="group", height=int(min(max(140 + 18 * len(y), 280), 1600)),
+                      margin=dict(l=10, r=10, t=70, b=10),
+                      title=f"Loss change with only that layer at {fmt.upper()} (layers in both Runs, Run A's order)",
+                      legend=dict(orientation="h", y=1, yanchor="bottom", x=1, xanchor="right"))
     return fig
 
 
 def _frontier_chart(a: Loaded, b: Loaded) -> go.Figure:
-    fig = go.Figure()
-    for tag, lo, color in (("A", a, COLORS[0]), ("B", b, COLORS[1])):
+    """Size vs metric for both Runs: one panel when they measure one metric, else one panel per Run, each
+    with its own metric on its axis."""
+    shared = _same_scale(a, b, "metric")
+    fig = make_subplots(rows=1, cols=1 if shared else 2, horizontal_spacing=0.08)
+    for k, (tag, lo, color) in enumerate((("A", a, COLORS[0]), ("B", b, COLORS[1]))):
+        at = dict(row=1, col=1 if shared else k + 1)
         fr = frontier_frame(lo.path, stamp_of(lo.path))
         fig.add_scatter(x=fr["bytes"] / 1e6, y=fr["metric"], mode="lines+markers", name=f"Run {tag} frontier (projected)",
-                        line=dict(color=color, shape="hv"))
+                        line=dict(color=color, shape="hv"), **at)
         pol = lo.run.policies
         fig.add_scatter(x=pol["bytes"] / 1e6, y=pol["metric"], mode="markers", name=f"Run {tag} measured",
                         marker=dict(color=color, size=9, symbol="circle-open"), hovertext=[html.escape(str(n)) for n in pol["name"]],
-                        hovertemplate="%{hovertext}: %{x:.3f} MB, %{y:.4f}<extra>Run " + tag + "</extra>")
-    fig.update_layout(height=380, margin=dict(l=10, r=10, t=40, b=10), title="Size vs metric: Pareto frontiers",
-                      xaxis=dict(title="size (MB)"), yaxis=dict(title="metric"),
-                      legend=dict(orientation="h", y=1.14, x=1, xanchor="right"))
+                        hovertemplate="%{hovertext}: %{x:.3f} MB, %{y:.4f}<extra>Run " + tag + "</extra>", **at)
+        fig.update_xaxes(title_text="size (MB)", **at)
+        fig.update_yaxes(title_text=metric_label(a) if shared else f"Run {tag}: {metric_label(lo)}", **at)
+    fig.update_layout(height=380, margin=dict(l=10, r=10, t=70, b=10),
+                      title="Size vs metric: Pareto frontiers" + ("" if shared else " (two metrics: one panel each)"),
+                      legend=dict(orientation="h", y=1, yanchor="bottom", x=1, xanchor="right"))
     return fig
 
 
@@ -118,10 +147,9 @@ def render() -> None:
                      + (" · *synthetic*" if lo.synthetic else ""))
         col.caption(f"model sha256 `{lo.run.model_sha256[:12]}…` · task {m.get('data', {}).get('task')} · "
                     f"metric {metric_label(lo)} · formats {', '.join(lo.run.formats)}")
-    if a.run.meta["metric"]["name"] != b.run.meta["metric"]["name"]:
-        st.warning(f"Run A measures {a.run.meta['metric']['name']}, Run B {b.run.meta['metric']['name']}: "
-                   "their metrics are not on one scale.")
-
+    if not _same_scale(a, b, "metric"):
+        st.warning(f"Run A measures {metric_label(a)}, Run B {metric_label(b)}: their metrics are not on one "
+                   "scale, so the charts draw each Run in its own panel.")
     st.subheader("Uniform formats (measured)")
     st.dataframe(_uniform_table(a, b), hide_index=True, width="stretch", placeholder=EMPTY,
                  column_config={c: st.column_config.NumberColumn(format="%.3f") for c in ("size A (MB)", "size B (MB)")})
@@ -137,7 +165,7 @@ def render() -> None:
     formats = [f for f in POLICY_FORMATS[1:] if f"Δloss {f} A" in table or f"Δloss {f} B" in table]
     if common and formats:
         fmt = st.radio("Format", formats, horizontal=True, key=state.COMPARE_FMT)
-        st.plotly_chart(_sensitivity_chart(table, fmt), key=state.COMPARE_SENS)
+        st.plotly_chart(_sensitivity_chart(table, fmt, a, b), key=state.COMPARE_SENS)
     st.dataframe(table, hide_index=True, width="stretch", height=min(400, 36 + 35 * len(table)), placeholder=EMPTY)
 
     st.subheader("Frontiers")

@@ -66,3 +66,41 @@ def test_export_page_offers_report_and_bundle(syn_dir):
     assert not at.exception
     labels = [b.proto.label for b in at.get("download_button")]
     assert "Download report (HTML)" in labels and "Download Run bundle (.qlrun)" in labels
+
+
+def _spec(at, title: str) -> dict:
+    import json
+
+    specs = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+    found = [s for s in specs if s["layout"]["title"]["text"].startswith(title)]
+    assert len(found) == 1, [s["layout"]["title"]["text"] for s in specs]
+    return found[0]
+
+
+def test_two_metrics_are_never_drawn_on_one_axis(syn_dir, other_dir, tmp_path):
+    """A Run of another metric (and loss) gets its own panel, each axis titled with its Run's metric."""
+    import shutil
+
+    from analysis.store.run import load_run, update_meta
+
+    emb = tmp_path / "emb"
+    shutil.copytree(other_dir, emb)
+    update_meta(load_run(emb), metric={"name": "embedding", "higher_is_better": True, "loss": "nmse_to_fp32"})
+    at = compare_app([syn_dir, str(emb)])
+    assert not at.exception
+    assert any("cosine similarity" in w.value and "own panel" in w.value for w in at.warning)
+    front = _spec(at, "Size vs metric")
+    lay = front["layout"]
+    axis_of = {t["name"]: t.get("yaxis", "y") for t in front["data"]}
+    assert axis_of["Run A measured"] == "y" and axis_of["Run B measured"] == "y2"
+    assert lay["yaxis"]["title"]["text"] == "Run A: accuracy"
+    assert lay["yaxis2"]["title"]["text"] == "Run B: cosine similarity"
+    sens = _spec(at, "Loss change")
+    assert {t.get("xaxis", "x") for t in sens["data"]} == {"x", "x2"}
+    assert {t["orientation"] for t in sens["data"]} == {"h"}
+    assert sens["layout"]["xaxis2"]["title"]["text"] == "Run B: Δ nmse_to_fp32"
+
+    at = compare_app([syn_dir, other_dir])  # one metric: one panel, one axis named by it
+    front = _spec(at, "Size vs metric")
+    assert {t.get("yaxis", "y") for t in front["data"]} == {"y"}
+    assert front["layout"]["yaxis"]["title"]["text"] == "accuracy"
