@@ -282,3 +282,45 @@ def test_values_held_per_batch_do_not_grow_with_depth(blocks):
         runner.run(_layer_jobs(tm))
     n_nodes = len(runner.recompute.graph.nodes)
     assert n_nodes > 4 * blocks and max(held) <= 6, (max(held), n_nodes)
+
+
+def test_a_late_node_no_layer_feeds_does_not_drag_the_fp32_forward_to_the_end():
+    """MiniLM's pooling divides by the mask's row sums, placed after the encoder in the graph: read by
+    every job's recomputation, it is computed when read, so a chunk of first-block jobs runs the FP32
+    forward through its own block only, and every number still equals the full-forward path's."""
+    from analysis.data.minilm import MiniLMEmbedder
+    from analysis.engine.executors import chunked
+    from analysis.engine.sweep import SweepRunner
+    from analysis.models.torch_graph import BatchValues
+
+    torch.manual_seed(0)
+    module = MiniLMEmbedder({"vocab_size": 50, "hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64,
+                             "num_hidden_layers": 3}).eval()
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, 50, size=(72, 12))
+    for row, n in zip(ids, rng.integers(3, 12, 72)):
+        row[n:] = 0
+    task = Task("ids", "test", ids[:24], ids[24:], None, metric="embedding", batch_size=16, pad_id=0)
+    tm = TorchModel(module, torch.from_numpy(ids[:2]), name="m", source="test")
+    calibrate(tm, collect_activation_stats(tm, task.calib_batches), [INT8, INT4])
+    runner = SweepRunner(tm, task, "embedding")
+    graph = runner.recompute.graph
+    block1 = min(graph.index[n] for n in graph.nodes if n.name.startswith("encoder_layer_1"))
+    assert graph.need["encoder.layer.0.attention.self.query"] < block1
+    reached = []
+    advance = BatchValues.advance
+
+    def recording(self, stop):
+        advance(self, stop)
+        if self.pins:
+            reached.append(self.pos)
+
+    jobs = _layer_jobs(tm)
+    with mock.patch.object(BatchValues, "advance", recording):
+        first = runner.run(jobs[:4])  # query, key of the first block at int8 and int4
+    assert max(reached) <= block1
+    rest = [r for c in chunked(jobs[4:], 6) for r in runner.run(c)]
+    full = {r["key"]: r for r in SweepRunner(tm, task, "embedding", incremental=False).run(jobs)}
+    for r in first + rest:
+        assert (r["result"], r["signal"], r["noise"]) == (full[r["key"]]["result"], full[r["key"]]["signal"],
+                                                          full[r["key"]]["noise"]), r["layer"]

@@ -82,10 +82,17 @@ class TracedGraph:
         for k, last in enumerate(self.last_user):
             if last >= 0:
                 self.dies_at[last].append(k)
+        # nodes no layer feeds (the attention mask, a pooling denominator): computed when first read, so
+        # one placed late in the graph does not drag the FP32 forward to the end for every job
+        layer_nodes = set(self.layer_node.values())
+        self.layer_free: list[bool] = []
+        for n in self.nodes:
+            self.layer_free.append(n not in layer_nodes and all(self.layer_free[self.index[a]] for a in n.all_input_nodes))
         # per layer: the FP32 values its recomputation reads (outside its downstream), and how far the
         # FP32 forward must have run before the job can start
         self.reads = {name: self._reads_of(ds) for name, ds in self.downstream.items()}
-        self.need = {name: max([self.index[self.layer_node[name]], *self.reads[name]]) for name in self.downstream}
+        self.need = {name: max([self.index[self.layer_node[name]], *(r for r in self.reads[name] if not self.layer_free[r])])
+                     for name in self.downstream}
         self._live: dict[int, list[int]] = {}
 
     def _copyable_inplace(self) -> set[int]:
@@ -243,8 +250,10 @@ class BatchValues:
     def __getitem__(self, k: int):
         v = self.values[k]
         if v is UNSET:
-            raise RuntimeError(f"value of node '{self.g.nodes[k].name}' was read after it was dropped or before "
-                               f"it was computed")
+            if not self.g.layer_free[k]:
+                raise RuntimeError(f"value of node '{self.g.nodes[k].name}' was read after it was dropped or before "
+                                   f"it was computed")
+            v = self.values[k] = self.g._run_node(k, self, self.x)  # reads its own inputs through here
         return v
 
     def advance(self, stop: int) -> None:
@@ -252,7 +261,8 @@ class BatchValues:
         g = self.g
         while self.pos <= stop:
             i = self.pos
-            self.values[i] = g._run_node(i, self, self.x)
+            if self.values[i] is UNSET:  # a layer-free node may have been read (so computed) already
+                self.values[i] = g._run_node(i, self, self.x)
             self.pos = i + 1
             self._drop(g.dies_at[i])
             if g.last_user[i] < 0:
