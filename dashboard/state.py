@@ -48,6 +48,7 @@ SENS_CHART = "ql.sens_chart"
 SEARCH_FORM = "ql.search_form"  # Search
 SEARCH_SIZE, SEARCH_LATENCY, SEARCH_DROP = "ql.s_size", "ql.s_latency", "ql.s_drop"
 SEARCH_MINIMIZE, SEARCH_GROUPS, FRONTIER_GO = "ql.s_minimize", "ql.s_groups", "ql.frontier_go"
+SEARCH_SLOWER = "ql.s_slower"
 ACT_LAYER, ACT_LOG = "ql.act_layer", "ql.act_log"  # Activations
 POLICY_UPLOAD, DOWNLOAD_POLICY, VERIFY = "ql.policy_upload", "ql.download", "ql.verify"  # Export & share
 DOWNLOAD_REPORT, DOWNLOAD_BUNDLE, BUNDLE_UPLOAD = "ql.download_report", "ql.download_bundle", "ql.bundle_upload"

@@ -52,10 +52,14 @@ def _budget_form(lo: Loaded) -> None:
             b.caption("Latency: not measured in this Run, so no latency budget.")
         drop = c.number_input(_drop_label(lo), min_value=0.0, value=None, step=0.1 if _pct(lo) else 0.001,
                               format="%.2f" if _pct(lo) else "%.4f", key=state.SEARCH_DROP)
-        minimize = "size"
+        minimize, slower = "size", False
         if lo.has_latency:
             minimize = st.radio("With only a max drop, minimise", ["size", "latency"], horizontal=True,
                                 key=state.SEARCH_MINIMIZE)
+            slower = st.checkbox("Allow policies projected slower than FP32", value=False, key=state.SEARCH_SLOWER,
+                                 help="Without a latency budget the search leaves them out (as `quantlens search` "
+                                      "does unless --allow-slower): on some CPUs quantized kernels cost more than "
+                                      "they save.")
         use_groups = True
         if groups:
             use_groups = st.checkbox(f"Layers that read one tensor share a format ({len(groups)} group(s))",
@@ -72,7 +76,7 @@ def _budget_form(lo: Loaded) -> None:
     try:
         res = best_policy(pj, max_bytes=None if size is None else size * MB, max_latency_ms=latency,
                           max_drop=None if drop is None else (drop / 100 if _pct(lo) else drop), minimize=minimize,
-                          groups=groups if use_groups and groups else None)
+                          groups=groups if use_groups and groups else None, allow_slower=slower)
     except SearchError as e:
         st.session_state[state.SEARCH_LAST] = (lo.path, "error", f"No policy found: {e}.")
         return

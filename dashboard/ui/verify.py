@@ -48,6 +48,19 @@ def _comparison(lo: Loaded, codes: np.ndarray) -> None:
         st.caption("No measurement of exactly this policy yet.")
 
 
+SLOWER = 1.05  # measured latency over FP32's (same run) above which a verified policy is called slower
+
+
+def slower_note(result: dict) -> str | None:
+    """A warning when the verified model ran slower than FP32 in the same measurement, else None."""
+    q, fp32 = float(result.get("latency_ms", math.nan)), float(result.get("fp32_latency_ms", math.nan))
+    if not (math.isfinite(q) and math.isfinite(fp32) and fp32 > 0 and q > fp32 * SLOWER):
+        return None
+    return (f"Measured **{q / fp32:.1f}× slower than FP32** ({fmt_ms(q)} vs {fmt_ms(fp32)} ms, same machine, same "
+            "run): this policy saves size, not time. The kernels its layers got on this CPU are in the expander "
+            "below; keeping those layers at FP32 or searching with a latency budget trades size back for speed.")
+
+
 def _job_panel(path: str) -> None:
     job = verify_jobs().get(path)
     if job is None:
@@ -75,6 +88,9 @@ def _job_panel(path: str) -> None:
                f"{fmt_latency(float(r.get('latency_ms', float('nan'))), lo) if isinstance(lo, Loaded) else EMPTY} "
                f"(FP32 {fmt_ms(float(r.get('fp32_latency_ms', float('nan'))))} ms in the same run)."
                + ("" if same else " That was another policy than the current one."))
+    slower = slower_note(r)
+    if slower:
+        st.warning(slower, icon=":material/speed:")
     kernels = r.get("kernels") or {}
     if kernels or r.get("notes"):
         with st.expander("Kernels and notes of the verified model", expanded=False):

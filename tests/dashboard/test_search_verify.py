@@ -62,7 +62,8 @@ def test_max_drop_is_in_percentage_points(app, syn_dir):
 def test_infeasible_or_missing_budget_is_a_message(app, syn_dir, budget):
     at = search(app([syn_dir], "search"), **budget)
     assert not at.exception
-    assert at.error and ("No policy found" in at.error[0].value or "Give a budget" in at.error[0].value)
+    text = at.error[0].value if at.error else ""
+    assert ("the smallest reachable is 1." in text and "MB" in text) if budget else "Give a budget" in text, text
     assert not codes_of(at).any()  # the policy is left as it was
 
 
@@ -121,3 +122,48 @@ def test_verify_is_off_on_a_synthetic_run(app, syn_dir):
     at = app([syn_dir], "export")
     assert at.button(key="ql.verify").disabled
     assert any("synthetic Run has no model" in i.value for i in at.info)
+
+
+def test_a_policy_verified_slower_than_fp32_says_so(app, syn_dir):
+    """A finished verify whose model measured 3x FP32's latency warns with the ratio; one at FP32's speed does not."""
+    from dashboard import state
+    from dashboard.jobs import VerifyJob
+
+    path = str(Path(syn_dir).resolve())
+    jobs = verify_jobs()
+    at = app([syn_dir], "export")
+    for latency, warned in ((0.0123, True), (0.0042, False)):
+        job = VerifyJob(path, np.zeros(40, dtype=np.int8), finished=1.0,
+                        result={"name": "verified-1", "metric": 0.9, "measured_on": "onnxruntime CPU",
+                                "file_bytes": 1e6, "latency_ms": latency, "fp32_latency_ms": 0.0041})
+        jobs._jobs[path] = job
+        at.session_state[state.VERIFY_OWN] = (job.id,)
+        at.run()
+        assert not at.exception and any("Verified in" in s.value for s in at.success)
+        slower = [w.value for w in at.warning if "slower than FP32" in w.value]
+        assert bool(slower) == warned, slower
+        if warned:
+            assert "3.0× slower than FP32" in slower[0] and "0.0123 vs 0.00410 ms" in slower[0]
+    del jobs._jobs[path]
+
+
+def test_slower_policies_are_left_out_unless_the_box_admits_them(app, tmp_path):
+    """With measured latency where INT4 is slower than FP32, a drop budget leaves INT4 out and says so; the
+    box admits it, as `quantlens search --allow-slower` does."""
+    from analysis.store.run import replace_table, update_meta
+    from analysis.store.synthetic import synthetic_run
+
+    run = synthetic_run(tmp_path / "slow", 12, seed=8, n_random=2)
+    cost = run.cost.copy()
+    cost["latency_ms"] = np.select([cost["format"] == "fp32", cost["format"] == "int8"], [0.0043, 0.0031], 0.0052)
+    replace_table(run, "cost", cost)
+    update_meta(run, latency={"fp32_ms": 0.0412, "fp32_spread_ms": 0.0021, "unit": "ms", "threads": 1})
+    pj = Projector(load_run(run.path))
+    fast, any_speed = (best_policy(pj, max_drop=0.5, allow_slower=a) for a in (False, True))
+    assert not np.array_equal(fast.codes, any_speed.codes)
+    at = search(app([str(run.path)], "search"), drop=50.0)
+    assert not at.exception and np.array_equal(codes_of(at), fast.codes)
+    assert any("slower than FP32 were left out" in w.value for w in at.warning)
+    at.checkbox(key="ql.s_slower").check()
+    at = search(at, drop=50.0)
+    assert not at.exception and np.array_equal(codes_of(at), any_speed.codes)
