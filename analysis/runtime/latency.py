@@ -168,8 +168,9 @@ def measure_latency(run: Run | str | os.PathLike, *, repeats: int = 50, warmup: 
         run: a Run or its folder. Its model and task data must be at hand (see ``analysis.runtime.session``).
         repeats, warmup: timed and untimed runs per model; batch: evaluation samples per run.
         threads: onnxruntime intra-op threads (1 is fastest for small models on shared cores).
-        time_budget_s: rough bound on the time spent timing single-layer models; large models get
-            fewer paired repeats (at least 5), small ones the full ``repeats``.
+        time_budget_s: rough bound on the time spent on each of: timing the whole models (at least 10
+            repeats), profiling them (at least 5), and timing single-layer models (``pairs``, at least 5
+            paired repeats); small models get the full ``repeats``.
         latency_budget: seconds for the whole measurement, or None. The FP32 and uniform models and the
             FP32 kernel profile are always timed; single-layer models are timed while the budget lasts
             (fewer paired repeats first), and those left are recorded as not measured: NaN latency in
@@ -208,11 +209,20 @@ def measure_latency(run: Run | str | os.PathLike, *, repeats: int = 50, warmup: 
         built[fmt] = quantize_model(rm.model, rm.layers, rm.onnx_policy(uniform), rm.binding, calib,
                                     rm.onnx_quantizers(run, uniform), run_formats(run))
         models[f"all-{fmt}"] = built[fmt].model
-    say(f"timing {len(models)} whole models round-robin")
-    times = timed_runs(models, feed, threads=threads, repeats=repeats, warmup=warmup)
+    # a large model on a large batch takes seconds a run: repeats shrink to fit time_budget_s (10 at least)
+    first = session(rm.model, threads)
+    clock = run_clock(threads)
+    t0 = clock()
+    first.run(None, feed)
+    one_s = max(clock() - t0, 1e-6)
+    whole_repeats = int(np.clip(time_budget_s / (one_s * len(models)), min(10, repeats), repeats))
+    say(f"timing {len(models)} whole models round-robin ({whole_repeats} repeats)")
+    times = timed_runs({**models, "fp32": first}, feed, threads=threads, repeats=whole_repeats, warmup=warmup)
     if method == "profile":
-        meta = _profiled_layers(run, rm, models, times, feed, threads=threads, repeats=repeats, warmup=warmup,
-                                say=say, progress_bar=progress_bar)
+        profile_repeats = int(np.clip(time_budget_s / (one_s * len(models)), min(5, repeats), repeats))
+        meta = _profiled_layers(run, rm, models, times, feed, threads=threads, repeats=profile_repeats,
+                                warmup=min(warmup, 2), say=say, progress_bar=progress_bar)
+        meta.update(profile_repeats=profile_repeats, whole_repeats=whole_repeats)
         return _store(run, rm, built, times, meta, threads, len(x), repeats, warmup, latency_budget, t_start)
     del models
     say("profiling fp32 kernels")
@@ -273,7 +283,7 @@ def measure_latency(run: Run | str | os.PathLike, *, repeats: int = 50, warmup: 
         elif f"{layer}|{fmt}" in untimed:  # NaN, never an earlier measurement's value or zero
             cost.at[i, "latency_ms"], cost.at[i, "latency_spread_ms"] = np.nan, np.nan
             cost.at[i, "latency_source"] = f"not measured: {why_untimed}"
-    meta = {"cost": cost, "pair_repeats": pair_repeats, "per_layer_method": "pairs",
+    meta = {"cost": cost, "pair_repeats": pair_repeats, "per_layer_method": "pairs", "whole_repeats": whole_repeats,
             "method": "end to end: session.run wall time, fp32 and uniform models timed round-robin; per layer x "
                       "format: FP32 kernel time (node profile, ORT_DISABLE_ALL) + median paired end-to-end difference "
                       "between the model with only that layer quantized and FP32, timed in alternation"}
