@@ -82,11 +82,12 @@ def side_engine(quick: bool, formats: list[str]) -> dict:
     layers = _layer_names(tm.module, quick)
     jobs = plan_jobs({}, [(l, f) for l in layers for f in formats], {})
     runner = SweepRunner(tm, task, "embedding")  # traces the model and checks the trace on every layer
+    setup_rss = _peak_rss_mb()
     t1 = time.perf_counter()
     records = [r for chunk in chunked(jobs, SERIAL_CHUNK) for r in runner.run(chunk)]
     t2 = time.perf_counter()
     return {"path": runner.path, "setup_s": t1 - t0, "jobs_s": t2 - t1, "threads": torch.get_num_threads(),
-            "results": {f"{r['layer']}|{r['format']}": r["result"] for r in records}}
+            "setup_peak_rss_mb": setup_rss, "results": {f"{r['layer']}|{r['format']}": r["result"] for r in records}}
 
 
 def side_loop(quick: bool, formats: list[str]) -> dict:
@@ -129,6 +130,7 @@ def side_loop(quick: bool, formats: list[str]) -> dict:
         for h in hooks:
             h.remove()
         reference = [model(x) for x in batches(task.eval_inputs)]
+    setup_rss = _peak_rss_mb()
     t1 = time.perf_counter()
 
     def act_q(lo, hi, bits, symmetric):
@@ -175,7 +177,11 @@ def side_loop(quick: bool, formats: list[str]) -> dict:
             results[f"{name}|{fname}"] = state.result()
     t2 = time.perf_counter()
     return {"path": "naive loop", "setup_s": t1 - t0, "jobs_s": t2 - t1, "threads": torch.get_num_threads(),
-            "results": results}
+            "setup_peak_rss_mb": setup_rss, "results": results}
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _child(side: str, quick: bool, formats: list[str], out: str) -> None:
@@ -186,7 +192,7 @@ def _child(side: str, quick: bool, formats: list[str], out: str) -> None:
     torch.set_num_threads(1)
     keep_freed_memory()
     rec = {"engine": side_engine, "loop": side_loop}[side](quick, formats)
-    rec["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rec["peak_rss_mb"] = _peak_rss_mb()
     Path(out).write_text(json.dumps(rec))
 
 
@@ -224,7 +230,7 @@ def main() -> None:
     n = len(engine["results"])
     for label, r in (("naive loop", loop), (f"engine ({engine['path']})", engine)):
         print(f"{label:<28} jobs {r['jobs_s']:7.1f} s ({r['jobs_s'] / n:5.2f} s/job)  whole process {r['process_s']:7.1f} s  "
-              f"peak RSS {r['peak_rss_mb']:6.0f} MB  threads {r['threads']}  load avg {r['load']}")
+              f"peak RSS {r['peak_rss_mb']:6.0f} MB (setup {r['setup_peak_rss_mb']:.0f})  threads {r['threads']}  load avg {r['load']}")
     print(f"engine / loop: time (jobs) {engine['jobs_s'] / loop['jobs_s']:.2f}x, time (whole process) "
           f"{engine['process_s'] / loop['process_s']:.2f}x, peak RSS {engine['peak_rss_mb'] / loop['peak_rss_mb']:.2f}x  "
           f"({n} jobs)")
