@@ -94,19 +94,28 @@ def profile(model: onnx.ModelProto, feed: dict[str, np.ndarray], *, threads: int
             warmup: int = 3) -> tuple[dict[str, list[float]], dict[str, str], onnx.ModelProto]:
     """Kernel times (ms per run, one entry per timed repeat) by node of the optimised graph at
     ``ORT_ENABLE_ALL``, each node's operator, and that optimised graph."""
-    with tempfile.TemporaryDirectory(prefix="quantlens-prof-") as tmp:
+    def options() -> ort.SessionOptions:
         so = ort.SessionOptions()
         so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.log_severity_level = 3  # the NCHWc serialisation warning: this file is read here, on this machine
+        so.log_severity_level = 3  # the NCHWc serialisation warning: the file is read here, on this machine
+        return so
+
+    data = model.SerializeToString()
+    with tempfile.TemporaryDirectory(prefix="quantlens-prof-") as tmp:
+        # the optimised graph comes from a session of its own: a session that writes it does not pre-pack
+        # weights, and its kernels (MatMulNBits most) run slower than deployed ones
+        so = options()
+        so.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+        optimized = onnx.load(str(Path(tmp) / "optimized.onnx"))
+        so = options()
         so.enable_profiling = True
         so.profile_file_prefix = str(Path(tmp) / "ort")
-        so.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
-        s = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        s = ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
         for _ in range(warmup + repeats):
             s.run(None, feed)
         events = json.loads(Path(s.end_profiling()).read_text())
-        optimized = onnx.load(str(Path(tmp) / "optimized.onnx"))
     times: dict[str, list[float]] = defaultdict(list)
     ops: dict[str, str] = {}
     for e in events:
