@@ -189,7 +189,9 @@ def headline(loaded: Loaded, p: Projection, codes: np.ndarray) -> None:
     """Projected metric (± band), size and × vs FP32, latency when measured."""
     meta = loaded.run.meta
     base = float(meta["baseline"]["metric"])
-    c = st.columns(4)
+    # a wrapping row of metrics as wide as their text: four fixed columns cut labels and values at 1024 px
+    row = st.container(horizontal=True, wrap=True, gap="large")
+    c = [row] * 4
     change = p.metric - base
     change = 0.0 if abs(change) < 1e-9 else change  # float noise around the anchored baseline
     c[0].metric(f"Projected {metric_label(loaded)} ({fmt_band(p.band, loaded)})", fmt_metric(p.metric, loaded),
@@ -198,11 +200,11 @@ def headline(loaded: Loaded, p: Projection, codes: np.ndarray) -> None:
                 delta_arrow="auto" if change else "off",
                 help=projection_kind(loaded) + " ± is the largest leave-one-out error on the measured "
                      "whole-model policies (the Overview lists them). " + _resolution(loaded)
-                     + (" Beyond the measured loss range: extrapolated." if p.extrapolated else ""))
+                     + (" Beyond the measured loss range: extrapolated." if p.extrapolated else ""), width="content")
     c[1].metric("Projected size", fmt_mb(p.bytes), delta=f"{p.size_ratio:.2f}× smaller than FP32 · {p.bytes:,} B",
                 delta_color="off", delta_arrow="off",
                 help="Exact: sum of per-layer bytes (weights, scales, zero points, bias) "
-                                        "plus the parameters outside quantizable layers.")
+                                        "plus the parameters outside quantizable layers.", width="content")
     if p.latency_ms is not None:
         lat, unit = meta.get("latency") or {}, latency_unit(loaded)
         per = unit.removeprefix("ms").strip()  # "per batch of 32": the value itself reads in ms
@@ -213,13 +215,14 @@ def headline(loaded: Loaded, p: Projection, codes: np.ndarray) -> None:
                     help=f"Measured FP32 end-to-end latency ({unit}, {lat.get('provider', '')} "
                          f"onnxruntime {lat.get('onnxruntime', '')}, {lat.get('threads', '?')} thread(s)) plus the "
                          "measured per-layer latency changes of the quantized layers. Timing on a shared machine "
-                         f"varies: FP32 spread (IQR) {fmt_ms(float(lat.get('fp32_spread_ms', float('nan'))))} ms.")
+                         f"varies: FP32 spread (IQR) {fmt_ms(float(lat.get('fp32_spread_ms', float('nan'))))} ms.",
+                    width="content")
     else:
-        c[2].metric("Latency", "not measured", help="This Run holds no per-layer latency measurement.")
+        c[2].metric("Latency", "not measured", help="This Run holds no per-layer latency measurement.", width="content")
     counts = np.bincount(np.asarray(codes, dtype=np.intp), minlength=len(POLICY_FORMATS))
     c[3].metric("Layers quantized", f"{int(counts[1:].sum())} / {len(codes)}",
                 delta=" · ".join(f"{f.upper()} {int(counts[FORMAT_CODE[f]])}" for f in loaded.projector.formats),
-                delta_color="off", delta_arrow="off")
+                delta_color="off", delta_arrow="off", width="content")
     notes = []
     nearest = getattr(p, "nearest", "")
     if nearest:

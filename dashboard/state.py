@@ -41,6 +41,7 @@ QP_RUN, QP_POLICY = "run", "p"
 # --- widget keys, by page
 OPEN_FORM, RUN_PICK = "ql.open_form", "ql.run_pick"  # sidebar
 FILTER_TEXT, FILTER_TYPES, SORT = "ql.filter_text", "ql.filter_types", "ql.sort"  # Layers
+COLUMNS = "ql.columns"
 BULK_SCOPE, BULK_FMT, BULK_SET = "ql.bulk_scope", "ql.bulk_fmt", "ql.bulk_set"
 BULK_N, BULK_REST, BULK_TOPN, BULK_RESET = "ql.bulk_n", "ql.bulk_rest", "ql.bulk_topn", "ql.bulk_reset"
 BARS_ORDER, BARS_FMT, BARS_LOG = "ql.bars_order", "ql.bars_fmt", "ql.bars_log"  # and bars_top_key

@@ -26,6 +26,15 @@ LAYER_PX, FORMAT_PX, ROW_PX = 240, 90, 35
 ALL, SHOWN = "all", "shown"  # bulk scopes besides a layer type; a type is chosen as ("type", name)
 ALL_BARS = 60  # up to this many layers the chart shows every one by default; above, the most sensitive
 TOP_DEFAULT = 30
+COLUMN_SETS = ("key columns", "all measurements")  # key: fits a 1400 px window with the sidebar open
+NOTE_PX = 150
+
+
+def _columns(view: pd.DataFrame, which: str) -> list[str] | None:
+    """Columns the table shows: the key ones (name, format, type, size, metric change per format, note), or all."""
+    if which == COLUMN_SETS[1]:
+        return None
+    return ["layer", "format", "type", "params", *(c for c in view.columns if c.startswith("Δmetric")), "note"]
 
 
 def _build_view(lo: Loaded, codes: np.ndarray, text: str, types: list[str], sort: str) -> pd.DataFrame:
@@ -137,10 +146,13 @@ def policy_editor() -> None:
         state.set_codes(lo, table, rebuild_table=False)
         codes = state.codes(lo)
     top = st.container()
-    f1, f2, f3 = st.columns([3, 3, 3])
+    f1, f2, f3, f4 = st.columns([3, 3, 3, 2])
     text = f1.text_input("Filter by name", key=state.FILTER_TEXT, placeholder="e.g. fc, conv, blocks.3")
     types = f2.multiselect("Layer types", lo.types, key=state.FILTER_TYPES)
     sort = f3.selectbox("Sort", list(SORTS), key=state.SORT)
+    which = f4.selectbox("Columns", COLUMN_SETS, key=state.COLUMNS,
+                         help="Key columns fit the window; all measurements adds loss change, sensitivity, SQNR, "
+                              "size and latency per format (scroll sideways).")
     stored = st.session_state.get(state.view_key(lo.path))
     shown = stored[1].index.to_numpy() if stored is not None else np.arange(len(codes))
     new = _bulk_actions(lo, codes, shown)
@@ -165,7 +177,7 @@ def policy_editor() -> None:
                                                       pinned=True),
            "params": st.column_config.NumberColumn("params", format="localized"),
            "MACs": st.column_config.NumberColumn("MACs", format="compact", help="multiply-accumulates per sample"),
-           "note": st.column_config.TextColumn("note", width="large")}
+           "note": st.column_config.TextColumn("note", width=NOTE_PX if which == COLUMN_SETS[0] else "large")}
     for col in view.columns:
         if col.startswith(("Δmetric", "Δloss")):
             cfg[col] = st.column_config.NumberColumn(col, format="%.4f", help="measured: only this layer quantized")
@@ -182,6 +194,7 @@ def policy_editor() -> None:
     st.caption(f"{len(view)} of {len(codes)} layers shown. Change a layer's **format** cell; the numbers above "
                "follow. Δ columns are measured with only that layer quantized.")
     st.data_editor(view, key=state.editor_key(lo.path), hide_index=True, column_config=cfg, row_height=ROW_PX,
+                   column_order=_columns(view, which),
                    height=min(420, ROW_PX * (len(view) + 1) + 3),
                    disabled=[c for c in view.columns if c != "format"], width="stretch", placeholder=EMPTY)
     st.session_state[state.FRAGMENT_MS] = (time.perf_counter() - t0) * 1e3

@@ -134,3 +134,16 @@ def test_the_embedding_metric_is_called_cosine_similarity(app, minilm_like):
             assert any("projected cosine similarity" in x for x in labels)
     provenance = " ".join(" ".join(t.value.astype(str).to_numpy().ravel()) for t in app([minilm_like]).table)
     assert "cosine similarity" in provenance and "embedding" in provenance  # the name the Run stores, explained
+
+
+def test_the_layer_table_shows_key_columns_and_every_measurement_on_request(app, minilm_like):
+    """Key columns fit a 1400 px window (the browser test measures it); every measured column is one choice away."""
+    at = app([minilm_like], "layers")
+    ed = at.data_editor[0]
+    shown = list(ed.proto.column_order)
+    assert shown == ["layer", "format", "type", "params", "Δmetric int8", "Δmetric int4", "note"]
+    at.selectbox(key="ql.columns").set_value("all measurements").run()
+    assert not at.exception
+    ed = at.data_editor[0]
+    assert not list(ed.proto.column_order)  # every column of the frame
+    assert {"sensitivity int4", "SQNR int8 (dB)", "KB fp32", "ms int8"} <= set(ed.value.columns)
