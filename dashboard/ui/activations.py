@@ -62,14 +62,18 @@ def _figure(lo: Loaded, layer: str, tensor: str, log_y: bool) -> tuple[go.Figure
                 fig.add_scatter(x=np.linspace(lo_x, hi_x, levels), y=np.zeros(levels), yaxis="y2", mode="markers",
                                 name=f"{r.format.upper()} grid ({levels} levels)", hoverinfo="skip",
                                 marker=dict(symbol="line-ns-open", size=10, color=color))
-    fig.update_layout(height=320, margin=dict(l=10, r=10, t=40, b=10), bargap=0,
+    # the x axis sits at the bottom of the whole plot, below the grid's rug (anchored to the histogram's own
+    # axis, its tick labels were drawn over the rug); the legend gets its own line under the axis title
+    fig.update_layout(height=360, margin=dict(l=10, r=10, t=40, b=50), bargap=0,
                       title=f"{TENSORS.get(tensor, tensor)} — {h['count']:,} values, mean {h['mean']:.4g}, "
                             f"std {h['std']:.4g}, |max| {h['absmax']:.4g}",
+                      xaxis=dict(title=f"{TENSORS.get(tensor, tensor).lower()} value (FP32)", anchor="free",
+                                 position=0),
                       yaxis=dict(type="log" if log_y else "linear", title="count",
                                  domain=[0.14, 1] if rug else [0, 1]),
                       yaxis2=dict(domain=[0, 0.08], showticklabels=False, showgrid=False, zeroline=False,
                                   range=[-1, 1], fixedrange=True),
-                      legend=dict(orientation="h", y=-0.18))
+                      legend=dict(orientation="h", yref="container", y=0, yanchor="bottom", x=0, xanchor="left"))
     return fig, notes
 
 

@@ -21,6 +21,9 @@ KINDS = {
                                                             line=dict(width=1, color="#1b5e20"))),
     "other": ("other measured policies", dict(symbol="square", size=9, color="#B279A2")),
 }
+UNIFORM_MARKERS = {"all-int8": dict(symbol="square", color="#4C78A8"), "all-int4": dict(symbol="triangle-up",
+                                                                                     color="#F58518"),
+                   "all-int8-dyn": dict(symbol="pentagon", color="#54A24B")}
 AXES = {"size": ("bytes", "size (MB)", MB), "latency": ("latency_ms", "latency (ms)", 1.0)}
 
 
@@ -56,17 +59,7 @@ def metric_figure(lo: Loaded, p: Projection, axis: str = "size", front: pd.DataF
                         line=dict(color="#9D755D", shape="hv", dash="dot"), marker=dict(size=5),
                         hovertemplate="%{x" + xf + "} · %{y:.4f}<extra>frontier (projected)</extra>")
         ys += front["metric"].astype(float).tolist()
-    pts, _ = measured_points(lo, axis)
-    for kind, (name, marker) in KINDS.items():
-        sub = pts[pts["drawn_as"] == kind]
-        if not len(sub):
-            continue
-        labels = [str(n) if kind in ("baseline", "uniform", "verified") else "" for n in sub["name"]]
-        fig.add_scatter(x=sub[col].to_numpy(dtype=float) / scale, y=sub["metric"], mode="markers+text", name=name,
-                        text=labels, textposition="top center", cliponaxis=False, marker=marker,
-                        hovertext=[html.escape(f"{n} — {m}") for n, m in zip(sub["name"], sub["measured_on"])],
-                        hovertemplate="%{hovertext}<br>%{x" + xf + "} · %{y:.4f}<extra>measured</extra>")
-        ys += sub["metric"].astype(float).tolist()
+    # the current policy first, so that a measured point where it stands (FP32 at start) is drawn over it
     x_now = p.bytes / MB if axis == "size" else p.latency_ms
     if x_now is not None:
         err = dict(type="data", array=[p.band], visible=True, thickness=2, width=8) if p.band is not None else None
@@ -74,6 +67,21 @@ def metric_figure(lo: Loaded, p: Projection, axis: str = "size", front: pd.DataF
                         error_y=err, marker=dict(size=14, symbol="diamond", color="#E45756"),
                         hovertemplate="current policy<br>%{x" + xf + "} · %{y:.4f}<extra>projected</extra>")
         ys.append(p.metric)
+    pts, _ = measured_points(lo, axis)
+    # no text beside the points: names of nearby points (all-int8, all-int4, verified ones) overlapped; the
+    # baseline and each uniform format get a legend entry and a marker of their own, the rest name on hover
+    for kind, (name, marker) in KINDS.items():
+        sub = pts[pts["drawn_as"] == kind]
+        if not len(sub):
+            continue
+        own = kind in ("baseline", "uniform")
+        groups = [(f"{n} (measured)", sub[sub["name"] == n]) for n in sub["name"]] if own else [(name, sub)]
+        for entry, g in groups:
+            mk = {**marker, **(UNIFORM_MARKERS.get(str(g["name"].iloc[0]), {}) if own else {})}
+            fig.add_scatter(x=g[col].to_numpy(dtype=float) / scale, y=g["metric"], mode="markers", name=entry,
+                            marker=mk, hovertext=[html.escape(f"{n} — {m}") for n, m in zip(g["name"], g["measured_on"])],
+                            hovertemplate="%{hovertext}<br>%{x" + xf + "} · %{y:.4f}<extra>measured</extra>")
+        ys += sub["metric"].astype(float).tolist()
     band = p.band or 0.0
     ys = [y for y in ys if math.isfinite(y)] or [p.metric]
     lo_y, hi_y = min(ys) - band, max(ys) + band
@@ -83,7 +91,8 @@ def metric_figure(lo: Loaded, p: Projection, axis: str = "size", front: pd.DataF
     fig.update_layout(height=420, margin=dict(l=10, r=10, t=40, b=10),
                       xaxis_title=f"latency ({latency_unit(lo)})" if axis == "latency" else label,
                       yaxis=dict(title=name, range=[lo_y - pad, hi_y + pad], tickformat=".2%" if pct else None),
-                      legend=dict(orientation="h", y=-0.2),
+                      # under the axis title in the figure's own space: at y=-0.2 of the plot it covered the title
+                      legend=dict(orientation="h", yref="container", y=0, yanchor="bottom"),
                       title=title or f"{label.split(' ')[0].capitalize()} vs {name}")
     return fig
 
