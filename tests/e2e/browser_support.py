@@ -1,13 +1,10 @@
 """Helpers for the browser tests (imported by name: pytest puts this folder on sys.path)."""
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parents[2]
-ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 SCREENSHOTS = ROOT / "docs" / "screenshots"
 TIMEOUT = 30_000  # ms
 LOCAL_SCHEMES = {"data", "blob", "file", "about"}
@@ -20,13 +17,11 @@ def is_local(url: str) -> bool:
 
 
 def save_screenshot(locator, name: str) -> Path:
-    """tests/e2e/artifacts/<name>.png, copied to docs/screenshots when QUANTLENS_SAVE_SCREENSHOTS=1."""
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    path = ARTIFACTS / f"{name}.png"
+    """docs/screenshots/<name>.png, where the README shows it: every run of the journeys redraws the README's
+    pictures, so they show what the app draws now (tests/e2e/test_screenshots.py checks the two lists agree)."""
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    path = SCREENSHOTS / f"{name}.png"
     locator.screenshot(path=str(path))
-    if os.environ.get("QUANTLENS_SAVE_SCREENSHOTS") == "1":
-        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-        shutil.copy(path, SCREENSHOTS / path.name)
     return path
 
 

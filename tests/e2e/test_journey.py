@@ -106,6 +106,10 @@ def test_toggle_share_and_download(browser, dashboard, digits_run):
     expect(page.locator(".js-plotly-plot").first).to_contain_text("current policy (projected)", timeout=TIMEOUT)
     save_screenshot(page.get_by_test_id("stMainBlockContainer"), "overview")
 
+    open_page(page, "Search", "Search")
+    expect(page.locator(".js-plotly-plot").first).to_contain_text("all-int4 (measured)", timeout=TIMEOUT)
+    save_screenshot(page.get_by_test_id("stMainBlockContainer"), "search")
+
     open_page(page, "Activations", "Activations")
     expect(page.locator(".js-plotly-plot").first).to_contain_text("Weight", timeout=TIMEOUT)
     save_screenshot(page.get_by_test_id("stMainBlockContainer"), "activations")
