@@ -11,7 +11,8 @@ shared machine hits all of them alike:
   ``profile`` (the default): each uniform model (all layers in one format) and the FP32 model run
   once more under onnxruntime's profiler, as optimised for deployment; each node of the optimised
   graph is attributed to the layer it works for (``analysis.runtime.attribution``), so a layer's
-  latency in a format is the kernel time of its nodes in that format's model, plus the change it
+  latency in a format is the kernel time of its nodes in that format's model (node times read as
+  shares of the model's measured run time: the profiler's wall clock counts preemption), plus the change it
   causes in the nodes between it and the next layer (its Relu folded away, a pooling that now runs
   on uint8). One model per format is built, not one per layer. What is left, the uniform model's
   measured end-to-end change less the sum of its layers' changes, is recorded per format
@@ -220,9 +221,11 @@ def measure_latency(run: Run | str | os.PathLike, *, repeats: int = 50, warmup: 
     times = timed_runs({**models, "fp32": first}, feed, threads=threads, repeats=whole_repeats, warmup=warmup)
     if method == "profile":
         profile_repeats = int(np.clip(time_budget_s / (one_s * len(models)), min(5, repeats), repeats))
+        t_profile = time.perf_counter()
         meta = _profiled_layers(run, rm, models, times, feed, threads=threads, repeats=profile_repeats,
                                 warmup=min(warmup, 2), say=say, progress_bar=progress_bar)
-        meta.update(profile_repeats=profile_repeats, whole_repeats=whole_repeats)
+        meta.update(profile_repeats=profile_repeats, whole_repeats=whole_repeats,
+                    per_layer_seconds=round(time.perf_counter() - t_profile, 3))
         return _store(run, rm, built, times, meta, threads, len(x), repeats, warmup, latency_budget, t_start)
     del models
     say("profiling fp32 kernels")
@@ -327,9 +330,16 @@ def _profiled_layers(run: Run, rm: RuntimeModel, models: dict, times: dict, feed
     bar = _layer_bar(len(names), unit="model") if progress_bar else None
     per: dict[str, dict[str, tuple[float, float, str]]] = {}  # the layers' own nodes
     near: dict[str, dict[str, tuple[float, float, str]]] = {}  # the nodes attached to them
+    scale: dict[str, float] = {}  # measured run time / profiled node time, per model
     say(f"profiling {len(names)} models: {', '.join(names)}")
     for name in names:
         node_ms, ops, optimized = profile(models[name], feed, threads=threads, repeats=repeats, warmup=warmup)
+        # the profiler reports wall time, which preemption on shared cores inflates; the whole model's run time
+        # was measured robustly (``run_clock``): node times are read as shares of it
+        reps = min((len(v) for v in node_ms.values()), default=0)
+        total = float(np.median([sum(v[r] for v in node_ms.values()) for r in range(reps)])) if reps else 0.0
+        scale[name] = float(np.median(times[name]) / total) if total > 0 else 1.0
+        node_ms = {k: [t * scale[name] for t in v] for k, v in node_ms.items()}
         owner = attribute(optimized, rm.layers)
         per[name] = layer_kernel_times(node_ms, ops, owner, rm.layers)
         near[name] = layer_kernel_times(node_ms, ops, attach(optimized, owner), rm.layers)
@@ -365,7 +375,7 @@ def _profiled_layers(run: Run, rm: RuntimeModel, models: dict, times: dict, feed
         cost.at[i, "latency_source"] = (f"onnxruntime {version} CPU profile of the "
                                         f"{'fp32' if fmt == 'fp32' else 'all-' + fmt} model: {kernels}, {where}"
                                         + ("" if fmt == "fp32" else f"; {around:+.4f} ms in the nodes after it"))
-    return {"cost": cost, "residual_ms": residual, "per_layer_method": "profile",
+    return {"cost": cost, "residual_ms": residual, "per_layer_method": "profile", "profile_scale": scale,
             "method": "end to end: session.run wall time, fp32 and uniform models timed round-robin; per layer x "
                       "format: kernel time of the layer's nodes in one profiled run of the format's uniform model "
                       "(ORT_ENABLE_ALL, nodes attributed by name, weights and quantize/dequantize neighbours), plus "
