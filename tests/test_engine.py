@@ -324,3 +324,22 @@ def test_a_late_node_no_layer_feeds_does_not_drag_the_fp32_forward_to_the_end():
     for r in first + rest:
         assert (r["result"], r["signal"], r["noise"]) == (full[r["key"]]["result"], full[r["key"]]["signal"],
                                                           full[r["key"]]["noise"]), r["layer"]
+
+
+def test_only_single_layer_weights_are_kept_between_calls():
+    """A job's fake-quantized weight is reused on every batch of its chunk; a whole-model policy makes its
+    own for the block, so never more than one model's worth is held."""
+    task = _task()
+    tm = _prepared(factories.tiny_mlp(), task)
+    x = torch.from_numpy(task.eval_inputs[:4])
+    with torch.no_grad():
+        with tm.quantized({"fc1": "int8", "fc2": "int4", "out": "int8"}):
+            assert tm._weight_cache == {}
+            y_policy = tm.module(x)
+        with tm.quantized({"fc2": "int4"}):
+            tm.module(x)
+        assert set(tm._weight_cache) == {("fc2", "int4")}
+        tm.release_fake_weights()
+        assert tm._weight_cache == {}
+        with tm.quantized({"fc1": "int8", "fc2": "int4", "out": "int8"}):
+            assert torch.equal(tm.module(x), y_policy)
