@@ -193,9 +193,9 @@ def most_sensitive_rows(run, n: int = 5):
 
 
 DEMOS = {"digits": ("demo:digits", "digits"), "minilm": ("demo:minilm", "minilm")}  # Run name -> model, task
-# Per-layer onnxruntime latency of MiniLM's 72 single-layer models takes far longer than its sweep
-# (~4 min on 2 cores); the demo skips it, `quantlens analyze demo:minilm` measures it.
-DEMO_LATENCY = {"digits": True, "minilm": False}
+# Per-layer latency comes from one profiled run per format (not 72 single-layer models): MiniLM's takes
+# about a third of its sweep's time, so both demos measure it
+DEMO_LATENCY = {"digits": True, "minilm": True}
 # MiniLM is all Linear layers: it measures dynamic INT8 too, the format onnxruntime runs fastest on CPUs
 DEMO_FORMATS = {"digits": ("int8", "int4"), "minilm": ("int8", "int4", "int8-dyn")}
 

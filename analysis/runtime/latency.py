@@ -220,7 +220,8 @@ def measure_latency(run: Run | str | os.PathLike, *, repeats: int = 50, warmup: 
     say(f"timing {len(models)} whole models round-robin ({whole_repeats} repeats)")
     times = timed_runs({**models, "fp32": first}, feed, threads=threads, repeats=whole_repeats, warmup=warmup)
     if method == "profile":
-        profile_repeats = int(np.clip(time_budget_s / (one_s * len(models)), min(5, repeats), repeats))
+        # per-node medians settle in fewer runs than whole-model times: half the budget, 5 runs at least
+        profile_repeats = int(np.clip(time_budget_s / 2 / (one_s * len(models)), min(5, repeats), repeats))
         t_profile = time.perf_counter()
         meta = _profiled_layers(run, rm, models, times, feed, threads=threads, repeats=profile_repeats,
                                 warmup=min(warmup, 2), say=say, progress_bar=progress_bar)
