@@ -365,12 +365,15 @@ def _uninformative(name: str, y: torch.Tensor) -> str | None:
     return None
 
 
-def choose_metric(name: str | None, has_labels: bool, y_fp32: torch.Tensor) -> tuple[Metric, str | None]:
+def choose_metric(name: str | None, has_labels: bool, y_fp32: torch.Tensor,
+                  outputs: int = 1) -> tuple[Metric, str | None]:
     """The metric for a model whose FP32 output on the first evaluation batch is ``y_fp32`` (batch first).
 
     ``name`` None chooses: accuracy with labels, top-1 agreement for class scores (N, C>1), else cosine
     similarity; where that choice is degenerate or uninformative (module docstring), ``nmse`` instead.
     A named built-in metric is checked (labels, class scores, degenerate); a user metric is taken as is.
+    ``outputs`` > 1: ``y_fp32`` is several model outputs side by side, which are no class scores: the
+    choice is cosine (or nmse), and a class-score metric is refused with a pointer to ``--output``.
 
     Returns:
         The metric and, where the automatic choice avoided another, one sentence saying why.
@@ -389,6 +392,9 @@ def choose_metric(name: str | None, has_labels: bool, y_fp32: torch.Tensor) -> t
         m = get_metric(name)
         if m.user:
             return m, None
+        if outputs > 1 and m.name in ("accuracy", "agreement", "next_token_agreement", "perplexity"):
+            raise MetricError(f"metric '{name}' reads class scores, but {outputs} model outputs are compared "
+                              f"together; name the one to score with --output NAME")
         _check_usable(m, has_labels, shape)
         if (why := _degenerate(m.name, y_fp32)) is not None:
             other = "nmse or " if m.name != "nmse" else ""
@@ -396,6 +402,8 @@ def choose_metric(name: str | None, has_labels: bool, y_fp32: torch.Tensor) -> t
                               f"own (--metric package.module:function)")
         return m, None
     auto = "accuracy" if has_labels else ("agreement" if len(shape) == 2 and shape[1] > 1 else "cosine")
+    if outputs > 1:
+        auto = "cosine"  # outputs side by side are not one set of class scores
     m = METRICS[auto]
     _check_usable(m, has_labels, shape)
     if (why := _degenerate(auto, y_fp32)) is not None:
@@ -403,7 +411,8 @@ def choose_metric(name: str | None, has_labels: bool, y_fp32: torch.Tensor) -> t
     elif (why := _uninformative(auto, y_fp32)) is not None:
         reason = f"{_LABELS[auto]} would tell little here: {why}"
     else:
-        return m, None
+        return m, (f"{outputs} model outputs are compared together, which are not one set of class scores; "
+                   f"--output NAME scores one of them" if outputs > 1 else None)
     if (why := _degenerate("nmse", y_fp32)) is not None:
         raise MetricError(f"no built-in metric fits this model's output: {reason}, and {why}; "
                           f"give one of your own (--metric package.module:function)")

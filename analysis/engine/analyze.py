@@ -180,7 +180,7 @@ def _model_and_task(o: SweepOptions, fmts: list[QuantFormat]):
         tm.formats[f.name] = f
     with torch.no_grad():
         y = tm.run(next(t.eval_batches())[0])
-    m, reason = choose_metric(t.metric, t.eval_labels is not None, y)
+    m, reason = choose_metric(t.metric, t.eval_labels is not None, y, outputs=len(tm.outputs.selected))
     return tm, t, m, reason
 
 
