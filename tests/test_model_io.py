@@ -270,3 +270,40 @@ def test_readme_ctc_metric_runs_on_a_time_major_model(folder):
     assert run.meta["metric"]["name"] == "ctc_metric:string_accuracy" and run.higher_is_better
     assert run.meta["baseline"]["metric"] == 1.0
     assert 0.0 <= run.meta["uniform"]["int8"]["metric"] <= 1.0
+
+
+def test_named_arrays_in_another_order_than_forward_verify_alike(folder):
+    """The export names graph inputs in forward()'s order whatever order the task's arrays come in."""
+    np.savez(folder / "d.npz", b=_features(24, 8, 5), a=_features(24, 16, 4))
+    run = sweep_to_run("io_factories:two_inputs", str(folder / "d.npz"), folder / "run", **QUICK)
+    row = verify_policy(run, Policy(run.model_sha256, {}, default="int8"), repeats=0)
+    assert abs(row["metric"] - run.meta["uniform"]["int8"]["metric"]) < 0.05
+
+
+def test_several_outputs_are_not_scored_as_class_scores(folder):
+    x = _features(24, F, 8)
+    np.savez(folder / "d.npz", inputs=x, labels=np.arange(24) % 4)
+    run = sweep_to_run("io_factories:tuple_out", str(folder / "d.npz"), folder / "run", **QUICK)
+    assert run.meta["metric"]["name"] == "cosine" and "2 model outputs" in run.meta["metric"]["chosen_because"]
+    with pytest.raises(ValueError, match="metric 'accuracy' reads class scores.*--output NAME"):
+        sweep_to_run("io_factories:tuple_out", str(folder / "d.npz"), folder / "run2", metric="accuracy", **QUICK)
+    one = sweep_to_run("io_factories:tuple_out", str(folder / "d.npz"), folder / "run3", output="output.0", **QUICK)
+    assert one.meta["metric"]["name"] == "accuracy"
+
+
+def test_fixed_batch_model_with_a_scalar_output_and_a_two_sample_task(folder):
+    """A fixed batch of 4 with a 0-d 'loss' beside 'y' is fed in pieces; a task with 2 samples still tells axes."""
+    rng = np.random.default_rng(3)
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"], name="fc"),
+         helper.make_node("ReduceMean", ["y"], ["loss"], name="mean", keepdims=0)],
+        "fixed", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, F])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 3]),
+         helper.make_tensor_value_info("loss", TensorProto.FLOAT, [])],
+        [numpy_helper.from_array(rng.normal(0, 0.3, (F, 3)).astype(np.float32), "W")])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), folder / "f.onnx")
+    tm = load_model(str(folder / "f.onnx"), _features(3, F, 1))
+    assert tm.outputs.selected == [0]
+    assert tm.run(torch.from_numpy(_features(10, F, 2))).shape == (10, 3)
+    short = load_model("io_factories:tuple_out", _features(1, F, 1))  # one sample: repeated to tell the axes
+    assert [o.batch_axis for o in short.outputs.outputs] == [0, 0]

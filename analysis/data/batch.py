@@ -91,3 +91,15 @@ def describe_shape(x: Samples) -> list | dict:
 def arrays_of(x: Samples) -> dict[str, np.ndarray]:
     """``{name: array}``; a single unnamed input is named ``inputs`` (its field in a task ``.npz``)."""
     return dict(x.arrays) if isinstance(x, Inputs) else {"inputs": x}
+
+
+def repeat_to(x, n: int):
+    """At least ``n`` samples: ``x`` itself when it has them, else its samples repeated in turn (an output's
+    batch axis is told by feeding 2 and 3 samples, whatever the task holds)."""
+    have = batch_len(x)
+    if have >= n:
+        return x
+    idx = np.arange(n) % have
+    if isinstance(x, dict):
+        return {k: v[torch.as_tensor(idx)] if isinstance(v, torch.Tensor) else v[idx] for k, v in x.items()}
+    return x[torch.as_tensor(idx)] if isinstance(x, torch.Tensor) else x[idx]

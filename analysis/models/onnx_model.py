@@ -24,7 +24,7 @@ from onnx import TensorProto, helper
 
 from analysis.quant.formats import QuantFormat, get_format
 from analysis.models.base import LayerInfo, ModelError
-from analysis.data.batch import sample_shapes, take, to_numpy
+from analysis.data.batch import repeat_to, sample_shapes, take, to_numpy
 from analysis.models.onnx_io import InputBinding, bind_input
 from analysis.models.outputs import OutputSpec, output_spec
 from analysis.models.onnx_graph import (OnnxLayer, downstream_tensors, dynamic_skip_reason, find_layers, from_oik,
@@ -333,21 +333,22 @@ def run_in_pieces(run, binding: InputBinding, x, names: list[str], axes: dict[st
                 axis = axes.get(name, 0)
                 y = np.take(y, np.arange(n), axis=axis) if y.shape[axis] == binding.batch else y
             acc.append(y)
-    return [p[0] if len(p) == 1 else np.concatenate(p, axis=axes.get(name, 0)) for p, name in zip(parts, names)]
+    return [p[0] if len(p) == 1 or p[0].ndim == 0 else np.concatenate(p, axis=axes.get(name, 0))
+            for p, name in zip(parts, names)]  # a 0-d output (a loss) has no samples to join: the first piece's
 
 
 def find_output_spec(run, binding: InputBinding, names: list[str], example, select: str | None,
                      where: str) -> OutputSpec:
     """Which outputs the metric compares, along which axis (``analysis.models.outputs``): from runs on 2 and
-    3 samples (1 and 2 for a shorter example), or for a fixed batch, the axis as long as the batch.
+    3 samples (a shorter example's samples repeated), or for a fixed batch, the axis as long as the batch.
 
     Raises:
         ModelError: onnxruntime rejects the inputs, or no output can be compared sample by sample.
     """
-    ex = to_numpy(example)
+    ex = repeat_to(to_numpy(example), 3)
     try:
         if binding.batch is None:
-            na, nb = (2, 3) if len(ex) >= 3 else (1, 2)
+            na, nb = 2, 3
             ys_a = run(names, binding.first_feed(take(ex, slice(0, na))))
             ys_b = run(names, binding.first_feed(take(ex, slice(0, nb))))
         else:

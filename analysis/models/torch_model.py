@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from analysis.quant.formats import DYNAMIC_CONV_REASON, QuantFormat, get_format
-from analysis.data.batch import batch_len, sample_shapes, take, to_numpy
+from analysis.data.batch import repeat_to, sample_shapes, take, to_numpy
 from analysis.models.base import LayerInfo, ModelError
 from analysis.models.outputs import OutputSpec, flatten_outputs, output_spec
 from analysis.models.torch_graph import UNSET, BatchValues, Carried, InplaceError, TracedGraph
@@ -92,11 +92,12 @@ class TorchModel:
         return self.outputs.combine([t for _, t in flatten_outputs(y)])
 
     def _find_outputs(self, example, select: str | None) -> OutputSpec:
-        """Which outputs the metric compares, along which axis: from runs on 2 and 3 samples (1 and 2
-        when the example is shorter)."""
+        """Which outputs the metric compares, along which axis: from runs on 2 and 3 samples (a shorter
+        example's samples repeated)."""
         if isinstance(example, dict):
             _check_argument_names(self.module, list(example), self.source)
-        na, nb = (2, 3) if batch_len(example) >= 3 else (1, 2)
+        example = repeat_to(example, 3)
+        na, nb = 2, 3
         ys = []
         for n in (na, nb):
             try:

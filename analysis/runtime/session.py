@@ -8,6 +8,7 @@ else by identical weight values.
 """
 from __future__ import annotations
 
+import inspect
 import io
 import warnings
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from analysis.models.base import ModelError
 from analysis.models.onnx_io import InputBinding, bind_input
 from analysis.models.onnx_graph import (OnnxLayer, constants_to_initializers, find_layers,
                                         initializer_array, load_onnx, name_nodes)
-from analysis.data.batch import sample_shapes, take, to_numpy, to_torch
+from analysis.data.batch import repeat_to, sample_shapes, take, to_numpy, to_torch
 from analysis.models.onnx_model import find_output_spec, run_in_pieces
 from analysis.models.outputs import OutputSpec, find_batch_axes, flatten_outputs
 from analysis.store.run import Run
@@ -100,6 +101,9 @@ def export_torch(module: torch.nn.Module, example, output_names: list[str] | Non
     flattened outputs (tuple, list and dict outputs become several graph outputs, in that order) and
     ``output_axes`` their batch axes (default: the first)."""
     buf = io.BytesIO()
+    if isinstance(example, dict):  # the exporter orders graph inputs as forward() takes them: names must follow
+        order = [p for p in inspect.signature(module.forward).parameters if p in example]
+        example = {k: example[k] for k in order + [k for k in example if k not in order]}
     inputs = example if isinstance(example, dict) else {"input": example}
     # token ids (N, L): the sequence length varies between batches too
     in_axes = {k: {0: "batch", 1: "sequence"} if v.dim() == 2 and not v.is_floating_point() else {0: "batch"}
@@ -170,7 +174,7 @@ def _resolve_torch(run: Run, example) -> RuntimeModel:
         raise RuntimeModelError(f"model '{source}' no longer matches Run {run.path} (sha256 differs from the analysed model)")
     call = lambda x: module(**x) if isinstance(x, dict) else module(x)  # noqa: E731
     with torch.no_grad():
-        outs = [flatten_outputs(call(take(example, slice(0, n)))) for n in (2, 3)]
+        outs = [flatten_outputs(call(take(repeat_to(example, 3), slice(0, n)))) for n in (2, 3)]
     names = [k for k, _ in outs[0]]
     axes, _ = find_batch_axes([tuple(t.shape) for _, t in outs[0]], 2, [tuple(t.shape) for _, t in outs[1]], 3, names)
     model = export_torch(module.eval(), example, names, {n: a for n, a in zip(names, axes) if a is not None})
