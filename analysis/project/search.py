@@ -19,6 +19,7 @@ is answered with the smallest / fastest value that can be reached.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -149,7 +150,7 @@ def _reachable(p: Projector, groups, key: str, budget_rows: list[tuple[np.ndarra
 
 def best_policy(p: Projector, *, max_bytes: float | None = None, max_latency_ms: float | None = None,
                 max_drop: float | None = None, minimize: str = "size", groups: list[list[int]] | None = None,
-                allow_slower: bool = False) -> SearchResult:
+                allow_slower: bool = False, drop_text: Callable[[float], str] | None = None) -> SearchResult:
     """The exact optimum of the projection under the given budget(s).
 
     Args:
@@ -160,6 +161,8 @@ def best_policy(p: Projector, *, max_bytes: float | None = None, max_latency_ms:
         groups: lists of layer indices that must share a format whose input quantizer is calibrated.
         allow_slower: return policies projected slower than FP32 (without a latency budget they are
             excluded wherever the Run measured latency).
+        drop_text: how messages write a drop (metric units in, words out) in the unit the user typed it,
+            e.g. ``lambda d: f"{d * 100:g} points"`` where the budget was given in percentage points.
 
     Raises:
         SearchError: a malformed budget, or one no policy meets (the message says what is reachable).
@@ -168,6 +171,7 @@ def best_policy(p: Projector, *, max_bytes: float | None = None, max_latency_ms:
         raise SearchError("give a budget: max size, max latency or max drop")
     if minimize not in ("size", "latency"):
         raise SearchError(f"minimize '{minimize}': use size or latency")
+    say_drop = drop_text or (lambda d: f"{d:.4g}")
     vi, vf = _variables(p)
     rows, budget, notes = [], {}, []
     lat = p.latency[vi, vf]
@@ -197,13 +201,13 @@ def best_policy(p: Projector, *, max_bytes: float | None = None, max_latency_ms:
     drop_rows = []
     if max_drop is not None:
         if max_drop < 0:
-            raise SearchError(f"max drop {max_drop}: must be >= 0")
+            raise SearchError(f"max drop {say_drop(max_drop)}: must be >= 0")
         band = p.band or 0.0
         if p.band is None:
             notes.append("the projection's error is unknown (no measured policy validates it): the drop budget "
                          "holds for the projected value only")
         elif band >= max_drop:
-            notes.append(f"the projection's band (±{band:.4g}) is as wide as the drop budget ({max_drop:g}): only "
+            notes.append(f"the projection's band (±{say_drop(band)}) is as wide as the drop budget ({say_drop(max_drop)}): only "
                          f"policies projected equal to FP32 qualify; measure more policies to narrow it")
         drop_rows.append((p.penalty[vi, vf], _penalty_limit(p, max_drop, band)))
         budget["max_drop"] = max_drop
@@ -220,14 +224,16 @@ def best_policy(p: Projector, *, max_bytes: float | None = None, max_latency_ms:
     try:
         codes, optimal = _solve(p, cost, speed_rows + size_rows + drop_rows, groups, what)
     except _Infeasible:
-        raise SearchError(_infeasible_message(p, groups, budget, speed_rows, size_rows, drop_rows, allow_slower)) from None
+        raise SearchError(_infeasible_message(p, groups, budget, speed_rows, size_rows, drop_rows, allow_slower,
+                                              say_drop)) from None
     if not optimal:
         notes.append("the solver's time limit (30 s) ended the search: the policy meets the budget but is not "
                      "proven the best")
     return SearchResult(codes, p.project(codes), objective, budget, tuple(notes))
 
 
-def _infeasible_message(p: Projector, groups, budget: dict, speed_rows, size_rows, drop_rows, allow_slower) -> str:
+def _infeasible_message(p: Projector, groups, budget: dict, speed_rows, size_rows, drop_rows, allow_slower,
+                        say_drop: Callable[[float], str]) -> str:
     """Which budget cannot be met, and the best value reachable under the others."""
     parts = []
     if "max_bytes" in budget:
@@ -240,7 +246,7 @@ def _infeasible_message(p: Projector, groups, budget: dict, speed_rows, size_row
         parts.append(f"max latency {budget['max_latency_ms']:g} ms: no policy is that fast"
                      + (f"; {reach}" if reach else ""))
     if not parts:
-        parts.append(f"{', '.join(f'{k}={v}' for k, v in budget.items())}: no policy meets it")
+        parts.append(f"max drop {say_drop(budget['max_drop'])}: no policy meets it")
     if speed_rows and "max_latency_ms" not in budget and not allow_slower:
         parts.append("slower-than-FP32 policies were left out (--allow-slower admits them)")
     return "; ".join(parts)

@@ -27,6 +27,13 @@ def _drop_label(lo: Loaded) -> str:
     return f"Max {name} {worse} from FP32 ({name} units)"
 
 
+def _drop_text(lo: Loaded):
+    """How search messages write a drop: in the unit the box takes (points for a fraction metric)."""
+    if _pct(lo):
+        return lambda d: f"{d * 100:.3g} points"
+    return lambda d: f"{d:.4g}"
+
+
 def _budget_form(lo: Loaded) -> None:
     pj = lo.projector
     smallest = pj.other_bytes + int(np.where(pj.allowed, pj.bytes, np.iinfo(np.int64).max).min(axis=1).sum())
@@ -76,7 +83,8 @@ def _budget_form(lo: Loaded) -> None:
     try:
         res = best_policy(pj, max_bytes=None if size is None else size * MB, max_latency_ms=latency,
                           max_drop=None if drop is None else (drop / 100 if _pct(lo) else drop), minimize=minimize,
-                          groups=groups if use_groups and groups else None, allow_slower=slower)
+                          groups=groups if use_groups and groups else None, allow_slower=slower,
+                          drop_text=_drop_text(lo))
     except SearchError as e:
         st.session_state[state.SEARCH_LAST] = (lo.path, "error", f"No policy found: {e}.")
         return

@@ -167,3 +167,19 @@ def test_slower_policies_are_left_out_unless_the_box_admits_them(app, tmp_path):
     at.checkbox(key="ql.s_slower").check()
     at = search(at, drop=50.0)
     assert not at.exception and np.array_equal(codes_of(at), any_speed.codes)
+
+
+def test_drop_messages_speak_in_the_points_the_user_typed(app, tmp_path):
+    """The drop box takes percentage points; notes about it must not quote the metric's fraction back."""
+    from analysis.store.synthetic import explicit_run
+
+    layers = {"A": {"fp32": (1000, 0, 0), "int8": (250, 0.01, 0.895)},
+              "B": {"fp32": (2000, 0, 0), "int8": (500, 0.02, 0.89)}}
+    # all-int8 measured 0.01 under the map without its point: the projection's band is 0.01, one point
+    run = explicit_run(tmp_path / "run", layers, baseline=(0.30, 0.90),
+                       measured=[("all-int8", "uniform", {"A": "int8", "B": "int8"}, 0.33, 0.875)])
+    assert Projector(run).band > 0.005
+    at = search(app([str(run.path)], "search"), drop=0.5)
+    notes = " ".join(w.value for w in at.warning)
+    assert "is as wide as the drop budget (0.5 points)" in notes, notes
+    assert "0.005" not in notes
