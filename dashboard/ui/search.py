@@ -116,10 +116,9 @@ def _frontiers(lo: Loaded, codes: np.ndarray) -> None:
                   on_click=st.session_state.__setitem__, args=(state.frontier_key(lo.path), True))
     stamp = stamp_of(lo.path)
     axes = ["size", "latency"] if lo.has_latency else ["size"]
-    cols = st.columns(len(axes))
-    for col, axis in zip(cols, axes):
+    for axis in axes:  # one chart per row: side by side, each is too narrow to read at 1024 px
         front = frontier_frame(lo.path, stamp, axis) if on else None
-        with col:
+        with st.container():
             st.plotly_chart(metric_figure(lo, p, axis, front), key=state.search_chart_key(axis), width="stretch")
             _, missing = measured_points(lo, axis)
             if axis == "latency" and missing:

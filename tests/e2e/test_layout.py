@@ -89,3 +89,17 @@ def test_search_charts_name_every_uniform_format_with_no_label_over_another(brow
         assert "all-int8 (measured)" in legend and "all-int4 (measured)" in legend and "fp32 (measured)" in legend
         assert plot.evaluate(OVERLAPS) == [], (width, i)
     page.context.close()
+
+
+def test_search_charts_keep_a_readable_plot_area_at_1024_px(browser, dashboard, digits_run):
+    """Two frontier charts side by side left each a plot area of about 300 px at 1024 px: one per row now."""
+    page = browser.new_page(viewport={"width": 1024, "height": 1400})
+    goto(page, f"{dashboard}/search", "Search")
+    plots = page.locator(".js-plotly-plot")
+    expect(plots.first).to_contain_text("current policy (projected)", timeout=TIMEOUT)
+    want = 2 if digits_run.meta.get("latency") else 1
+    expect(plots).to_have_count(want, timeout=TIMEOUT)
+    for i in range(want):
+        width = plots.nth(i).locator(".nsewdrag").first.evaluate("e => e.getBoundingClientRect().width")
+        assert width >= 450, (i, width)
+    page.context.close()
