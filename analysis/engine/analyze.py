@@ -42,6 +42,7 @@ from analysis.engine.runfolder import RunFolder
 from analysis.engine.stats import calibrate, statistics_tables, weight_sqnr
 from analysis.engine.sweep import SweepRunner, SWEEP_CODE_VERSION
 from analysis.engine.tables import RunTables, finite_or_none
+from analysis.models.structure import Structure, without_dataflow
 from analysis.errors import InputError
 from analysis.models.loading import load_model
 from analysis.quant.act import ActivationStats
@@ -240,7 +241,14 @@ def _static_tables(runner: SweepRunner, stats: ActivationStats, fmts: list[Quant
     other = tm.other_bytes()
     measured_on = f"{tm.kind} fake-quant, {len(t.eval_inputs)} eval samples"
     return RunTables(plan, [f.name for f in fmts], runner.baseline(), runner.reaches_output(), wsqnr, histograms,
-                     clipping, cost, other, measured_on)
+                     clipping, cost, other, measured_on, structure=model_structure(tm))
+
+
+def model_structure(tm) -> Structure:
+    """Which layers feed each layer, where the adapter can read its graph (``ModelAdapter.structure``)."""
+    if not hasattr(tm, "structure"):
+        return without_dataflow(f"the {tm.kind} adapter does not read the model's graph")
+    return tm.structure()
 
 
 def _run_meta(o: SweepOptions, runner: SweepRunner, m: Metric, fmts: list[QuantFormat], plan: SweepPlan,
@@ -267,6 +275,7 @@ def _run_meta(o: SweepOptions, runner: SweepRunner, m: Metric, fmts: list[QuantF
         "observer": o.observer,
         "baseline": {"metric": tables.baseline["metric"], "loss": tables.baseline["loss"], "bytes": fp32_bytes},
         "uniform": {},
+        "structure": tables.structure.to_meta() if tables.structure else without_dataflow("not recorded").to_meta(),
         "sweep": {"path": runner.path, "path_reason": runner.path_reason, "jobs": len(plan.jobs),
                   "skipped": len(plan.skip), "executor": o.executor,
                   "workers": o.workers if o.executor != "serial" else 1, "chunk_size": o.chunk_size,

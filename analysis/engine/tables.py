@@ -11,6 +11,7 @@ import pandas as pd
 from analysis.engine.plan import SweepPlan
 from analysis.quant.sizes import policy_bytes
 from analysis.models.base import LayerInfo
+from analysis.models.structure import Structure
 from analysis.quant.primitives import sqnr_db
 
 SENS_NUMBERS = ("metric", "metric_delta", "loss", "loss_delta", "kl", "output_sqnr_db", "weight_sqnr_db")
@@ -29,11 +30,16 @@ def nonfinite_reason(rec: dict) -> str | None:
     return f"the quantized model's output held NaN or Inf {where}"
 
 
-def layers_table(layers: list[LayerInfo], reaches: dict[str, bool]) -> pd.DataFrame:
-    return pd.DataFrame([{"name": l.name, "type": l.type, "order": l.order, "weight_shape": l.weight_shape_str,
-                          "params": l.params, "macs": l.macs, "in_features": l.in_features,
-                          "out_features": l.out_features, "reaches_output": bool(reaches[l.name]),
-                          "input_group": l.input_group or l.name} for l in layers])
+def layers_table(layers: list[LayerInfo], reaches: dict[str, bool],
+                 fed_by: dict[str, list[str]] | None = None) -> pd.DataFrame:
+    """One row per layer; ``fed_by`` (the layers feeding each, a JSON list) when the model's graph was read."""
+    df = pd.DataFrame([{"name": l.name, "type": l.type, "order": l.order, "weight_shape": l.weight_shape_str,
+                        "params": l.params, "macs": l.macs, "in_features": l.in_features,
+                        "out_features": l.out_features, "reaches_output": bool(reaches[l.name]),
+                        "input_group": l.input_group or l.name} for l in layers])
+    if fed_by is not None:
+        df["fed_by"] = [json.dumps(fed_by.get(l.name, [])) for l in layers]
+    return df
 
 
 def sensitivity_table(layers: list[LayerInfo], formats: list[str], skip: dict[tuple[str, str], str],
@@ -99,13 +105,14 @@ class RunTables:
     cost: pd.DataFrame
     other_bytes: int
     measured_on: str
+    structure: Structure | None = None  # which layers feed each (models.structure); None: not read
 
     def build(self, done: dict[str, dict]) -> dict[str, pd.DataFrame]:
         """Every table of the Run with the records in ``done`` (by job key); the rest are pending."""
         plan = self.plan
         by_layer = {(j.layer, j.format): done[j.key] for j in plan.jobs if j.is_layer and j.key in done}
         by_policy = {j.policy_name: done[j.key] for j in plan.jobs if not j.is_layer and j.key in done}
-        return {"layers": layers_table(plan.layers, self.reaches),
+        return {"layers": layers_table(plan.layers, self.reaches, self.structure.fed_by if self.structure else None),
                 "sensitivity": sensitivity_table(plan.layers, self.formats, plan.skip, by_layer, self.baseline,
                                                  self.weight_sqnr),
                 "histograms": self.histograms, "clipping": self.clipping, "cost": self.cost,

@@ -54,7 +54,8 @@ class ModelAdapter(Protocol):
     """What the engine needs from a model, whatever the framework (``TorchModel``, ``OnnxModel``).
 
     The engine drives a model only through these: it never touches torch modules or ONNX graphs.
-    Optional: ``incremental(x) -> (Recompute | None, reason)`` for downstream-only recomputation.
+    Optional: ``incremental(x) -> (Recompute | None, reason)`` for downstream-only recomputation;
+    ``structure() -> models.structure.Structure``, which layers feed each layer (the Model view's edges).
     """
 
     name: str

@@ -25,6 +25,7 @@ from onnx import TensorProto, helper
 from analysis.quant.formats import QuantFormat, get_format
 from analysis.models.base import LayerInfo, ModelError
 from analysis.data.batch import repeat_to, sample_shapes, take, to_numpy
+from analysis.models.structure import Structure, onnx_structure
 from analysis.models.onnx_io import InputBinding, bind_input
 from analysis.models.outputs import OutputSpec, output_spec
 from analysis.models.onnx_graph import (OnnxLayer, downstream_tensors, dynamic_skip_reason, find_layers, from_oik,
@@ -302,6 +303,10 @@ class OnnxModel:
     def reaches_output(self, x=None) -> dict[str, bool]:
         compared = {self.outputs.outputs[i].name for i in self.outputs.selected}
         return {l.name: bool(compared & downstream_tensors(self.model, l.output)) for l in self._olayers}
+
+    def structure(self) -> Structure:
+        """Which layers feed each layer, from the graph's node list."""
+        return onnx_structure(self.model, [l.name for l in self._olayers])
 
     # ---- engine hooks --------------------------------------------------------------------------
     def activation_stats(self, calib_batches):

@@ -20,6 +20,7 @@ from analysis.quant.formats import DYNAMIC_CONV_REASON, QuantFormat, get_format
 from analysis.data.batch import repeat_to, sample_shapes, take, to_numpy
 from analysis.models.base import LayerInfo, ModelError
 from analysis.models.outputs import OutputSpec, flatten_outputs, output_spec
+from analysis.models.structure import Structure, fx_structure
 from analysis.models.torch_graph import UNSET, BatchValues, Carried, InplaceError, TracedGraph
 from analysis.quant.act import ActivationStats, ActQuant, check_finite, fake_quantize_dynamic
 from analysis.quant.primitives import (HIST_BINS, RangeObserver, StreamingHistogram, fake_quantize_weight, group_size_error,
@@ -325,6 +326,10 @@ class TorchModel:
             finally:
                 h.remove()
         return out
+
+    def structure(self) -> Structure:
+        """Which layers feed each layer, from the module's ``torch.fx`` trace (none when it does not trace)."""
+        return fx_structure(self.module, [info.name for info in self._layers])
 
     def incremental(self, x: torch.Tensor) -> tuple["TorchRecompute | None", str]:
         """The capability to recompute only what lies downstream of a layer, checked on ``x`` for every

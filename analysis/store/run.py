@@ -6,7 +6,8 @@ into place, so a reader sees either no Run or a whole one.
 
 Tables (schema ``quantlens.run/1``; columns are listed in ``TABLE_COLUMNS``):
 
-* ``layers``      one row per quantizable layer, in execution order
+* ``layers``      one row per quantizable layer, in execution order; optional column ``fed_by`` (JSON list of
+                  the layers feeding it, ``Run.fed_by``) where the model's graph was read (``meta["structure"]``)
 * ``sensitivity`` one row per layer x format: the task metric and losses with only that layer quantized
 * ``histograms``  one row per layer x tensor (weight / input / output): a fixed-bin histogram
 * ``clipping``    one row per layer x tensor x format: calibrated clip range, clipped share, SQNR;
@@ -89,6 +90,11 @@ class Run:
     @property
     def layer_names(self) -> list[str]:
         return self.layers.sort_values("order")["name"].tolist()
+
+    def fed_by(self) -> dict[str, list[str]] | None:
+        """Per layer, the layers that feed it (``layers`` column ``fed_by``), or None when the Run does not
+        record dataflow (older Runs, models whose graph was not read: ``meta["structure"]`` says why)."""
+        return parse_fed_by(self.layers, self.path / "layers.parquet")
 
     def bytes_table(self) -> pd.DataFrame:
         """Bytes per layer (rows, execution order) and format (columns)."""
@@ -291,6 +297,23 @@ def _check_meta(meta, meta_path: Path) -> None:
 NUMERIC_COLUMNS = {"layers": ("order",), "cost": ("bytes",), "sensitivity": ("metric", "loss", "loss_delta", "kl")}
 
 
+def parse_fed_by(layers: pd.DataFrame, file: Path) -> dict[str, list[str]] | None:
+    """The optional ``fed_by`` column (a JSON list of layer names per row) as a dict, checked; None when absent
+    or empty in every row."""
+    if "fed_by" not in layers.columns or layers["fed_by"].isna().all():
+        return None
+    known, out = set(layers["name"]), {}
+    for name, cell in zip(layers["name"], layers["fed_by"]):
+        try:
+            value = json.loads(cell) if isinstance(cell, str) else None
+        except json.JSONDecodeError:
+            value = None
+        if not isinstance(value, list) or not all(isinstance(v, str) and v in known for v in value):
+            raise RunError(f"{file}: column 'fed_by' of layer {name!r} must be a JSON list of layer names, got {cell!r:.80}")
+        out[name] = value
+    return out
+
+
 def _check_tables(tables: dict[str, pd.DataFrame], meta: dict, path: Path) -> None:
     """Tables that disagree with each other or with run.json are refused, naming the table and field:
     downstream numbers (projections, sizes, the URL codec) would silently be wrong otherwise."""
@@ -304,6 +327,7 @@ def _check_tables(tables: dict[str, pd.DataFrame], meta: dict, path: Path) -> No
         raise RunError(f"{path / 'layers.parquet'}: column 'name' must hold strings")
     if names.duplicated().any():
         raise RunError(f"{path / 'layers.parquet'}: layer {names[names.duplicated()].iloc[0]!r} appears twice")
+    parse_fed_by(layers, path / "layers.parquet")
     known, formats = set(names), list(meta["formats"])
     allowed = {"sensitivity": set(formats), "clipping": set(formats), "cost": {"fp32", *formats}}
     for name in ("sensitivity", "histograms", "clipping", "cost"):

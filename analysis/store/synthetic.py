@@ -31,19 +31,43 @@ GROUP = 32
 SYNTHETIC_NOTE = "synthetic: generated numbers, not a measurement"
 
 
+CONV_ROLES, LINEAR_ROLES = ("conv1", "conv2"), ("attn", "proj", "fc1", "fc2")  # per residual block
+
+
 def _layer_shapes(n: int, rng: np.random.Generator) -> list[tuple[str, str, int, int, int]]:
-    """(name, type, out, K, spatial) per layer; spatial = output positions per sample."""
+    """(name, type, out, K, spatial) per layer; spatial = output positions per sample. A third are convolutions
+    in ResNet-like blocks of two (``features.B.conv1``), the rest Linear layers in transformer-like blocks of four
+    (``blocks.B.attn``, ``.proj``, ``.fc1``, ``.fc2``)."""
     shapes = []
     n_conv = n // 3
     for i in range(n):
         if i < n_conv:
             cin = 3 if i == 0 else int(rng.choice([16, 32, 64, 128]))
             cout = int(rng.choice([16, 32, 64, 128]))
-            shapes.append((f"features.{i}.conv", "Conv2d", cout, cin * 9, int(rng.choice([64, 256, 1024]))))
+            name = f"features.{i // 2}.{CONV_ROLES[i % 2]}"
+            shapes.append((name, "Conv2d", cout, cin * 9, int(rng.choice([64, 256, 1024]))))
         else:
             k = int(rng.choice([64, 128, 256, 512, 100]))  # 100: not a multiple of the int4 group
-            shapes.append((f"blocks.{i - n_conv}.fc", "Linear", int(rng.choice([64, 128, 256, 512])), k, 1))
+            j = i - n_conv
+            shapes.append((f"blocks.{j // 4}.{LINEAR_ROLES[j % 4]}", "Linear", int(rng.choice([64, 128, 256, 512])), k, 1))
     return shapes
+
+
+def _fed_by(names: list[str]) -> list[list[str]]:
+    """Which layers feed each, as ``analysis.models.structure`` records a residual network: a block's first
+    layer reads the residual stream (its two latest writers), its second the first; the second's output is
+    added into the stream (``conv2``, ``proj``, ``fc2``)."""
+    stream_raw: list[str] = []  # layers meeting in the stream now
+    stream_last: list[str] = []  # the stream as a branch of the next sum: its latest writer
+    out = []
+    for i, name in enumerate(names):
+        role = name.rsplit(".", 1)[1]
+        if role in ("conv1", "attn", "fc1"):
+            out.append(list(stream_raw))
+        else:
+            out.append([names[i - 1]])
+            stream_raw, stream_last = [*stream_last, name], [name]
+    return out
 
 
 def _bytes(out: int, k: int) -> dict[str, int]:
@@ -101,12 +125,13 @@ def synthetic_run(path: str | os.PathLike, n_layers: int, seed: int = 0, *, n_ra
              "int4": 0.9 * weight * rng.uniform(0.7, 1.3, n_layers)}
 
     layers, sens, hists, clip, cost = [], [], [], [], []
+    fed_by = _fed_by([s[0] for s in shapes])
     int4_ok = np.array([k % GROUP == 0 for (_, _, _, k, _) in shapes])
     for i, (name, typ, out, k, spatial) in enumerate(shapes):
         shape = f"{out}x{k // 9}x3x3" if typ == "Conv2d" else f"{out}x{k}"
         layers.append({"name": name, "type": typ, "order": i, "weight_shape": shape, "params": out * k + out,
                        "macs": out * k * spatial, "in_features": k, "out_features": out,
-                       "reaches_output": bool(reaches[i])})
+                       "reaches_output": bool(reaches[i]), "fed_by": json.dumps(fed_by[i])})
         w_b = float(rng.uniform(0.01, 0.05))
         w_absmax = w_b * float(rng.uniform(6, 10))
         a_hi = float(rng.uniform(2, 8))
@@ -190,6 +215,7 @@ def synthetic_run(path: str | os.PathLike, n_layers: int, seed: int = 0, *, n_ra
         "formats": ["int8", "int4"], "format_specs": {}, "observer": "minmax",
         "baseline": {"metric": base_metric, "loss": base_loss, "bytes": other_bytes + fp32_layers},
         "uniform": uniform,
+        "structure": {"source": "synthetic: generated residual blocks"},
         "sweep": {"path": "synthetic", "jobs": len(sens), "seconds": 0.0},
         "versions": {}, "seed": seed, "cpu": {},
     }
