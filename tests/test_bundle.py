@@ -9,7 +9,8 @@ import zipfile
 import pandas as pd
 import pytest
 
-from analysis.store.bundle import MANIFEST, RUN_FILES, BundleError, BundleLimits, open_bundle, write_bundle
+from analysis.store.bundle import (MANIFEST, OPTIONAL_RUN_FILES, RUN_FILES, BundleError, BundleLimits, open_bundle,
+                                   write_bundle)
 from analysis.cli.main import main
 from analysis.store.run import TABLES
 
@@ -43,7 +44,7 @@ def refused(data, tmp_path, match: str, **kw):
 
 
 def test_round_trip(digits_run, bundle_bytes, tmp_path):
-    assert sorted(members(bundle_bytes)) == sorted([MANIFEST, *RUN_FILES])  # no jobs/, no model
+    assert sorted(members(bundle_bytes)) == sorted([MANIFEST, *RUN_FILES, *OPTIONAL_RUN_FILES])  # no jobs/, no model
     for source in (bundle_bytes, io.BytesIO(bundle_bytes)):
         dest = tmp_path / f"run{id(source)}"
         run = open_bundle(source, dest)

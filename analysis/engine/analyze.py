@@ -39,7 +39,8 @@ from analysis.engine.executors import (CHUNKS_PER_WORKER, EXECUTORS, MIN_CHUNKS,
                                        balanced_chunks, chunked, open_pool)
 from analysis.engine.plan import SweepPlan, plan_sweep
 from analysis.engine.runfolder import RunFolder
-from analysis.engine.stats import calibrate, statistics_tables, weight_sqnr
+from analysis.engine.channels import weight_tables
+from analysis.engine.stats import calibrate, statistics_tables
 from analysis.engine.sweep import SweepRunner, SWEEP_CODE_VERSION
 from analysis.engine.tables import RunTables, finite_or_none
 from analysis.models.structure import Structure, without_dataflow
@@ -232,16 +233,17 @@ def _calibrate(o: SweepOptions, runner: SweepRunner, fmts: list[QuantFormat], to
 
 def _static_tables(runner: SweepRunner, stats: ActivationStats, fmts: list[QuantFormat], plan: SweepPlan) -> RunTables:
     """What the Run shows before any job finishes: layers, histograms, clipping, cost, the FP32 baseline
-    (which refuses a model whose FP32 output holds NaN or Inf), and the weights' SQNR per format."""
+    (which refuses a model whose FP32 output holds NaN or Inf), the weights' SQNR per format, and per
+    output channel (``analysis.engine.channels``)."""
     tm, t = runner.model, runner.task
-    wsqnr = {(l.name, f.name): weight_sqnr(tm.weight(l.name), tm.fake_weight(l.name, f)) if f.weight else math.inf
-             for l in plan.layers for f in fmts if (l.name, f.name) not in plan.skip}
+    wsqnr, channels = weight_tables(tm, plan.layers, fmts, plan.skip)
     histograms, clipping = statistics_tables(tm, stats, fmts)
     cost = cost_table(plan.layers, [FP32, *fmts], plan.skip)
     other = tm.other_bytes()
     measured_on = f"{tm.kind} fake-quant, {len(t.eval_inputs)} eval samples"
     return RunTables(plan, [f.name for f in fmts], runner.baseline(), runner.reaches_output(), wsqnr, histograms,
-                     clipping, cost, other, measured_on, structure=model_structure(tm))
+                     clipping, cost, other, measured_on, channels=channels,
+                     structure=model_structure(tm))
 
 
 def model_structure(tm) -> Structure:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from analysis.engine.jobstore import JobStore
-from analysis.store.run import Run, clean_leftovers, load_run, write_run
+from analysis.store.run import OPTIONAL_TABLES, Run, clean_leftovers, load_run, write_optional_table, write_run
 
 
 class RunFolder:
@@ -42,6 +42,9 @@ class RunFolder:
         if self.resume:
             self.run = load_run(self.out)
             self.run.meta.update({k: v for k, v in meta.items() if k != "created"})
+            for name in OPTIONAL_TABLES:  # a Run begun by a version without the table gets it now
+                if name in tables and not (self.out / f"{name}.parquet").is_file():
+                    write_optional_table(self.run, name, tables[name])
         elif self.replacing:
             self.stage = Path(tempfile.mkdtemp(dir=self.out.parent, prefix=f".{self.out.name}.staging-{os.getpid()}-"))
             self.run = write_run(self.stage / self.out.name, meta, tables)

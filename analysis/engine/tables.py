@@ -105,6 +105,7 @@ class RunTables:
     cost: pd.DataFrame
     other_bytes: int
     measured_on: str
+    channels: pd.DataFrame | None = None  # per-output-channel weight statistics (analysis.engine.channels)
     structure: Structure | None = None  # which layers feed each (models.structure); None: not read
 
     def build(self, done: dict[str, dict]) -> dict[str, pd.DataFrame]:
@@ -112,9 +113,12 @@ class RunTables:
         plan = self.plan
         by_layer = {(j.layer, j.format): done[j.key] for j in plan.jobs if j.is_layer and j.key in done}
         by_policy = {j.policy_name: done[j.key] for j in plan.jobs if not j.is_layer and j.key in done}
-        return {"layers": layers_table(plan.layers, self.reaches, self.structure.fed_by if self.structure else None),
-                "sensitivity": sensitivity_table(plan.layers, self.formats, plan.skip, by_layer, self.baseline,
-                                                 self.weight_sqnr),
-                "histograms": self.histograms, "clipping": self.clipping, "cost": self.cost,
-                "policies": policies_table(self.baseline, by_policy, plan.policies, self.cost, self.other_bytes,
-                                           self.measured_on, plan.kinds)}
+        tables = {"layers": layers_table(plan.layers, self.reaches, self.structure.fed_by if self.structure else None),
+                  "sensitivity": sensitivity_table(plan.layers, self.formats, plan.skip, by_layer, self.baseline,
+                                                   self.weight_sqnr),
+                  "histograms": self.histograms, "clipping": self.clipping, "cost": self.cost,
+                  "policies": policies_table(self.baseline, by_policy, plan.policies, self.cost, self.other_bytes,
+                                             self.measured_on, plan.kinds)}
+        if self.channels is not None:
+            tables["channels"] = self.channels
+        return tables

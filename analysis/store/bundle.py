@@ -1,8 +1,8 @@
 """Run bundles: one ``.qlrun`` file (a zip) that carries a Run to a teammate.
 
 A bundle holds ``bundle.json`` (a manifest: schema, each member's size and sha256),
-``run.json`` and the Run's Parquet tables, and with ``with_model`` the model file(s)
-under ``model/`` (``.onnx``, ``.onnx.data``, ``.safetensors`` only: no pickle). The
+``run.json`` and the Run's Parquet tables (``channels.parquet`` when the Run has it), and with
+``with_model`` the model file(s) under ``model/`` (``.onnx``, ``.onnx.data``, ``.safetensors`` only: no pickle). The
 sweep's ``jobs/`` records are left out: they are the resume cache of a sweep, every
 result in them is already in the tables, and resuming needs the model, the data and
 the paths of the machine that ran it.
@@ -36,12 +36,13 @@ from pathlib import Path
 from typing import BinaryIO
 
 from analysis.store.atomic import atomic_path
-from analysis.store.run import TABLES, Run, RunError, load_run
+from analysis.store.run import OPTIONAL_TABLES, TABLES, Run, RunError, load_run
 from analysis.errors import InputError
 
 BUNDLE_SCHEMA = "quantlens.bundle/1"
 MANIFEST = "bundle.json"
 RUN_FILES = ("run.json", *(f"{t}.parquet" for t in TABLES))
+OPTIONAL_RUN_FILES = tuple(f"{t}.parquet" for t in OPTIONAL_TABLES)  # carried when the Run has them
 MODEL_DIR = "model"
 MODEL_SUFFIXES = (".onnx", ".onnx.data", ".safetensors")
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -72,7 +73,7 @@ def _is_model_member(name: str) -> bool:
 def _member_limit(name: str, limits: BundleLimits) -> int:
     if name.endswith(".json"):
         return limits.max_json_bytes
-    return limits.max_table_bytes if name in RUN_FILES else limits.max_model_bytes
+    return limits.max_table_bytes if name in RUN_FILES or name in OPTIONAL_RUN_FILES else limits.max_model_bytes
 
 
 def _sha256_file(path: Path) -> str:
@@ -120,6 +121,7 @@ def write_bundle(run_dir: str | os.PathLike, out: str | os.PathLike, *, with_mod
     if not out.parent.is_dir():
         raise BundleError(f"{out.parent}: folder does not exist")
     members = [(name, run.path / name) for name in RUN_FILES]
+    members += [(name, run.path / name) for name in OPTIONAL_RUN_FILES if (run.path / name).is_file()]
     if with_model:
         members += [(f"{MODEL_DIR}/{p.name}", p) for p in _model_files(run)]
     files = {name: {"bytes": p.stat().st_size, "sha256": _sha256_file(p)} for name, p in members}
@@ -145,9 +147,10 @@ def _check_members(zf: zipfile.ZipFile, where: str, limits: BundleLimits) -> lis
             raise BundleError(f"{where}: member {name!r} has an unsafe path")
         if stat.S_ISLNK(info.external_attr >> 16):
             raise BundleError(f"{where}: member {name!r} is a symbolic link")
-        if name != MANIFEST and name not in RUN_FILES and not _is_model_member(name):
+        if name != MANIFEST and name not in RUN_FILES and name not in OPTIONAL_RUN_FILES and not _is_model_member(name):
             raise BundleError(f"{where}: unknown member {name!r}; a bundle holds {MANIFEST}, "
-                              f"{', '.join(RUN_FILES)} and {MODEL_DIR}/*{{{','.join(MODEL_SUFFIXES)}}}")
+                              f"{', '.join(RUN_FILES)}, optionally {', '.join(OPTIONAL_RUN_FILES)}, "
+                              f"and {MODEL_DIR}/*{{{','.join(MODEL_SUFFIXES)}}}")
         if name in seen:
             raise BundleError(f"{where}: member {name!r} appears twice")
         seen.add(name)

@@ -16,6 +16,8 @@ Tables (schema ``quantlens.run/1``; columns are listed in ``TABLE_COLUMNS``):
                   columns: older Runs lack them and still open)
 * ``cost``        one row per layer x format (fp32 included): exact bytes, measured latency
 * ``policies``    one row per whole-model policy that was measured (baseline, uniform, mixed)
+* ``channels``    optional, one row per layer x output channel: weight min/max, each format's step and
+                  SQNR (``analysis.store.channels``; Runs written before it lack the file and still open)
 """
 from __future__ import annotations
 
@@ -53,6 +55,7 @@ TABLE_COLUMNS: dict[str, list[str]] = {
                  "measured_on", "projected_metric", "projected_band"],
 }
 TABLES = tuple(TABLE_COLUMNS)
+OPTIONAL_TABLES = ("channels",)  # written when given, not read by load_run (analysis.store.channels reads it)
 
 
 class RunError(InputError):
@@ -159,7 +162,7 @@ def write_run(path: str | os.PathLike, meta: dict, tables: dict[str, pd.DataFram
     clean_leftovers(path)
     stage = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.staging-{os.getpid()}-"))
     try:
-        for name in TABLES:
+        for name in (*TABLES, *(t for t in OPTIONAL_TABLES if t in tables)):
             _write_table(tables[name], stage / f"{name}.parquet")
         (stage / "run.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
         if path.exists():
@@ -188,6 +191,14 @@ def replace_table(run: Run, name: str, df: pd.DataFrame) -> None:
     with atomic_path(run.path / f"{name}.parquet") as tmp:
         _write_table(df, tmp)
     run.tables[name] = df.reset_index(drop=True)
+
+
+def write_optional_table(run: Run, name: str, df: pd.DataFrame) -> None:
+    """Write one of ``OPTIONAL_TABLES`` into an existing Run atomically (it is not kept in ``run.tables``)."""
+    if name not in OPTIONAL_TABLES:
+        raise RunError(f"unknown optional table '{name}'; known: {', '.join(OPTIONAL_TABLES)}")
+    with atomic_path(run.path / f"{name}.parquet") as tmp:
+        _write_table(df, tmp)
 
 
 def _read_parquet(file: Path) -> pd.DataFrame:
