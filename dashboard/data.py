@@ -17,7 +17,7 @@ import streamlit as st
 
 from analysis.api import FORMAT_CODE, POLICY_FORMATS
 from analysis.api import Projector
-from analysis.api import TABLES, Run, RunError, load_run
+from analysis.api import TABLES, Run, RunError, load_run, read_channels
 
 MB = 1e6
 
@@ -128,6 +128,24 @@ def open_run(path: str) -> Loaded | str:
 
 def stamp_of(path: str) -> tuple[float, ...]:
     return _stamp(path)
+
+
+def channel_rows(path: str, layer: str) -> pd.DataFrame | str | None:
+    """One layer's rows of the Run's ``channels`` table; None when the Run predates it, the reason when the
+    file cannot be read. Read again when the file changes (a resumed sweep writes it into an older Run)."""
+    try:
+        stamp = os.stat(Path(path) / "channels.parquet").st_mtime_ns
+    except OSError:
+        return None
+    try:
+        return _channel_rows(str(Path(path).resolve()), layer, stamp)
+    except RunError as e:
+        return str(e)
+
+
+@st.cache_resource(show_spinner=False, max_entries=64)
+def _channel_rows(path: str, layer: str, stamp: int) -> pd.DataFrame | None:
+    return read_channels(path, layer)
 
 
 @st.cache_resource(show_spinner=False, max_entries=8)

@@ -1,4 +1,5 @@
-"""Activations: a layer's weight and activation histograms with the INT8 / INT4 ranges and grids."""
+"""Activations: a layer's weight and activation histograms with the INT8 / INT4 ranges and grids, and its
+weights' range per output channel against the per-tensor and per-channel INT8 steps."""
 from __future__ import annotations
 
 import math
@@ -8,10 +9,11 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from analysis.api import get_format
+from analysis.api import channel_formats, get_format, step_column
 from dashboard import state
 from dashboard.components import EMPTY, require_run
-from dashboard.data import Loaded
+from dashboard.data import Loaded, channel_rows
+from dashboard.ui.channel_chart import OUTLIER_RATIO, channel_figure, channel_frame, channel_summary
 
 COLORS = {"int8": "#4C78A8", "int4": "#E45756", "int8-dyn": "#54A24B"}
 TENSORS = {"weight": "Weight", "input": "Input activation", "output": "Output activation"}
@@ -77,6 +79,46 @@ def _figure(lo: Loaded, layer: str, tensor: str, log_y: bool) -> tuple[go.Figure
     return fig, notes
 
 
+def _grid_format(lo: Loaded, rows: pd.DataFrame) -> tuple[str, int, bool]:
+    """(format, qmax, measured) of the INT8 grid drawn: the Run's first format with symmetric 8-bit per-channel
+    weights whose step the table holds, else the engine's ``int8`` (steps derived from |max|, not measured)."""
+    for fmt in [f for f in lo.run.formats if f in channel_formats(rows)]:
+        try:
+            w = get_format(fmt).weight
+        except KeyError:
+            continue
+        if w is not None and w.bits == 8 and w.symmetric and w.granularity.kind == "per_channel":
+            return fmt, 2 ** (w.bits - 1) - 1, True
+    return "int8", 2 ** (get_format("int8").weight.bits - 1) - 1, False
+
+
+def _channels(lo: Loaded, layer: str) -> None:
+    """Per-output-channel weight ranges with the INT8 grid, or why the Run has none."""
+    st.subheader("Weight range per output channel")
+    rows = channel_rows(lo.path, layer)
+    if rows is None:
+        st.caption("This Run predates per-channel weight statistics (no channels.parquet); analyse the model again, "
+                   "or finish it with `quantlens analyze ... --resume`, to see them.")
+        return
+    if isinstance(rows, str) or not len(rows):
+        st.caption(rows if isinstance(rows, str) else f"The Run's channels table holds no row for {layer}.")
+        return
+    fmt, qmax, measured = _grid_format(lo, rows)
+    df = channel_frame(rows, qmax, step_column(fmt) if measured else None)
+    s = channel_summary(df)
+    sort = st.toggle("sort by range (widest first)", value=False, key=state.ACT_CHANNEL_SORT)
+    st.plotly_chart(channel_figure(df, qmax, sort_by_range=sort, fmt=fmt.upper()), width="stretch",
+                    key=state.ACT_CHANNEL_CHART)
+    red = (f"{s.outliers} red channel(s) above {OUTLIER_RATIO:g}× the median |max| set" if s.outliers
+           else "No channel stands out: the widest sets")
+    st.caption(f"What to look for: {red} the per-tensor {fmt.upper()} step ({s.tensor_step:.3g}), at which the median "
+               f"channel spans only {s.median_span_tensor:.0f} of {2 * qmax} steps; per-channel {fmt.upper()} "
+               f"(what this engine's {fmt} does) gives it {s.median_span_channel:.0f}."
+               + ("" if measured else f" Steps derived from |max| / {qmax}: this Run did not measure {fmt}.")
+               + (" Layer wider than the table keeps: each bar summarises consecutive channels."
+                  if s.summarised else ""))
+
+
 def render() -> None:
     """The Activations page (registered in dashboard/pages.py)."""
     lo = require_run()
@@ -99,6 +141,8 @@ def render() -> None:
         st.plotly_chart(fig, width="stretch", key=state.hist_key(tensor))
         if notes:
             st.caption(" · ".join(notes))
+
+    _channels(lo, layer)
 
     clip = lo.run.clipping
     rows = clip[clip["layer"] == layer]
