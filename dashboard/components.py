@@ -9,8 +9,8 @@ import numpy as np
 import streamlit as st
 
 from analysis.api import FORMAT_CODE, POLICY_FORMATS
-from analysis.api import Projection
-from dashboard import state
+from analysis.api import Projection, run_writer
+from dashboard import progress, state
 from dashboard.data import MB, Loaded, open_run
 
 
@@ -91,9 +91,10 @@ def sidebar() -> None:
         if dirs:
             labels = []
             for p in dirs:
-                lo = open_run(p)
-                ok = isinstance(lo, Loaded)
-                labels.append(f"{lo.name} — {Path(p).name}" if ok else f"⚠ {Path(p).name} (cannot open)")
+                lo, busy = open_run(p), run_writer(p) is not None
+                tail = " (being analysed)" if busy else ""
+                labels.append(f"{lo.name} — {Path(p).name}{tail}" if isinstance(lo, Loaded)
+                              else f"⏳ {Path(p).name}{tail}" if busy else f"⚠ {Path(p).name} (cannot open)")
             # keyed and set from the active Run on every run: an unkeyed box with index=active would be a new
             # widget whenever the active Run changed, and drop the next pick
             st.session_state[state.RUN_PICK] = min(int(st.session_state.get(state.ACTIVE, 0)), len(dirs) - 1)
@@ -142,6 +143,8 @@ def partial_banner(lo: Loaded) -> None:
 def require_run() -> Loaded:
     """The active Run, or a message on the page and a stop."""
     lo = state.active()
+    if progress.watch():  # the active Run is being analysed and not written yet: its box is the page
+        st.stop()
     if lo is None:
         st.info("No Run is open. Start with `quantlens dashboard RUN_DIR` (a folder written by "
                 "`quantlens analyze`), or type a Run folder in the sidebar.")
@@ -153,7 +156,10 @@ def require_run() -> Loaded:
     if lo.synthetic:
         st.info("**Synthetic Run** — generated numbers for testing the dashboard; nothing here was measured.",
                 icon=":material/science:")
-    if lo.run.status != "complete":
+    if lo.run.status != "complete" and run_writer(lo.path) is not None:  # its box above says how far it is
+        st.caption("Partial Run: layers not measured yet are marked NOT MEASURED YET in the Layers table and stay "
+                   "FP32; every projection covers the layers measured so far.")
+    elif lo.run.status != "complete":
         partial_banner(lo)
     state.show_notices()
     return lo

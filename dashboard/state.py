@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import streamlit as st
 
-from analysis.api import Policy, PolicyError, decode_url_token, encode_codes, policy_from_codes
+from analysis.api import Policy, PolicyError, decode_url_token, encode_codes, policy_from_codes, run_writer
 from dashboard.data import Loaded, open_run
 
 # --- session data
@@ -36,6 +36,7 @@ BUNDLE_SEEN = "ql.bundle_seen"  # file id of the Run bundle last opened
 VERIFY_WATCH = "ql.verify_watch"  # id of a job this session saw running: when it ends, the whole page reruns once
 VERIFY_OWN = "ql.verify_own"  # ids of the verify jobs this session started: only their outcome is shown here
 FRAGMENT_MS = "ql.fragment_ms"  # last Layers fragment render time on the server, for the benchmark
+WATCHED = "ql.watched"  # {Run path: files stamp}: Runs seen being analysed in this session (dashboard/progress.py)
 QP_RUN, QP_POLICY = "run", "p"
 
 # --- widget keys, by page
@@ -70,6 +71,11 @@ def bars_top_key(path: str) -> str:
 
 def hist_key(tensor: str) -> str:
     return f"ql.hist_{tensor}"
+
+
+def watch_button_key(path: str) -> str:
+    """The "Open" button of a Run being analysed (dashboard/progress.py)."""
+    return f"ql.watch_open::{path}"
 
 
 # --- per Run
@@ -179,6 +185,8 @@ def _restore_from_url() -> None:
     qp = st.query_params
     name, token = qp.get(QP_RUN), qp.get(QP_POLICY)
     if not name and not token:
+        if ACTIVE not in st.session_state:
+            st.session_state[ACTIVE] = default_index()
         return
     idx, note = _run_of_link(name, token)
     if note:
@@ -198,13 +206,27 @@ def _restore_from_url() -> None:
         notice(msg)
 
 
+def default_index() -> int:
+    """The Run a session opens on when its address names none: the first complete Run no process is still
+    writing (``quantlens demo`` lists MiniLM first: it opens once its background analysis is done, digits
+    until then), else the first that opens, else the first."""
+    dirs = run_dirs()
+    opened = [(i, lo) for i, p in enumerate(dirs) if isinstance(lo := open_run(p), Loaded)]
+    done = [i for i, lo in opened if lo.run.status == "complete" and run_writer(lo.path) is None]
+    return (done or [i for i, _ in opened] or [0])[0]
+
+
+def active_index() -> int:
+    """Index of the active Run in :func:`run_dirs` (0 when none is open)."""
+    return min(max(int(st.session_state.get(ACTIVE, 0)), 0), max(len(run_dirs()) - 1, 0))
+
+
 def active() -> Loaded | str | None:
     """The active Run, a message saying why it cannot be opened, or None when no Run is open."""
     dirs = run_dirs()
     if not dirs:
         return None
-    idx = min(max(int(st.session_state.get(ACTIVE, 0)), 0), len(dirs) - 1)
-    return open_run(dirs[idx])
+    return open_run(dirs[active_index()])
 
 
 def init() -> None:

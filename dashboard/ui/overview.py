@@ -11,6 +11,7 @@ from dashboard import state
 from dashboard.components import (EMPTY, fmt_mb, fmt_metric, fmt_ms, headline, latency_unit, metric_label,
                                   projection_kind, require_run)
 from dashboard.data import Loaded
+from dashboard.progress import measured_layers
 from dashboard.ui.charts import metric_figure
 
 
@@ -93,6 +94,15 @@ def _scatter(lo: Loaded, p) -> go.Figure:
                          title="Size vs metric: measured policies and the current policy (projected ± band)")
 
 
+def _partial_note(lo: Loaded) -> str:
+    """What a projection from an unfinished sweep stands on: the layers measured so far."""
+    measured, n = measured_layers(lo)
+    whole = int(lo.run.policies["metric"].map(math.isfinite).sum())
+    return (f"Partial: {measured} of {n} layers measured so far (in one format or more). Layers not measured stay "
+            f"FP32 in every policy (the Layers table marks them), and the error band rests on the {whole} "
+            f"whole-model polic{'y' if whole == 1 else 'ies'} measured so far.")
+
+
 def render() -> None:
     """The Overview page (registered in dashboard/pages.py)."""
     lo = require_run()
@@ -108,7 +118,10 @@ def render() -> None:
             st.caption(f"Uniform {fmt.upper()} kept {len(skipped)} layer(s) at FP32 that cannot take it: "
                        + ", ".join(skipped[:10]) + (" …" if len(skipped) > 10 else ""))
 
-    st.subheader("Current policy (projected)")
+    st.subheader("Current policy (projected)" if lo.run.status == "complete" else
+                 "Current policy (projected from a partial Run)")
+    if lo.run.status != "complete":
+        st.caption(_partial_note(lo))
     codes = state.codes(lo)
     proj = lo.projector.project(codes)
     headline(lo, proj, codes)
