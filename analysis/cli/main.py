@@ -14,14 +14,13 @@ import math
 import sys
 from pathlib import Path
 
+from analysis.cli.demo_verb import add_demo, cmd_demo
 from analysis.cli.library_log import library_log
 from analysis.cli.paths import UsageError, input_file, output_file, output_folder
 from analysis.cli.runtime_verbs import register as register_runtime_verbs
 from analysis.cli.search_verb import register as register_search_verb
 from analysis.quant.formats import OBSERVERS
 from analysis.errors import InputError
-
-DEFAULT_DEMO_RUN = Path("runs") / "digits"
 
 
 def _add_analyze(sub) -> None:
@@ -192,80 +191,6 @@ def most_sensitive_rows(run, n: int = 5):
     return ranked.head(n).drop(columns=["_harm", "_tie"]), with_kl
 
 
-DEMOS = {"digits": ("demo:digits", "digits"), "minilm": ("demo:minilm", "minilm")}  # Run name -> model, task
-# Per-layer latency comes from one profiled run per format (not 72 single-layer models): MiniLM's takes
-# about a third of its sweep's time, so both demos measure it
-DEMO_LATENCY = {"digits": True, "minilm": True}
-# MiniLM is all Linear layers: it measures dynamic INT8 too, the format onnxruntime runs fastest on CPUs
-DEMO_FORMATS = {"digits": ("int8", "int4"), "minilm": ("int8", "int4", "int8-dyn")}
-
-
-def _add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="analyse the bundled demo models (if not done yet) and serve the dashboard on them",
-                       description="Without a name: the digits CNN (analysed in seconds if missing) plus the MiniLM "
-                                   "Run if it was computed before. 'minilm' or 'all' computes the MiniLM Run on "
-                                   "first use (a few minutes, with a progress bar; an interrupted one resumes).")
-    p.add_argument("which", nargs="?", choices=("digits", "minilm", "all"), default=None,
-                   help="digits (a CNN on 8x8 digits), minilm (all-MiniLM-L6-v2 sentence embeddings) or all")
-    p.add_argument("--runs", default="runs", help="folder for demo Runs (default: runs)")
-    p.add_argument("--port", type=int, default=None)
-    p.add_argument("--no-serve", action="store_true", help="only make sure the demo Runs exist and print their summaries")
-
-
-def _demo_run(name: str, runs: Path):
-    """The demo's Run under ``runs``: found, resumed if it was interrupted, or analysed now."""
-    from analysis.engine.allocator import keep_freed_memory
-    from analysis.api import analyze
-    from analysis.store.run import RunError, load_run
-
-    keep_freed_memory()
-    model, task = DEMOS[name]
-    out = runs / name
-    try:
-        run = load_run(out)
-    except RunError:
-        run = None
-    if run is not None and run.meta.get("status") == "complete":
-        print(f"demo Run found at {out}")
-        return run
-    if run is not None:
-        print(f"resuming the interrupted {model} Run at {out} ...", file=sys.stderr)
-        return analyze(model, task, out, threads=1, resume=True, latency=DEMO_LATENCY[name], formats=run.formats)
-    print(f"analysing {model} into {out} ...", file=sys.stderr)
-    return analyze(model, task, out, threads=1, overwrite=out.exists(), latency=DEMO_LATENCY[name],
-                   formats=DEMO_FORMATS[name])
-
-
-def _complete(folder: Path) -> bool:
-    from analysis.store.run import RunError, load_run
-
-    try:
-        return load_run(folder).meta.get("status") == "complete"
-    except RunError:
-        return False
-
-
-def _cmd_demo(args) -> int:
-    runs = Path(args.runs)
-    if args.which is None:  # fast first start: digits now, MiniLM only once it has been computed
-        names = ["digits"] + (["minilm"] if _complete(runs / "minilm") else [])
-    else:
-        names = list(DEMOS) if args.which == "all" else [args.which]
-    done = []
-    for name in names:
-        run = _demo_run(name, runs)
-        print(summary(run))
-        done.append(str(run.path))
-    if args.which is None and "minilm" not in names:
-        print("the MiniLM sentence-embedding demo is not computed yet (or was interrupted): "
-              "`quantlens demo minilm` computes or resumes it (a few minutes on 2 cores)", file=sys.stderr)
-    if args.no_serve:
-        return 0
-    from dashboard.serve import serve
-
-    return serve(done, port=args.port)
-
-
 def _add_dashboard(sub) -> None:
     p = sub.add_parser("dashboard", help="serve the dashboard on one or more Runs")
     p.add_argument("runs", nargs="*", help="Run folders (default: every Run under ./runs)")
@@ -336,7 +261,7 @@ def _cmd_bundle(args) -> int:
     return 0
 
 
-COMMANDS = {"analyze": (_add_analyze, _cmd_analyze), "demo": (_add_demo, _cmd_demo),
+COMMANDS = {"analyze": (_add_analyze, _cmd_analyze), "demo": (add_demo, cmd_demo),  # analysis/cli/demo_verb.py
             "dashboard": (_add_dashboard, _cmd_dashboard),
             "report": (_add_report, _cmd_report), "bundle": (_add_bundle, _cmd_bundle)}
 register_runtime_verbs(COMMANDS)  # apply, verify (analysis/cli/runtime_verbs.py)

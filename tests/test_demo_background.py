@@ -1,0 +1,128 @@
+"""``quantlens demo``: the dashboard at once, MiniLM analysed in a background process that a stopped
+server stops cleanly (the Run resumes), and one writer per Run folder.
+
+The background machinery is exercised on digits (seconds); MiniLM itself is only started and
+stopped here (its full sweep takes minutes: benchmarks and the README measure it)."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from analysis.cli.demo_verb import finished, log_of, start_background, stop_background
+from analysis.store.run import load_run
+from analysis.store.writer import RunBusy, hold_writer, run_writer
+from dashboard.serve import free_port
+
+QUANTLENS = str(Path(sys.executable).parent / "quantlens")
+
+
+def _wait(cond, timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"{what}: the process ended first (code {proc.returncode})")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout:.0f} s")
+        time.sleep(0.05)
+
+
+def _jobs(run_dir: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in (run_dir / "jobs").glob("*.json")}
+
+
+def test_one_writer_per_run_folder(tmp_path):
+    out = tmp_path / "minilm"
+    with hold_writer(out, "first") as note:
+        assert run_writer(out)["pid"] == os.getpid() == note["pid"]
+        with pytest.raises(RunBusy, match=rf"process {os.getpid()} \(first\) is writing this Run"):
+            with hold_writer(out, "second"):
+                pass
+    assert run_writer(out) is None and not out.exists()  # nothing written by merely holding it
+    with hold_writer(out, "later"):  # free again
+        pass
+
+
+@pytest.mark.slow
+def test_stopped_background_analysis_resumes_without_redoing_jobs(tmp_path):
+    runs = tmp_path / "runs"
+    proc = start_background("digits", runs)
+    _wait(lambda: len(_jobs(runs / "digits")) >= 8 if (runs / "digits" / "jobs").is_dir() else False, 180,
+          "first chunk of jobs", proc)
+    assert run_writer(runs / "digits")["pid"] == proc.pid
+    assert stop_background(proc) == 130  # the same clean stop as Ctrl+C
+    before = _jobs(runs / "digits")
+    run = load_run(runs / "digits")
+    assert run.status == "partial" and 8 <= len(before) < run.meta["progress"]["total"]
+    assert run_writer(runs / "digits") is None
+    assert "the next `quantlens demo` resumes" in log_of("digits", runs).read_text()
+
+    again = start_background("digits", runs)
+    assert again.wait(timeout=300) == 0, log_of("digits", runs).read_text()[-2000:]
+    run = load_run(runs / "digits")
+    assert finished(run, "digits") and run.meta["sweep"]["resumed"] is True
+    after = _jobs(runs / "digits")
+    assert {k: after[k] for k in before} == before  # finished jobs kept, not recomputed
+    assert len(after) == run.meta["progress"]["total"]
+    assert "digits done" in log_of("digits", runs).read_text()
+
+
+def test_a_second_background_analysis_leaves_the_run_to_the_first(tmp_path):
+    runs = tmp_path / "runs"
+    with hold_writer(runs / "digits", "quantlens demo (first)"):
+        proc = start_background("digits", runs)
+        assert proc.wait(timeout=120) == 0
+    assert "(quantlens demo (first)) is writing this Run" in log_of("digits", runs).read_text()
+    assert not (runs / "digits").exists()
+
+
+def _health(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+def test_demo_serves_at_once_and_a_stopped_server_stops_the_background_analysis(tmp_path, digits_run):
+    runs = tmp_path / "runs"
+    shutil.copytree(digits_run.path, runs / "digits")  # analysed already: the demo serves it as it is
+    port = free_port()
+    demo = subprocess.Popen([QUANTLENS, "demo", "--runs", str(runs), "--port", str(port)], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait(lambda: _health(f"http://127.0.0.1:{port}"), 90, "dashboard", demo)
+        _wait(lambda: run_writer(runs / "minilm") is not None, 60, "background MiniLM analysis", demo)
+        child = run_writer(runs / "minilm")["pid"]
+        demo.send_signal(signal.SIGTERM)
+        demo.wait(timeout=60)
+    finally:
+        if demo.poll() is None:
+            os.killpg(demo.pid, signal.SIGKILL)
+    out = demo.stdout.read().decode(errors="replace")
+    assert "demo Run found" in out and "in the background" in out, out
+    assert not _health(f"http://127.0.0.1:{port}")
+    _wait(lambda: run_writer(runs / "minilm") is None, 5, "writer note removed")
+    with pytest.raises(ProcessLookupError):
+        os.kill(child, 0)
+    assert "stopped; finished jobs are saved" in log_of("minilm", runs).read_text()
+    if (runs / "minilm").exists():  # stopped after the model loaded: a partial Run that the next demo resumes
+        assert load_run(runs / "minilm").status == "partial"
+
+
+def test_demo_no_serve_without_a_name_starts_nothing_in_the_background(tmp_path, digits_run):
+    runs = tmp_path / "runs"
+    shutil.copytree(digits_run.path, runs / "digits")
+    r = subprocess.run([QUANTLENS, "demo", "--runs", str(runs), "--no-serve"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "demo Run found" in r.stdout and "in the background while serving" in r.stderr
+    assert not (runs / "minilm").exists() and not log_of("minilm", runs).exists()
