@@ -42,8 +42,8 @@ __all__ = [
     "check_model_at_hand", "coupled_groups", "cpu_info", "decode_url_token", "encode_codes",
     "fp32_for_most_sensitive", "from_json", "get_format", "layer_types", "layers_of_type", "load_run",
     "match_layers", "match_policy", "most_sensitive", "open_bundle", "pareto_frontier", "policy_from_codes",
-    "read_channels", "render_html", "render_markdown", "run_writer", "sqnr_column", "step_column", "verify_policy", "versions",
-    "with_format", "write_bundle", "write_report",
+    "read_channels", "render_html", "render_markdown", "run_writer", "sqnr_column", "step_column", "verify_policy",
+    "versions", "with_format", "write_bundle", "write_report",
 ]
 
 

@@ -189,9 +189,9 @@ def cmd_demo(args) -> int:
     if background:
         proc = start_background(BACKGROUND, runs)
         threading.Thread(target=_say_when_done, args=(proc, log_of(BACKGROUND, runs)), daemon=True).start()
-        print(f"analysing MiniLM (all-MiniLM-L6-v2 sentence embeddings) in the background, log {log_of(BACKGROUND, runs)}"
-              ": the dashboard shows it filling in and opens on it when done. Stopping the server stops it; the "
-              "next `quantlens demo` resumes it.", file=sys.stderr, flush=True)
+        print("analysing MiniLM (all-MiniLM-L6-v2 sentence embeddings) in the background, log "
+              f"{log_of(BACKGROUND, runs)}: the dashboard shows it filling in and opens on it when done. Stopping "
+              "the server stops it; the next `quantlens demo` resumes it.", file=sys.stderr, flush=True)
         done.append(BACKGROUND)
     try:
         return serve([str(runs / n) for n in SERVED if n in done], port=args.port)
