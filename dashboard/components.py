@@ -94,7 +94,7 @@ def sidebar() -> None:
                 lo, busy = open_run(p), run_writer(p) is not None
                 tail = " (being analysed)" if busy else ""
                 labels.append(f"{lo.name} — {Path(p).name}{tail}" if isinstance(lo, Loaded)
-                              else f"⏳ {Path(p).name}{tail}" if busy else f"⚠ {Path(p).name} (cannot open)")
+                              else f"{Path(p).name}{tail}" if busy else f"⚠ {Path(p).name} (cannot open)")
             # keyed and set from the active Run on every run: an unkeyed box with index=active would be a new
             # widget whenever the active Run changed, and drop the next pick
             st.session_state[state.RUN_PICK] = min(int(st.session_state.get(state.ACTIVE, 0)), len(dirs) - 1)

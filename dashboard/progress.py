@@ -115,11 +115,9 @@ def _box(i: int, p: Progress, active: bool) -> None:
         if active:
             if seen is not None and seen != p.stamp:
                 st.rerun(scope="app")  # the Run this page shows has new measurements: draw them
-            st.info(progress_text(p) + " This page follows it: what is measured so far is below, marked partial.",
-                    icon="⏳")
+            st.info(progress_text(p) + " This page follows it: what is measured so far is below, marked partial.")
         else:
-            st.info(progress_text(p) + " It opens here when done; you can look at it now, as it fills in.",
-                    icon="⏳")
+            st.info(progress_text(p) + " It opens here when done; you can look at it now, as it fills in.")
             if st.button(f"Open {p.name} now (partial)", key=state.watch_button_key(p.path), on_click=_open, args=(i,)):
                 st.rerun(scope="app")
         if p.jobs and p.jobs[1]:
@@ -132,7 +130,7 @@ def _box(i: int, p: Progress, active: bool) -> None:
         st.rerun(scope="app")
     if p.phase == "complete":
         st.success(f"**{p.name}** is analysed: every layer measured, timed and checked in onnxruntime. "
-                   "It is where layer choices move the metric.", icon="✅")
+                   "It is where layer choices move the metric.")
         if st.button(f"Open {p.name}", key=state.watch_button_key(p.path), type="primary", on_click=_open, args=(i,)):
             del watched[p.path]
             st.rerun(scope="app")

@@ -50,7 +50,7 @@ def test_a_folder_not_written_yet_shows_its_analysis_not_an_error(app, runs):
         assert at.session_state[state.ACTIVE] == 1  # opens on the Run that is there
         box = _boxes(at)[0]
         assert "loading the model" in box and "opens here when done" in box
-        assert "⏳ minilm (being analysed)" in at.sidebar.selectbox[0].options
+        assert "minilm (being analysed)" in at.sidebar.selectbox[0].options
         for page in PAGES:  # the folder itself, picked: its progress, on every page
             at = app([runs["minilm"], runs["digits"]], page)
             at.session_state[state.ACTIVE] = 0
