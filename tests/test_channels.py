@@ -133,31 +133,35 @@ def test_channel_sqnr_and_steps_match_the_engine():
     for c in range(6):
         ref = fake_quantize_weight(W[c:c + 1], WeightSpec(8, True, PerTensor()))
         sig, noise = float((W[c].double() ** 2).sum()), float(((W[c] - ref[0]).double() ** 2).sum())
-        assert df["sqnr_db[int8]"][c] == pytest.approx(10 * np.log10(sig / noise), abs=1e-9)
+        assert df["sqnr_db[int8]"][c] == pytest.approx(10 * np.log10(sig / noise), abs=1e-4)  # stored as float32
         groups = W[c].reshape(2, 32)
         lo, hi = groups.amin(1).clamp(max=0), groups.amax(1).clamp(min=0)
         assert df["step[int4]"][c] == pytest.approx(float(((hi - lo) / 15).max()), rel=1e-6)
-    np.testing.assert_allclose(df["mean"], W.double().mean(1).numpy(), atol=1e-12)
-    np.testing.assert_allclose(df["std"], W.double().std(1, unbiased=False).numpy(), rtol=1e-9)
+    np.testing.assert_allclose(df["mean"], W.double().mean(1).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(df["std"], W.double().std(1, unbiased=False).numpy(), rtol=1e-6)
     tensor = ch.channel_steps(W, WeightSpec(8, True, PerTensor()))
     assert np.all(tensor == np.float32(W.abs().max()) / np.float32(127))
 
 
-def test_wide_layers_are_summarised(monkeypatch):
-    """Above MAX_CHANNEL_ROWS, rows summarise consecutive channels: min of minima, max of maxima, the
+def test_wide_layers_are_summarised():
+    """Above ``max_rows``, rows summarise consecutive channels: min of minima, max of maxima, the
     largest step and the lowest SQNR, pooled mean; an outlier channel stays visible."""
-    monkeypatch.setattr(ch, "MAX_CHANNEL_ROWS", 4)
     W = torch.from_numpy(_known(10, 8))
     W[7, 3] = 100.0
     fakes = {"int8": fake_quantize_weight(W, INT8.weight)}
-    full = layer_channels("l", W, fakes, {"int8": INT8.weight})  # 10 channels, span 3: rows of 3, 3, 3, 1
+    full = layer_channels("l", W, fakes, {"int8": INT8.weight}, max_rows=4)  # span 3: rows of 3, 3, 3, 1
     assert full["channel"].tolist() == [0, 3, 6, 9] and full["n_channels"].tolist() == [3, 3, 3, 1]
     assert full["max"].tolist() == [3.0, 6.0, 100.0, 10.0] and full["min"].tolist() == [-1.5, -3.0, -4.5, -5.0]
     assert full["step[int8]"][2] == pytest.approx(100.0 / 127)
-    monkeypatch.setattr(ch, "MAX_CHANNEL_ROWS", 100)
     one = layer_channels("l", W, fakes, {"int8": INT8.weight})
     assert full["sqnr_db[int8]"][2] == one["sqnr_db[int8]"][6:9].min()
     assert full["mean"][1] == pytest.approx(one["mean"][3:6].mean())
+
+
+def test_rows_per_layer_keep_a_run_bounded():
+    assert ch.rows_per_layer(37) == ch.MAX_CHANNEL_ROWS  # MiniLM: every channel of every layer
+    assert ch.rows_per_layer(1000) * 1000 <= ch.TOTAL_CHANNEL_ROWS
+    assert ch.rows_per_layer(100_000) == ch.MIN_CHANNEL_ROWS
 
 
 def test_run_writes_channels_and_old_runs_open(digits_run, tmp_path):

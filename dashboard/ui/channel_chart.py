@@ -68,7 +68,6 @@ def channel_figure(df: pd.DataFrame, qmax: int, *, sort_by_range: bool = False, 
         df = df.assign(_w=df["max"] - df["min"]).sort_values("_w", ascending=False, kind="stable")
     x = np.arange(len(df)) if sort_by_range else df["channel"].to_numpy()
     widths = np.ones(len(df)) * 0.8 if sort_by_range else df["n_channels"].to_numpy() * 0.8
-    colors = np.where(df["outlier"], OUTLIER, NORMAL)
     t_step = df.attrs["tensor_step"]
     t_max = t_step * qmax
     custom = np.stack([df["label"], df["min"], df["max"], df["step"], df["span_tensor"], df["span_channel"]], axis=1)
@@ -83,14 +82,22 @@ def channel_figure(df: pd.DataFrame, qmax: int, *, sort_by_range: bool = False, 
     gy[2::3] = np.nan
     fig.add_scatter(x=gx, y=gy, mode="lines", line=dict(color=GRID, width=0.5), opacity=0.25, hoverinfo="skip",
                     name=f"per-tensor {fmt} grid ({2 * qmax + 1} levels, step {t_step:.3g})", row=1, col=1)
-    fig.add_bar(x=x, y=(df["max"] - df["min"]).to_numpy(), base=df["min"].to_numpy(), width=widths,
-                marker_color=colors, customdata=custom, hovertemplate=hover, name="channel range (min..max)",
-                row=1, col=1)
+    out = df["outlier"].to_numpy()
+    groups = [(~out, NORMAL, "channel range (min..max)", "steps spanned, one per-tensor step"),
+              (out, OUTLIER, f"outlier channel (|max| > {OUTLIER_RATIO:g}× median)", None)]
+    for m, color, name, span_name in groups:
+        if not m.any():
+            continue
+        group = "outlier" if color == OUTLIER else "channel"
+        fig.add_bar(x=x[m], y=(df["max"] - df["min"]).to_numpy()[m], base=df["min"].to_numpy()[m], width=widths[m],
+                    marker_color=color, customdata=custom[m], hovertemplate=hover, name=name, legendgroup=group,
+                    row=1, col=1)
+        fig.add_bar(x=x[m], y=df["span_tensor"].to_numpy()[m], width=widths[m], marker_color=color,
+                    customdata=custom[m], hovertemplate=hover, name=span_name or name, legendgroup=group,
+                    showlegend=span_name is not None, row=2, col=1)
     fig.add_scatter(x=[lo_x, hi_x, None, lo_x, hi_x], y=[t_max, t_max, None, -t_max, -t_max], mode="lines",
                     line=dict(color=GRID, dash="dash", width=1.5), hoverinfo="skip",
                     name=f"per-tensor {fmt} range ±{t_max:.3g}", row=1, col=1)
-    fig.add_bar(x=x, y=df["span_tensor"].to_numpy(), width=widths, marker_color=colors, customdata=custom,
-                hovertemplate=hover, name="steps spanned, one per-tensor step", row=2, col=1)
     fig.add_scatter(x=x, y=df["span_channel"].to_numpy(), mode="markers", customdata=custom, hovertemplate=hover,
                     marker=dict(color=GRID, size=4, symbol="line-ew-open", line=dict(width=2, color=GRID)),
                     name="steps spanned, per-channel step", row=2, col=1)
@@ -98,9 +105,10 @@ def channel_figure(df: pd.DataFrame, qmax: int, *, sort_by_range: bool = False, 
     fig.update_xaxes(title_text=x_title, row=2, col=1)
     fig.update_yaxes(title_text="weight value (FP32)", row=1, col=1)
     fig.update_yaxes(title_text=f"{fmt} steps spanned", rangemode="tozero", row=2, col=1)
-    fig.update_layout(height=580, margin=dict(l=10, r=10, t=30, b=90), bargap=0, showlegend=True,
+    fig.update_layout(height=580, margin=dict(l=10, r=10, t=30, b=90), bargap=0, barmode="overlay", showlegend=True,
                       title=dict(text=f"Weight range per output channel ({int(df['n_channels'].sum()):,} channels)",
                                  font=dict(size=14)),
-                      legend=dict(orientation="h", yref="container", y=0, yanchor="bottom", x=0, xanchor="left"),
+                      legend=dict(orientation="h", yref="container", y=0, yanchor="bottom", x=0, xanchor="left",
+                                  traceorder="normal"),  # one flowing row, not a block per legend group
                       hovermode="closest")
     return fig

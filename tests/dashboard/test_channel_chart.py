@@ -19,6 +19,13 @@ def _rows(n: int = 8, outlier: int = 5) -> pd.DataFrame:
                          "absmax": hi, "mean": 0.0, "std": hi / 2, "step[int8]": hi / QMAX})
 
 
+def _top_bars(fig):
+    """(x, min, max) of the top panel's bars, whichever trace (normal, outlier) holds them, by x."""
+    rows = sorted((float(xx), float(b), float(b) + float(h)) for t in fig.data if t.type == "bar" and t.yaxis == "y"
+                  for xx, b, h in zip(t.x, t.base, t.y))
+    return tuple(np.array(c) for c in zip(*rows))
+
+
 def test_frame_steps_spans_and_outliers():
     df = channel_frame(_rows(), QMAX, "step[int8]")
     assert df.attrs["tensor_step"] == pytest.approx(10.0 / QMAX)
@@ -37,18 +44,22 @@ def test_figure_bars_grid_band_and_titles():
     df = channel_frame(_rows(), QMAX, "step[int8]")
     fig = channel_figure(df, QMAX)
     by_name = {t.name: t for t in fig.data}
+    x, base, top = _top_bars(fig)
+    assert list(x) == list(range(8))  # one bar per channel, in channel order
+    np.testing.assert_allclose(base, df["min"])
+    np.testing.assert_allclose(top, df["max"])
+    outlier = next(t for n, t in by_name.items() if n.startswith("outlier channel"))
+    assert list(outlier.x) == [5] and outlier.marker.color == "#D62728"  # the outlier is drawn red
+    assert fig.layout.barmode == "overlay"  # two bar traces on one axis must not be offset side by side
     bars = by_name["channel range (min..max)"]
-    assert list(bars.x) == list(range(8))  # one bar per channel, in channel order
-    np.testing.assert_allclose(np.asarray(bars.base, dtype=float), df["min"])
-    np.testing.assert_allclose(np.asarray(bars.y, dtype=float) + np.asarray(bars.base, dtype=float), df["max"])
-    assert list(bars.marker.color).count("#D62728") == 1  # the outlier is drawn red
     grid = next(t for n, t in by_name.items() if n.startswith("per-tensor INT8 grid"))
     levels = sorted({y for y in grid.y if y is not None and np.isfinite(y)})
     assert len(levels) == 2 * QMAX + 1 and levels[1] - levels[0] == pytest.approx(10.0 / QMAX)
     band = next(t for n, t in by_name.items() if n.startswith("per-tensor INT8 range"))
     assert max(y for y in band.y if y is not None) == pytest.approx(10.0)
-    spans = by_name["steps spanned, one per-tensor step"]
-    np.testing.assert_allclose(spans.y, df["span_tensor"])
+    spans = [t for t in fig.data if t.type == "bar" and t.yaxis == "y2"]
+    got = sorted((int(xx), float(yy)) for t in spans for xx, yy in zip(t.x, t.y))
+    np.testing.assert_allclose([y for _, y in got], df["span_tensor"])
     assert fig.layout.xaxis2.title.text == "output channel"
     assert fig.layout.yaxis.title.text == "weight value (FP32)"
     assert fig.layout.yaxis2.title.text == "INT8 steps spanned"
@@ -57,8 +68,9 @@ def test_figure_bars_grid_band_and_titles():
 
 def test_sort_by_range_puts_the_widest_first():
     fig = channel_figure(channel_frame(_rows(), QMAX, "step[int8]"), QMAX, sort_by_range=True)
-    bars = next(t for t in fig.data if t.name == "channel range (min..max)")
-    assert [row[0] for row in bars.customdata][:3] == ["5", "7", "6"]
+    ranked = sorted((int(xx), row[0]) for t in fig.data if t.type == "bar" and t.yaxis == "y"
+                    for xx, row in zip(t.x, t.customdata))
+    assert [label for _, label in ranked][:3] == ["5", "7", "6"]
     assert fig.layout.xaxis2.title.text.startswith("output channels, widest range first")
 
 
