@@ -29,17 +29,17 @@ from analysis.project.selection import (LayerMatch, fp32_for_most_sensitive, lay
 from analysis.quant.formats import get_format
 from analysis.report.render import ReportError, render_html, render_markdown, write_report
 from analysis.store.bundle import BundleError, open_bundle, write_bundle
-from analysis.store.channels import channel_formats, read_channels, sqnr_column, step_column
+from analysis.store.channels import OUTLIER_RATIO, channel_formats, read_channels, sqnr_column, step_column
 from analysis.store.policy import (FORMAT_CODE, POLICY_FORMATS, Policy, PolicyError, decode_url_token, encode_codes,
                                    from_json, match_policy, policy_from_codes)
 from analysis.store.run import TABLES, Run, RunError, load_run, update_meta
 from analysis.store.writer import RunBusy, run_writer
 
 __all__ = [
-    "AnalysisError", "BundleError", "FORMAT_CODE", "InputError", "LayerMatch", "ModelError", "POLICY_FORMATS",
-    "Policy", "PolicyError", "Projection", "Projector", "ReportError", "Run", "RunBusy", "RunError", "SearchError",
-    "SearchResult", "TABLES", "VerifyError", "analyze", "apply_policy", "best_policy", "channel_formats",
-    "check_model_at_hand", "coupled_groups", "cpu_info", "decode_url_token", "encode_codes",
+    "AnalysisError", "BundleError", "FORMAT_CODE", "InputError", "LayerMatch", "ModelError", "OUTLIER_RATIO",
+    "POLICY_FORMATS", "Policy", "PolicyError", "Projection", "Projector", "ReportError", "Run", "RunBusy",
+    "RunError", "SearchError", "SearchResult", "TABLES", "VerifyError", "analyze", "apply_policy", "best_policy",
+    "channel_formats", "check_model_at_hand", "coupled_groups", "cpu_info", "decode_url_token", "encode_codes",
     "fp32_for_most_sensitive", "from_json", "get_format", "layer_types", "layers_of_type", "load_run",
     "match_layers", "match_policy", "most_sensitive", "open_bundle", "pareto_frontier", "policy_from_codes",
     "read_channels", "render_html", "render_markdown", "run_writer", "sqnr_column", "step_column", "verify_policy",

@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 import streamlit as st
 
-from dashboard.ui import activations, compare, export, layers, overview, search
+from dashboard.ui import activations, compare, export, layers, model, overview, search
 
 
 class PageSpec(NamedTuple):
@@ -23,6 +23,7 @@ DEFAULT = "overview"  # served at the root URL too
 PAGES: dict[str, PageSpec] = {  # URL path -> page, in the sidebar's order
     "overview": PageSpec(overview.render, "Overview", ":material/dashboard:"),
     "layers": PageSpec(layers.render, "Layers", ":material/tune:"),
+    "model": PageSpec(model.render, "Model", ":material/account_tree:"),
     "search": PageSpec(lambda: search.render(page("layers")), "Search", ":material/manage_search:"),
     "activations": PageSpec(activations.render, "Activations", ":material/bar_chart:"),
     "export": PageSpec(export.render, "Export & share", ":material/share:"),

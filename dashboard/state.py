@@ -58,6 +58,10 @@ POLICY_UPLOAD, DOWNLOAD_POLICY, VERIFY = "ql.policy_upload", "ql.download", "ql.
 DOWNLOAD_REPORT, DOWNLOAD_BUNDLE, BUNDLE_UPLOAD = "ql.download_report", "ql.download_bundle", "ql.bundle_upload"
 COMPARE_A, COMPARE_B, COMPARE_FMT = "ql.compare_a", "ql.compare_b", "ql.compare_fmt"  # Compare
 COMPARE_SENS, COMPARE_FRONTIER = "ql.compare_sens", "ql.compare_frontier"
+MODEL_FMT, MODEL_DRAW, MODEL_BLOCK = "ql.model_fmt", "ql.model_draw", "ql.model_block"  # Model
+MODEL_CLICKS = "ql.model_clicks"  # clicks handled so far: part of the charts' keys, so each click starts unselected
+MODEL_ROWS = "ql.model_rows"  # {chart: {trace: rows}} of the figures last drawn, for the click callbacks
+MODEL_LAYOUT = "ql.model_layout"  # (Run path, Run object id, layout): the layout of the Run last drawn
 
 
 def search_chart_key(axis: str) -> str:
@@ -71,6 +75,12 @@ def bars_top_key(path: str) -> str:
 
 def hist_key(tensor: str) -> str:
     return f"ql.hist_{tensor}"
+
+
+def model_chart_key(chart: str) -> str:
+    """Key of a Model view chart (``layers`` or ``blocks``): a new one after each handled click, so a plotly
+    selection (which persists across reruns) never toggles twice and a second click on one layer counts."""
+    return f"ql.model_chart_{chart}::{st.session_state.get(MODEL_CLICKS, 0)}"
 
 
 def watch_button_key(path: str) -> str:

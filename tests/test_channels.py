@@ -209,3 +209,29 @@ def test_unreadable_channels_file_names_it(digits_run, tmp_path):
     with pytest.raises(RunError, match=r"channels.parquet: column\(s\) n_channels, min"):
         read_channels(run)
     assert load_run(run).status == "complete"  # the Run itself still opens
+
+
+def test_report_draws_channel_ranges_for_the_most_sensitive_layers(digits_run, tmp_path):
+    import json
+
+    from page_script import script
+
+    from analysis.report.render import most_sensitive, render_html
+
+    page = render_html(digits_run)
+    figs = json.loads(script(page, "ql-data"))["figures"]
+    layers = most_sensitive(digits_run)
+    assert {f"fig-chan-{i}" for i in range(len(layers))} <= set(figs)
+    assert f'<div id="fig-chan-0"' in page
+    fig, rows = figs["fig-chan-0"], read_channels(digits_run.path, layers[0])
+    xs = sorted(x for t in fig["data"] for x in t["x"])
+    assert xs == rows["channel"].tolist()  # one bar per output channel
+    band = sorted(s["y0"] for s in fig["layout"]["shapes"])
+    assert band == pytest.approx([-rows["absmax"].max(), rows["absmax"].max()])
+    assert fig["layout"]["xaxis"]["title"]["text"] == "output channel"
+
+    old = tmp_path / "old"
+    shutil.copytree(digits_run.path, old, ignore=shutil.ignore_patterns("jobs"))
+    (old / "channels.parquet").unlink()
+    page = render_html(load_run(old))
+    assert "fig-chan" not in page

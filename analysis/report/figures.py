@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from analysis.store.channels import OUTLIER_RATIO, read_channels
 from analysis.store.policy import POLICY_FORMATS
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -147,6 +148,45 @@ def histogram_figure(c: "ReportContent", layer: str) -> dict:
                                             **layout)}
 
 
+def _g4(values: np.ndarray) -> list[float]:
+    """Values to 4 significant digits: what a chart can show, at a third of the JSON."""
+    return [float(f"{v:.4g}") for v in values]
+
+
+def channel_range_figure(c: "ReportContent", layer: str) -> dict | None:
+    """Each output channel's weight range (min..max bars) against the per-tensor INT8 range (dashed), outlier
+    channels red; None when the Run holds no per-channel statistics for ``layer``."""
+    rows = read_channels(c.run.path, layer)
+    if rows is None or not len(rows):
+        return None
+    spec = c.run.meta.get("format_specs", {}).get("int8", {}).get("weight") or {"bits": 8}
+    qmax = 2 ** (int(spec["bits"]) - 1) - 1
+    absmax = rows["absmax"].to_numpy(dtype=float)
+    top, median = float(absmax.max()), float(np.median(absmax))
+    outlier = absmax > OUTLIER_RATIO * median if median > 0 else absmax > 0
+    span = ((rows["max"] - rows["min"]).to_numpy(dtype=float) / (top / qmax)) if top > 0 else np.zeros(len(rows))
+    labels = [str(ch) if n == 1 else f"{ch}–{ch + n - 1}" for ch, n in zip(rows["channel"], rows["n_channels"])]
+    data = []
+    for mask, color, name in ((~outlier, "#8C96A8", "channel range"),
+                              (outlier, COLORS["int4"], f"|max| > {OUTLIER_RATIO:g}× median")):
+        if mask.any():
+            n = rows["n_channels"].to_numpy()[mask]
+            data.append({"type": "bar", "name": name, "x": rows["channel"].to_numpy()[mask].tolist(),
+                         "base": _g4(rows["min"].to_numpy(dtype=float)[mask]),
+                         "y": _g4((rows["max"] - rows["min"]).to_numpy(dtype=float)[mask]),
+                         "width": 0.8 if (n == 1).all() else (n * 0.8).tolist(), "marker": {"color": color},
+                         "customdata": [[lab, float(f"{v:.1f}")] for lab, v in zip(np.asarray(labels)[mask], span[mask])],
+                         "hovertemplate": "channel %{customdata[0]}: %{base:.4g} .. %{y:.4g} wide<br>"
+                                          "%{customdata[1]} per-tensor INT8 steps<extra></extra>"})
+    shapes = [{"type": "line", "xref": "x domain", "x0": 0, "x1": 1, "yref": "y", "y0": v, "y1": v,
+               "line": {"dash": "dash", "color": COLORS["int8"], "width": 1}} for v in (top, -top)]
+    layout = _layout(f"{layer}: weight range per output channel", 260, shapes=shapes, barmode="overlay", bargap=0,
+                     xaxis=_axis("output channel"), yaxis=_axis("weight value"))
+    layout["title"]["text"] += ("<br><sup>" + _t(f"dashed: per-tensor INT8 range; the median channel spans "
+                                                 f"{np.median(span):.0f} of its {2 * qmax} steps") + "</sup>")
+    return {"data": data, "layout": layout}
+
+
 def validation_figure(c: "ReportContent") -> dict:
     vals, metric = c.projector.validations, c.run.meta["metric"]["name"]
     xs = [_y(v.measured_metric) for v in vals] + [_y(v.projected_metric) for v in vals]
@@ -171,4 +211,6 @@ def figures(c: "ReportContent", hist_layers: list[str]) -> tuple[dict[str, dict]
     out = {"fig-sensitivity": sensitivity_figure(c), "fig-frontier": front, "fig-validation": validation_figure(c)}
     for i, layer in enumerate(hist_layers):
         out[f"fig-hist-{i}"] = histogram_figure(c, layer)
+        if (chan := channel_range_figure(c, layer)) is not None:
+            out[f"fig-chan-{i}"] = chan
     return out, current

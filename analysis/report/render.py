@@ -30,6 +30,7 @@ from analysis.project.projection import Projection, Projector
 from analysis.report.content import ReportContent, build_content
 from analysis.report.figures import figures
 from analysis.store.atomic import write_text_atomic
+from analysis.store.channels import has_channels
 from analysis.store.policy import FORMAT_CODE, POLICY_FORMATS, Policy
 from analysis.store.run import Run
 
@@ -230,7 +231,10 @@ def _body(c: ReportContent, generated: str) -> str:
         banners.append(f'<div class="banner">Pareto frontier not drawn: {_e(c.frontier_note)}</div>')
     uni = [[_e(r["policy"]), fmt_metric(r["metric"], run), f"{r['loss']:.5f}" if r["loss"] is not None else "—",
             f"{r['bytes'] / 1e6:.3f}" if r["bytes"] else "—", _e(", ".join(r["kept"]) or "—")] for r in uniform_rows(run)]
-    hists = "".join(f'<div id="fig-hist-{i}" class="fig small"></div>' for i in range(len(most_sensitive(run))))
+    chans = has_channels(run.path)  # per-channel weight ranges beside each histogram, when the Run has them
+    hists = "".join(f'<div id="fig-hist-{i}" class="fig small"></div>'
+                    + (f'<div id="fig-chan-{i}" class="fig small"></div>' if chans else "")
+                    for i in range(len(most_sensitive(run))))
     name = _e(m["metric"]["name"])
     fmt_buttons = "".join(f'<button type="button" data-all="{f}">all {f.upper()}</button>' for f in c.projector.formats)
     return f"""

@@ -23,6 +23,7 @@ CHANNELS = "channels"
 CHANNEL_FILE = f"{CHANNELS}.parquet"
 CHANNEL_COLUMNS = ["layer", "channel", "n_channels", "min", "max", "absmax", "mean", "std"]
 _FORMAT_COLUMN = re.compile(r"^(step|sqnr_db)\[(.+)\]$")
+OUTLIER_RATIO = 3.0  # a channel whose |max| passes this many times the median channel's is an outlier
 
 
 def step_column(fmt: str) -> str:

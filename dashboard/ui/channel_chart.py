@@ -16,7 +16,8 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-OUTLIER_RATIO = 3.0  # |max| above this many times the median channel's marks an outlier channel
+from analysis.api import OUTLIER_RATIO
+
 NORMAL, OUTLIER, GRID = "#7F7F7F", "#D62728", "#4C78A8"
 
 

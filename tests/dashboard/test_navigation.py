@@ -12,7 +12,7 @@ from apptest_support import switch_page
 from dashboard import pages, state
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "dashboard"
-TITLES = {"overview": "Overview", "layers": "Layers", "search": "Search", "activations": "Activations",
+TITLES = {"overview": "Overview", "layers": "Layers", "model": "Model", "search": "Search", "activations": "Activations",
           "export": "Export & share", "compare": "Compare"}  # links, bookmarks and the e2e tests use these
 
 
