@@ -66,14 +66,21 @@ def test_histograms_have_axis_titles_and_the_grid_clear_of_tick_labels(browser, 
     goto(page, f"{dashboard}/activations", "Activations")
     plots = page.locator(".js-plotly-plot")
     expect(plots.first).to_contain_text("Weight", timeout=TIMEOUT)
-    rugs = 0
+    rugs, channel_charts = 0, 0
     for i in range(plots.count()):
         plot = plots.nth(i)
+        if "per output channel" in plot.locator(".gtitle").text_content():  # the channel chart: two panels
+            assert "output channel" in plot.locator(".g-x2title").text_content()
+            assert "weight value (FP32)" in plot.locator(".g-ytitle").text_content()
+            assert plot.evaluate(OVERLAPS) == [], i
+            channel_charts += 1
+            continue
         assert "value (FP32)" in plot.locator(".g-xtitle").text_content()
         assert plot.evaluate(RUG_OVER_TICKS) == 0, plot.locator(".gtitle").text_content()
         rugs += plot.locator(".xy2 .points path").count()
         assert plot.evaluate(OVERLAPS) == [], i
     assert rugs  # an INT8 grid was drawn, so the check above looked at one
+    assert channel_charts == 1  # the digits Run holds per-channel weight statistics
     page.context.close()
 
 
