@@ -34,7 +34,6 @@ class Progress:
     jobs: tuple[int, int] | None = None  # sweep jobs done, total
     layers: tuple[int, int] | None = None  # layers with every format measured, layers
     eta_s: float | None = None  # seconds the sweep still needs at its rate since the writer started
-    stamp: tuple = ()  # changes whenever the Run's files do
 
     @property
     def busy(self) -> bool:
@@ -54,11 +53,9 @@ def run_progress(path: str) -> Progress:
     """How far the Run at ``path`` is (cheap: the tables come from the ``open_run`` cache)."""
     writer = run_writer(path)
     name = Path(path).name
-    if not (Path(path) / "run.json").is_file():
-        return Progress(path, name, writer, "starting" if writer else "absent", stamp=((writer or {}).get("pid"),))
-    lo = open_run(path)
+    lo = open_run(path) if (Path(path) / "run.json").is_file() else None
     if not isinstance(lo, Loaded):
-        return Progress(path, name, writer, "starting" if writer else "absent", stamp=stamp_of(path))
+        return Progress(path, name, writer, "starting" if writer else "absent")
     meta = lo.run.meta
     prog = meta.get("progress") if isinstance(meta.get("progress"), dict) else {}
     done, total = prog.get("done"), prog.get("total")
@@ -77,7 +74,7 @@ def run_progress(path: str) -> Progress:
         ran, spent = jobs[0] - int(writer.get("done_before") or 0), time.time() - float(writer.get("started") or 0)
         if ran > 0 and spent > 0:
             eta = (jobs[1] - jobs[0]) * spent / ran
-    return Progress(path, lo.name, writer, phase, jobs, layers, eta, stamp_of(path))
+    return Progress(path, lo.name, writer, phase, jobs, layers, eta)
 
 
 def _duration(seconds: float) -> str:
@@ -110,16 +107,12 @@ def _box(i: int, p: Progress, active: bool) -> None:
     """One Run's box: its progress while written; once done, a rerun (the page shows it) or an Open button."""
     watched: dict = st.session_state.setdefault(state.WATCHED, {})
     if p.busy:
-        seen = watched.get(p.path)
-        watched[p.path] = p.stamp
+        watched[p.path] = True
         if active:
-            if seen is not None and seen != p.stamp:
-                st.rerun(scope="app")  # the Run this page shows has new measurements: draw them
             st.info(progress_text(p) + " This page follows it: what is measured so far is below, marked partial.")
         else:
             st.info(progress_text(p) + " It opens here when done; you can look at it now, as it fills in.")
-            if st.button(f"Open {p.name} now (partial)", key=state.watch_button_key(p.path), on_click=_open, args=(i,)):
-                st.rerun(scope="app")
+            st.button(f"Open {p.name} now (partial)", key=state.watch_button_key(p.path), on_click=_open, args=(i,))
         if p.jobs and p.jobs[1]:
             st.progress(min(p.jobs[0] / p.jobs[1], 1.0))
         return
@@ -131,17 +124,20 @@ def _box(i: int, p: Progress, active: bool) -> None:
     if p.phase == "complete":
         st.success(f"**{p.name}** is analysed: every layer measured, timed and checked in onnxruntime. "
                    "It is where layer choices move the metric.")
-        if st.button(f"Open {p.name}", key=state.watch_button_key(p.path), type="primary", on_click=_open, args=(i,)):
-            del watched[p.path]
-            st.rerun(scope="app")
+        st.button(f"Open {p.name}", key=state.watch_button_key(p.path), type="primary", on_click=_open, args=(i,))
     else:
         st.warning(f"The analysis of **{p.name}** stopped ({p.phase}); `quantlens demo` resumes it.")
         del watched[p.path]
 
 
-def _boxes() -> None:
+def _boxes(drawn: tuple[int, tuple]) -> None:
+    """The boxes; ``drawn``: (index, files stamp) of the Run the page below was drawn from. The whole page is
+    drawn again when that Run changed on disk (new measurements) or an Open button picked another (its callback
+    runs in this fragment's rerun, which alone would leave the page as it was); asked on every tick until done."""
     dirs = state.run_dirs()
     active = state.active_index()
+    if dirs and (active, stamp_of(dirs[active])) != drawn:
+        st.rerun(scope="app")
     for i, path in enumerate(dirs):
         _box(i, run_progress(path), i == active)
 
@@ -153,6 +149,6 @@ def watch() -> bool:
     busy = [run_writer(p) is not None for p in dirs]
     if not any(busy) and not st.session_state.get(state.WATCHED):
         return False
-    st.fragment(_boxes, run_every=REFRESH_S if any(busy) else None)()
     i = state.active_index()
+    st.fragment(_boxes, run_every=REFRESH_S if any(busy) else None)((i, stamp_of(dirs[i]) if dirs else ()))
     return bool(dirs) and busy[i] and not isinstance(open_run(dirs[i]), Loaded)

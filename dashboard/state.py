@@ -36,7 +36,7 @@ BUNDLE_SEEN = "ql.bundle_seen"  # file id of the Run bundle last opened
 VERIFY_WATCH = "ql.verify_watch"  # id of a job this session saw running: when it ends, the whole page reruns once
 VERIFY_OWN = "ql.verify_own"  # ids of the verify jobs this session started: only their outcome is shown here
 FRAGMENT_MS = "ql.fragment_ms"  # last Layers fragment render time on the server, for the benchmark
-WATCHED = "ql.watched"  # {Run path: files stamp}: Runs seen being analysed in this session (dashboard/progress.py)
+WATCHED = "ql.watched"  # {Run path: True}: Runs seen being analysed in this session (dashboard/progress.py)
 QP_RUN, QP_POLICY = "run", "p"
 
 # --- widget keys, by page
