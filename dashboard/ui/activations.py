@@ -94,8 +94,7 @@ def _grid_format(lo: Loaded, rows: pd.DataFrame) -> tuple[str, int, bool]:
 
 def _channels(lo: Loaded, layer: str) -> None:
     """Per-output-channel weight ranges with the INT8 grid, or why the Run has none."""
-    st.subheader("Weight range per output channel")
-    rows = channel_rows(lo.path, layer)
+    rows = channel_rows(lo.path, layer)  # the chart's own title heads this part of the page
     if rows is None:
         st.caption("This Run predates per-channel weight statistics (no channels.parquet); analyse the model again, "
                    "or finish it with `quantlens analyze ... --resume`, to see them.")

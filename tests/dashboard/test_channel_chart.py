@@ -84,7 +84,7 @@ def test_summarised_rows_say_how_many_channels():
 def test_activations_page_shows_channel_ranges(app, digits_run):
     at = app([str(digits_run.path)], "activations")
     assert not at.exception
-    assert "Weight range per output channel" in [s.value for s in at.subheader]
+    assert state.ACT_CHANNEL_CHART in [e.key for e in at.get("plotly_chart")]
     caption = next(c.value for c in at.caption if c.value.startswith("What to look for"))
     assert "per-tensor INT8 step" in caption and "of 254 steps" in caption
     n_charts = len(at.get("plotly_chart"))
@@ -96,3 +96,4 @@ def test_activations_page_on_a_run_without_channels(app, syn_dir):
     at = app([syn_dir], "activations")
     assert not at.exception
     assert any("predates per-channel weight statistics" in c.value for c in at.caption)
+    assert state.ACT_CHANNEL_CHART not in [e.key for e in at.get("plotly_chart")]
