@@ -3,6 +3,7 @@ the fallback for models that do not trace, the Run format (old Runs still open) 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -11,6 +12,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
+from analysis.models.onnx_model import load_onnx_model
 from analysis.models.structure import FX, NAMES, ONNX, fx_structure, layer_dataflow, onnx_structure
 from analysis.store.run import RunError, load_run, replace_table
 from analysis.store.synthetic import synthetic_run
@@ -126,12 +128,11 @@ def test_torch_export_and_fx_agree_on_a_residual_model(tmp_path):
     want = fx_structure(m, names(m)).fed_by
     path = tmp_path / "res.onnx"
     torch.onnx.export(m, (torch.randn(2, 4),), str(path), dynamo=False, input_names=["x"], output_names=["y"])
-    model = onnx.load(str(path))
-    by_module = {}
-    for node in model.graph.node:
-        if node.op_type in ("Gemm", "MatMul"):
-            by_module[node.name] = node.name.strip("/").rsplit("/", 1)[0].replace("/", ".")
-    s = onnx_structure(model, list(by_module))
+    adapter = load_onnx_model(path, np.random.default_rng(0).normal(size=(3, 4)).astype(np.float32))
+    by_module = {l.name: l.name.strip("/").rsplit("/", 1)[0].replace("/", ".") for l in adapter.layers()}
+    assert sorted(by_module.values()) == sorted(want)
+    s = adapter.structure()  # what the engine records for an ONNX model
+    assert s.source == ONNX
     got = {by_module[k]: sorted(by_module[v] for v in vs) for k, vs in s.fed_by.items()}
     assert got == {k: sorted(v) for k, v in want.items()}
 
@@ -174,3 +175,16 @@ def test_the_synthetic_run_has_residual_blocks(tmp_path):
     assert len(two) > 300  # every block's first layer reads the stream: its latest writer and the skip
     assert fed["blocks.3.fc1"] == ["blocks.2.fc2", "blocks.3.proj"]
     assert fed["features.5.conv1"] == ["features.3.conv2", "features.4.conv2"]
+
+
+def test_a_run_of_a_model_that_does_not_trace_records_why_and_no_fed_by(tmp_path, monkeypatch):
+    """The whole path: analyze writes no ``fed_by`` column and run.json says why; the Run opens."""
+    from analysis import analyze
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "x.npz", inputs=rng.normal(size=(64, 64)).astype(np.float32), labels=rng.integers(0, 10, 64))
+    run = analyze("factories:untraceable", str(tmp_path / "x.npz"), tmp_path / "run", progress=False, latency=False,
+                  verify_policies=0, random_policies=0)
+    assert "fed_by" not in run.layers.columns and run.fed_by() is None
+    assert run.meta["structure"]["source"] == NAMES and "torch.fx cannot trace" in run.meta["structure"]["reason"]
