@@ -139,4 +139,6 @@ def weight_tables(model, layers: list[LayerInfo], fmts: list[QuantFormat],
         del fakes
     if not frames:
         return wsqnr, pd.DataFrame(columns=CHANNEL_COLUMNS)
-    return wsqnr, pd.concat(frames, ignore_index=True)
+    # sorted by layer name: the file's row groups then hold few layers each, and a reader of one layer skips the rest
+    return wsqnr, pd.concat(frames, ignore_index=True).sort_values(["layer", "channel"], kind="stable",
+                                                                     ignore_index=True)

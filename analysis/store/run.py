@@ -55,7 +55,9 @@ TABLE_COLUMNS: dict[str, list[str]] = {
                  "measured_on", "projected_metric", "projected_band"],
 }
 TABLES = tuple(TABLE_COLUMNS)
-OPTIONAL_TABLES = ("channels",)  # written when given, not read by load_run (analysis.store.channels reads it)
+# written when given, not read by load_run (analysis.store.channels reads it); name -> rows per Parquet row
+# group, small so that a reader filtering one layer (rows sorted by layer) decodes only that layer's groups
+OPTIONAL_TABLES = {"channels": 16_384}
 
 
 class RunError(InputError):
@@ -105,10 +107,10 @@ class Run:
         return t.reindex(self.layer_names)
 
 
-def _write_table(df: pd.DataFrame, path: Path) -> None:
+def _write_table(df: pd.DataFrame, path: Path, row_group_size: int | None = None) -> None:
     table = pa.Table.from_pandas(df.reset_index(drop=True), preserve_index=False)
     with open(path, "wb") as f:  # a file object: pyarrow cannot encode non-UTF-8 path names itself
-        pq.write_table(table, f, compression="zstd")
+        pq.write_table(table, f, compression="zstd", row_group_size=row_group_size)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -163,7 +165,7 @@ def write_run(path: str | os.PathLike, meta: dict, tables: dict[str, pd.DataFram
     stage = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.staging-{os.getpid()}-"))
     try:
         for name in (*TABLES, *(t for t in OPTIONAL_TABLES if t in tables)):
-            _write_table(tables[name], stage / f"{name}.parquet")
+            _write_table(tables[name], stage / f"{name}.parquet", OPTIONAL_TABLES.get(name))
         (stage / "run.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
@@ -198,7 +200,7 @@ def write_optional_table(run: Run, name: str, df: pd.DataFrame) -> None:
     if name not in OPTIONAL_TABLES:
         raise RunError(f"unknown optional table '{name}'; known: {', '.join(OPTIONAL_TABLES)}")
     with atomic_path(run.path / f"{name}.parquet") as tmp:
-        _write_table(df, tmp)
+        _write_table(df, tmp, OPTIONAL_TABLES[name])
 
 
 def _read_parquet(file: Path) -> pd.DataFrame:
