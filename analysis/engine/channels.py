@@ -32,7 +32,7 @@ from analysis.quant.primitives import choose_qparams, sqnr_db, weight_matrix
 from analysis.store.channels import CHANNEL_COLUMNS, sqnr_column, step_column
 
 MAX_CHANNEL_ROWS = 4096  # rows per layer at most; wider layers are summarised in consecutive buckets
-TOTAL_CHANNEL_ROWS = 1_000_000  # rows per Run at most (~60 MB: MiniLM took 59 bytes a row), unless every layer is at its floor
+TOTAL_CHANNEL_ROWS = 1_000_000  # rows per Run at most (~60 MB at MiniLM's 59 bytes a row), bar MIN_CHANNEL_ROWS
 MIN_CHANNEL_ROWS = 256  # rows per layer at least, however many layers share the total
 
 

@@ -96,8 +96,9 @@ def _channels(lo: Loaded, layer: str) -> None:
     """Per-output-channel weight ranges with the INT8 grid, or why the Run has none."""
     rows = channel_rows(lo.path, layer)  # the chart's own title heads this part of the page
     if rows is None:
-        st.caption("This Run predates per-channel weight statistics (no channels.parquet); analyse the model again, "
-                   "or finish it with `quantlens analyze ... --resume`, to see them.")
+        st.caption("No weight range per output channel: this Run has no channels.parquet (Runs analysed before it "
+                   "existed, and synthetic Runs); analyse the model again, or `quantlens analyze ... --resume`, "
+                   "to get it.")
         return
     if isinstance(rows, str) or not len(rows):
         st.caption(rows if isinstance(rows, str) else f"The Run's channels table holds no row for {layer}.")

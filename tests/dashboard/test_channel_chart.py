@@ -95,5 +95,5 @@ def test_activations_page_shows_channel_ranges(app, digits_run):
 def test_activations_page_on_a_run_without_channels(app, syn_dir):
     at = app([syn_dir], "activations")
     assert not at.exception
-    assert any("predates per-channel weight statistics" in c.value for c in at.caption)
+    assert any("this Run has no channels.parquet" in c.value for c in at.caption)
     assert state.ACT_CHANNEL_CHART not in [e.key for e in at.get("plotly_chart")]
