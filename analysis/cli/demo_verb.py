@@ -41,10 +41,10 @@ def log_of(name: str, runs: Path) -> Path:
 
 def add_demo(sub) -> None:
     p = sub.add_parser("demo", help="analyse the bundled demo models (if not done yet) and serve the dashboard on them",
-                       description="Without a name: the digits CNN is analysed at once if missing (seconds) and the "
-                                   "dashboard opens on it, while the MiniLM sentence-embedding model is analysed in "
-                                   "the background (a few minutes on 2 cores; the dashboard shows it filling in and "
-                                   "opens on it when done). Stopping the server stops that analysis; the next "
+                       description="Without a name: the digits CNN is analysed first if missing and the dashboard "
+                                   "opens on it, while the MiniLM sentence-embedding model is analysed in the "
+                                   "background (it takes minutes; the dashboard shows it filling in and opens on it "
+                                   "when done). Stopping the server stops that analysis; the next "
                                    "`quantlens demo` resumes it. 'digits', 'minilm' or 'all' analyse in the "
                                    "foreground with a progress bar (an interrupted Run resumes).")
     p.add_argument("which", nargs="?", choices=("digits", "minilm", "all"), default=None,
@@ -73,11 +73,15 @@ def demo_run(name: str, runs: Path, *, wait: float = 600.0, progress: bool = Tru
     from analysis.api import analyze
     from analysis.engine.allocator import keep_freed_memory
     from analysis.store.run import RunError, load_run
-    from analysis.store.writer import hold_writer
+    from analysis.store.writer import hold_writer, run_writer
 
     keep_freed_memory()
     model, task = DEMOS[name]
     out = runs / name
+    other = run_writer(out) if wait else None
+    if other:
+        print(f"waiting for process {other['pid']} ({other.get('what', '?')}), which is analysing {out} ...",
+              file=sys.stderr, flush=True)
     with hold_writer(out, f"quantlens demo {name}", wait=wait):
         try:
             run = load_run(out)
@@ -150,11 +154,14 @@ def _background(name: str, runs: Path) -> int:
     return 0
 
 
-def _say_when_done(proc: subprocess.Popen, log: Path) -> None:
+def _say_when_done(proc: subprocess.Popen, runs: Path) -> None:
     """One line in the terminal when the background analysis ends on its own (not stopped by us)."""
-    code = proc.wait()
-    if code == 0:
+    code, log = proc.wait(), log_of(BACKGROUND, runs)
+    if code == 0 and is_finished(BACKGROUND, runs):
         print("the MiniLM Run is complete: a new dashboard session opens on it", file=sys.stderr, flush=True)
+    elif code == 0:  # another quantlens demo holds it
+        print(f"another process is analysing MiniLM (see {log}); the dashboard shows its progress", file=sys.stderr,
+              flush=True)
     elif code not in (130, -signal.SIGTERM, -signal.SIGKILL):
         print(f"the background MiniLM analysis failed (exit code {code}); see {log}", file=sys.stderr, flush=True)
 
@@ -181,14 +188,14 @@ def cmd_demo(args) -> int:
         if background:
             print(f"the MiniLM sentence-embedding demo is not computed yet (or was interrupted): `quantlens demo` "
                   f"analyses it in the background while serving, `quantlens demo {BACKGROUND}` in the foreground "
-                  "(a few minutes on 2 cores)", file=sys.stderr)
+                  "(minutes: 26 measured on 2 busy cores, see the README)", file=sys.stderr)
         return 0
     from dashboard.serve import serve
 
     proc = None
     if background:
         proc = start_background(BACKGROUND, runs)
-        threading.Thread(target=_say_when_done, args=(proc, log_of(BACKGROUND, runs)), daemon=True).start()
+        threading.Thread(target=_say_when_done, args=(proc, runs), daemon=True).start()
         print("analysing MiniLM (all-MiniLM-L6-v2 sentence embeddings) in the background, log "
               f"{log_of(BACKGROUND, runs)}: the dashboard shows it filling in and opens on it when done. Stopping "
               "the server stops it; the next `quantlens demo` resumes it.", file=sys.stderr, flush=True)
