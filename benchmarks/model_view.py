@@ -68,11 +68,13 @@ def main() -> None:
     r = a.repeats
     print(f"{len(names)} layers in {len(lay.bands)} blocks, {len(lay.edges)} edges ({int(lay.skip.sum())} skips); "
           f"median of {r} builds:")
-    print(f"  layout (once per Run)           {median_ms(lambda: model_layout(names, run.fed_by()), r):7.1f} ms")
-    print(f"  blocks overview                 {median_ms(lambda: blocks_figure(lay, data, codes, 'x', picked=40), r):7.1f} ms")
     win = band_window(lay, 39, 41)
-    print(f"  one block and its neighbours    {median_ms(lambda: layers_figure(lay, data, codes, 'x', win), r):7.1f} ms")
-    print(f"  every layer                     {median_ms(lambda: layers_figure(lay, data, codes, 'x', labels=False), r):7.1f} ms")
+    builds = {"layout (once per Run)": lambda: model_layout(names, run.fed_by()),
+              "blocks overview": lambda: blocks_figure(lay, data, codes, "x", picked=40),
+              "one block and its neighbours": lambda: layers_figure(lay, data, codes, "x", win),
+              "every layer": lambda: layers_figure(lay, data, codes, "x", labels=False)}
+    for what, fn in builds.items():
+        print(f"  {what:<32}{median_ms(fn, r):7.1f} ms")
 
     at = AppTest.from_file(str(ROOT / "dashboard" / "app.py"), default_timeout=120)
     at.session_state[state.RUN_DIRS] = [str(path.resolve())]

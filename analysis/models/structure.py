@@ -49,7 +49,8 @@ def _reduce(members: frozenset[int], ancestors: list[int]) -> frozenset[int]:
     return frozenset(m for m in members if not upstream >> m & 1)
 
 
-def layer_dataflow(steps: Iterable[tuple[str | None, Iterable, Iterable, bool]], layers: list[str]) -> dict[str, list[str]]:
+def layer_dataflow(steps: Iterable[tuple[str | None, Iterable, Iterable, bool]],
+                   layers: list[str]) -> dict[str, list[str]]:
     """Who feeds each layer, from a graph's steps in topological order.
 
     Args:

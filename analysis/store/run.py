@@ -322,7 +322,8 @@ def parse_fed_by(layers: pd.DataFrame, file: Path) -> dict[str, list[str]] | Non
         except json.JSONDecodeError:
             value = None
         if not isinstance(value, list) or not all(isinstance(v, str) and v in known for v in value):
-            raise RunError(f"{file}: column 'fed_by' of layer {name!r} must be a JSON list of layer names, got {cell!r:.80}")
+            raise RunError(f"{file}: column 'fed_by' of layer {name!r} must be a JSON list of layer names, "
+                           f"got {cell!r:.80}")
         out[name] = value
     return out
 

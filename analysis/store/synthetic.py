@@ -49,7 +49,8 @@ def _layer_shapes(n: int, rng: np.random.Generator) -> list[tuple[str, str, int,
         else:
             k = int(rng.choice([64, 128, 256, 512, 100]))  # 100: not a multiple of the int4 group
             j = i - n_conv
-            shapes.append((f"blocks.{j // 4}.{LINEAR_ROLES[j % 4]}", "Linear", int(rng.choice([64, 128, 256, 512])), k, 1))
+            out = int(rng.choice([64, 128, 256, 512]))
+            shapes.append((f"blocks.{j // 4}.{LINEAR_ROLES[j % 4]}", "Linear", out, k, 1))
     return shapes
 
 

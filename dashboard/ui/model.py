@@ -49,7 +49,8 @@ def layer_data(lo: Loaded, fmt: str) -> LayerData:
     t = lo.layers
     return LayerData(types=t["type"].to_numpy(), params=t["params"].to_numpy(),
                      penalty=t[f"sensitivity {fmt}"].to_numpy(dtype=float),
-                     deltas={f: t[f"Δmetric {f}"].to_numpy(dtype=float) for f in lo.run.formats if f"Δmetric {f}" in t},
+                     deltas={f: t[f"Δmetric {f}"].to_numpy(dtype=float) for f in lo.run.formats
+                             if f"Δmetric {f}" in t},
                      formats=list(POLICY_FORMATS))
 
 

@@ -64,10 +64,11 @@ def _hover(data: LayerData, names: list[str], rows: np.ndarray, codes: np.ndarra
            penalty_title: str) -> list[str]:
     out = []
     for r, feeders in zip(rows, fed):
-        d = " · ".join(f"{f.upper()} {data.deltas[f][r]:+.4f}" if np.isfinite(data.deltas[f][r]) else f"{f.upper()} —"
-                       for f in data.deltas)
+        d = " · ".join(f"{f.upper()} {v[r]:+.4f}" if np.isfinite(v[r]) else f"{f.upper()} —"
+                       for f, v in data.deltas.items())
         p = data.penalty[r]
-        lines = [f"<b>{html.escape(names[r])}</b>", f"{html.escape(str(data.types[r]))} · {int(data.params[r]):,} params",
+        lines = [f"<b>{html.escape(names[r])}</b>",
+                 f"{html.escape(str(data.types[r]))} · {int(data.params[r]):,} params",
                  f"now <b>{data.formats[int(codes[r])].upper()}</b> (click to change)", f"Δmetric {d}",
                  f"{html.escape(penalty_title)}: {p:.3g}" if np.isfinite(p) else "not measured at this format"]
         if feeders:
@@ -142,7 +143,8 @@ def layers_figure(lay: ModelLayout, data: LayerData, codes: np.ndarray, penalty_
                              name="feeds the next level", showlegend=bool(len(sx))))
     traces.append(go.Scatter(x=ax, y=ay, mode="lines", line=dict(color="#4C78A8", width=1.6, dash="dot"),
                              hoverinfo="skip", name="skip / residual branch", showlegend=bool(len(ax))))
-    fed_names = [", ".join(lay.names[j] for j in lay.feeders(int(r))) for r in rows] if lay.has_dataflow else [""] * len(rows)
+    fed_names = ([", ".join(lay.names[j] for j in lay.feeders(int(r))) for r in rows] if lay.has_dataflow
+                 else [""] * len(rows))
     hover = np.array(_hover(data, lay.names, rows, codes, fed_names, penalty_title), dtype=object)
     text = np.array([f"\u2002{lay.labels[r]} · {data.formats[int(codes[r])].upper()}" for r in rows], dtype=object)
     measured = np.isfinite(colour[rows])
@@ -165,7 +167,8 @@ def layers_figure(lay: ModelLayout, data: LayerData, codes: np.ndarray, penalty_
                 marker.update(color=UNMEASURED)
             out_rows[len(traces)] = part
             traces.append(go.Scatter(x=lay.x[part], y=lay.y[part], mode="markers+text" if labels else "markers",
-                                     text=text[sel], textposition="middle right", textfont=dict(size=12, color="#262730"),
+                                     text=text[sel], textposition="middle right",
+                                     textfont=dict(size=12, color="#262730"),
                                      hovertext=hover[sel], hoverinfo="text", marker=marker, customdata=part,
                                      name=data.formats[code].upper() + ("" if is_measured else " (not measured here)"),
                                      showlegend=False))
@@ -176,19 +179,21 @@ def layers_figure(lay: ModelLayout, data: LayerData, codes: np.ndarray, penalty_
         if code < len(data.formats) and (code == 0 or data.formats[code] in data.deltas):
             traces.append(go.Scatter(x=[None], y=[None], mode="markers", name=data.formats[code].upper(),
                                      marker=dict(symbol=symbol, size=12, color="#ffffff",
-                                                 line=dict(width=2.6 if code else 0.8, color="#1f1f1f" if code else "#7f7f7f"))))
+                                                 line=dict(width=2.6 if code else 0.8,
+                                                           color="#1f1f1f" if code else "#7f7f7f"))))
     ys = lay.y[rows]
     depth = (float(ys.max() - ys.min()) if len(rows) else 0) + 1.5
     fig = go.Figure(data=traces, layout=dict(
         height=int(min(MAX_PX, max(MIN_PX, depth * LEVEL_PX + 90))), margin=dict(l=10, r=10, t=30, b=10),
-        xaxis=dict(visible=False, range=[x_lo, x_hi]), yaxis=dict(visible=False, range=[float(ys.min()) - 0.8 if len(rows) else -1,
-                                                                                        float(ys.max()) + 0.8 if len(rows) else 1]),
+        xaxis=dict(visible=False, range=[x_lo, x_hi]),
+        yaxis=dict(visible=False, range=[float(ys.min()) - 0.8, float(ys.max()) + 0.8] if len(rows) else [-1, 1]),
         legend=dict(orientation="h", yanchor="bottom", y=1.0, x=0, itemclick=False, itemdoubleclick=False),
         plot_bgcolor="white", hovermode="closest", dragmode="pan", clickmode="event+select"))
     return Drawn(fig, out_rows)
 
 
-def block_summary(lay: ModelLayout, penalty: np.ndarray, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def block_summary(lay: ModelLayout, penalty: np.ndarray,
+                  codes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per band: its largest measured penalty (NaN: none measured), its most sensitive layer's row, quantized count."""
     nb = len(lay.bands)
     worst = np.full(nb, np.nan)
@@ -222,10 +227,10 @@ def blocks_figure(lay: ModelLayout, data: LayerData, codes: np.ndarray, penalty_
     marker = dict(symbol="square", size=26, line=dict(width=line_w, color="#1f1f1f"),
                   color=np.where(measured, colour, lo), colorscale=COLORSCALE, cmin=lo, cmax=hi, showscale=True,
                   colorbar=_colorbar("most sensitive layer: " + penalty_title + " (log)", lo, hi))
+    dark = measured & (colour > lo + 0.6 * (hi - lo))
     trace = go.Scatter(x=gx, y=gy, mode="markers+text", text=[f"{q}/{s}" for q, s in zip(quant, sizes)],
-                       textfont=dict(size=9, color=np.where(measured & (colour > lo + 0.6 * (hi - lo)), "#ffffff",
-                                                             "#111111")), hovertext=hover, hoverinfo="text", marker=marker,
-                       customdata=idx, showlegend=False)
+                       textfont=dict(size=9, color=np.where(dark, "#ffffff", "#111111")), hovertext=hover,
+                       hoverinfo="text", marker=marker, customdata=idx, showlegend=False)
     n_rows = int(-gy.min()) + 1 if nb else 1
     firsts = [lay.bands[r * columns].block or "(top level)" for r in range(n_rows)]
     fig = go.Figure(data=[trace], layout=dict(

@@ -44,7 +44,8 @@ def test_clicking_a_layer_in_the_model_view(browser, dashboard, digits_run):
     run, names = digits_run, digits_run.layer_names
     n = len(names)
     s = run.sensitivity
-    row = next(i for i, nm in enumerate(names) if set(s[(s.layer == nm) & (s.status == "ok")]["format"]) >= {"int8", "int4"})
+    row = next(i for i, nm in enumerate(names)
+               if set(s[(s.layer == nm) & (s.status == "ok")]["format"]) >= {"int8", "int4"})
     short = names[row]  # digits' layers are top-level: the label is the name
     ctx = browser.new_context(viewport={"width": 1400, "height": 1100})
     page = ctx.new_page()
