@@ -171,7 +171,9 @@ def channel_range_figure(c: "ReportContent", layer: str) -> dict | None:
                               (outlier, COLORS["int4"], f"|max| > {OUTLIER_RATIO:g}× median")):
         if mask.any():
             n = rows["n_channels"].to_numpy()[mask]
-            data.append({"type": "bar", "name": name, "x": rows["channel"].to_numpy()[mask].tolist(),
+            # a bar is centred on its x: a row summarising n channels sits at their middle
+            mid = rows["channel"].to_numpy(dtype=float)[mask] + (n - 1) / 2
+            data.append({"type": "bar", "name": name, "x": [float(v) if v % 1 else int(v) for v in mid],
                          "base": _g4(rows["min"].to_numpy(dtype=float)[mask]),
                          "y": _g4((rows["max"] - rows["min"]).to_numpy(dtype=float)[mask]),
                          "width": 0.8 if (n == 1).all() else (n * 0.8).tolist(), "marker": {"color": color},

@@ -79,17 +79,24 @@ def _figure(lo: Loaded, layer: str, tensor: str, log_y: bool) -> tuple[go.Figure
     return fig, notes
 
 
-def _grid_format(lo: Loaded, rows: pd.DataFrame) -> tuple[str, int, bool]:
-    """(format, qmax, measured) of the INT8 grid drawn: the Run's first format with symmetric 8-bit per-channel
-    weights whose step the table holds, else the engine's ``int8`` (steps derived from |max|, not measured)."""
+def _grid_format(lo: Loaded, rows: pd.DataFrame) -> tuple[str, int, str]:
+    """(format, qmax, why not measured) of the INT8 grid drawn: the Run's first format with symmetric 8-bit
+    per-channel weights whose step the table holds for this layer (why = ""), else the engine's ``int8`` with
+    steps derived from |max| and the reason (the Run did not measure it, or skipped this layer at it)."""
+    skipped = ""
     for fmt in [f for f in lo.run.formats if f in channel_formats(rows)]:
         try:
             w = get_format(fmt).weight
         except KeyError:
             continue
         if w is not None and w.bits == 8 and w.symmetric and w.granularity.kind == "per_channel":
-            return fmt, 2 ** (w.bits - 1) - 1, True
-    return "int8", 2 ** (get_format("int8").weight.bits - 1) - 1, False
+            if rows[step_column(fmt)].notna().any():
+                return fmt, 2 ** (w.bits - 1) - 1, ""
+            skipped = skipped or fmt  # the layer stays FP32 at this format: its step column is empty
+    qmax = 2 ** (get_format("int8").weight.bits - 1) - 1
+    if skipped:
+        return skipped, qmax, f"this layer is not quantized at {skipped} in this Run (it stays FP32 there)"
+    return "int8", qmax, "this Run did not measure int8"
 
 
 def _channels(lo: Loaded, layer: str) -> None:
@@ -103,18 +110,20 @@ def _channels(lo: Loaded, layer: str) -> None:
     if isinstance(rows, str) or not len(rows):
         st.caption(rows if isinstance(rows, str) else f"The Run's channels table holds no row for {layer}.")
         return
-    fmt, qmax, measured = _grid_format(lo, rows)
-    df = channel_frame(rows, qmax, step_column(fmt) if measured else None)
+    fmt, qmax, unmeasured = _grid_format(lo, rows)
+    df = channel_frame(rows, qmax, None if unmeasured else step_column(fmt))
     s = channel_summary(df)
     sort = st.toggle("sort by range (widest first)", value=False, key=state.ACT_CHANNEL_SORT)
     st.plotly_chart(channel_figure(df, qmax, sort_by_range=sort, fmt=fmt.upper()), width="stretch",
                     key=state.ACT_CHANNEL_CHART)
     red = (f"{s.outliers} red channel(s) above {OUTLIER_RATIO:g}× the median |max| set" if s.outliers
            else "No channel stands out: the widest sets")
+    per_channel = (f"(what this engine's {fmt} would do) would give it {s.median_span_channel:.0f}. Steps derived "
+                   f"from |max| / {qmax}: {unmeasured}." if unmeasured else
+                   f"(what this engine's {fmt} does) gives it {s.median_span_channel:.0f}.")
     st.caption(f"What to look for: {red} the per-tensor {fmt.upper()} step ({s.tensor_step:.3g}), at which the median "
                f"channel spans only {s.median_span_tensor:.0f} of {2 * qmax} steps; per-channel {fmt.upper()} "
-               f"(what this engine's {fmt} does) gives it {s.median_span_channel:.0f}."
-               + ("" if measured else f" Steps derived from |max| / {qmax}: this Run did not measure {fmt}.")
+               + per_channel
                + (" Layer wider than the table keeps: each bar summarises consecutive channels."
                   if s.summarised else ""))
 

@@ -67,7 +67,9 @@ def channel_figure(df: pd.DataFrame, qmax: int, *, sort_by_range: bool = False, 
     """The two-panel chart of ``channel_frame``'s output; ``sort_by_range`` puts the widest channels first."""
     if sort_by_range:
         df = df.assign(_w=df["max"] - df["min"]).sort_values("_w", ascending=False, kind="stable")
-    x = np.arange(len(df)) if sort_by_range else df["channel"].to_numpy()
+    # plotly centres a bar on its x: a row summarising channels c..c+n-1 sits at their middle, so it covers them
+    x = (np.arange(len(df)) if sort_by_range
+         else df["channel"].to_numpy(dtype=float) + (df["n_channels"].to_numpy(dtype=float) - 1) / 2)
     widths = np.ones(len(df)) * 0.8 if sort_by_range else df["n_channels"].to_numpy() * 0.8
     t_step = df.attrs["tensor_step"]
     t_max = t_step * qmax
@@ -76,7 +78,7 @@ def channel_figure(df: pd.DataFrame, qmax: int, *, sort_by_range: bool = False, 
              f"<br>{fmt} step per channel %{{customdata[3]:.3g}} (per tensor {t_step:.3g})"
              "<br>spans %{customdata[4]:.1f} per-tensor steps, %{customdata[5]:.0f} per-channel<extra></extra>")
     fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.06, row_heights=[0.64, 0.36])
-    lo_x, hi_x = (float(np.min(x)) - 1, float(np.max(x + widths))) if len(x) else (0.0, 1.0)
+    lo_x, hi_x = (float(np.min(x - widths / 2)) - 0.5, float(np.max(x + widths / 2)) + 0.5) if len(x) else (0.0, 1.0)
     levels = np.arange(-qmax, qmax + 1) * t_step
     gx = np.tile([lo_x, hi_x, np.nan], len(levels))
     gy = np.repeat(levels, 3)

@@ -97,3 +97,29 @@ def test_activations_page_on_a_run_without_channels(app, syn_dir):
     assert not at.exception
     assert any("this Run has no channels.parquet" in c.value for c in at.caption)
     assert state.ACT_CHANNEL_CHART not in [e.key for e in at.get("plotly_chart")]
+
+
+def test_a_summarised_row_covers_its_own_channels():
+    """Plotly centres a bar on x: a row for channels 0-2 drawn at x=0 with width 2.4 started at channel -1.2."""
+    rows = _rows(4, outlier=2).assign(channel=[0, 3, 6, 9], n_channels=[3, 3, 3, 1])
+    fig = channel_figure(channel_frame(rows, QMAX, "step[int8]"), QMAX)
+    for t in (t for t in fig.data if t.type == "bar" and t.yaxis == "y"):
+        for x, w, c in zip(t.x, t.width, t.customdata):
+            first = int(str(c[0]).split("–")[0].split(" ")[0])
+            n = 1 if "–" not in str(c[0]) else int(str(c[0]).split("–")[1].split(" ")[0]) - first + 1
+            assert x - w / 2 >= first - 0.5 and x + w / 2 <= first + n - 0.5 + 1e-9, (c[0], x, w)
+
+
+def test_a_layer_skipped_at_int8_is_not_said_to_span_zero_steps():
+    """A layer int8 leaves at FP32 has an empty step[int8]: its steps come from |max|, and the caption says why."""
+    from types import SimpleNamespace
+
+    from dashboard.ui.activations import _grid_format
+
+    rows = _rows().assign(**{"step[int8]": np.nan})
+    lo = SimpleNamespace(run=SimpleNamespace(formats=["int8", "int4"]))
+    fmt, qmax, why = _grid_format(lo, rows)
+    assert (fmt, qmax) == ("int8", QMAX) and "not quantized at int8" in why
+    s = channel_summary(channel_frame(rows, qmax, None))
+    assert s.median_span_channel == pytest.approx(2 * QMAX)  # symmetric ranges span every per-channel step
+    assert _grid_format(SimpleNamespace(run=SimpleNamespace(formats=["int8"])), _rows())[2] == ""
