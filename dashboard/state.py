@@ -61,7 +61,7 @@ COMPARE_SENS, COMPARE_FRONTIER = "ql.compare_sens", "ql.compare_frontier"
 MODEL_FMT, MODEL_DRAW, MODEL_BLOCK = "ql.model_fmt", "ql.model_draw", "ql.model_block"  # Model
 MODEL_CLICKS = "ql.model_clicks"  # clicks handled so far: part of the charts' keys, so each click starts unselected
 MODEL_ROWS = "ql.model_rows"  # {chart: {trace: rows}} of the figures last drawn, for the click callbacks
-MODEL_LAYOUT = "ql.model_layout"  # (Run path, Run object id, layout): the layout of the Run last drawn
+MODEL_LAYOUT = "ql.model_layout"  # (Run path, Run object, layout): the layout of the Run last drawn
 
 
 def search_chart_key(axis: str) -> str:

@@ -34,14 +34,14 @@ def cycled(lo: Loaded, codes: np.ndarray, i: int) -> np.ndarray:
 def layout_of(lo: Loaded) -> ModelLayout:
     """The Run's layout, computed once per Run version in this session (it costs ~50 ms at 1,000 layers)."""
     held = st.session_state.get(state.MODEL_LAYOUT)
-    if held is not None and held[0] == lo.path and held[1] == id(lo.run):
+    if held is not None and held[0] == lo.path and held[1] is lo.run:  # the Run object itself: a re-read is another
         return held[2]
     names = list(lo.projector.names)
     groups = None
     if "input_group" in lo.run.layers.columns:
         groups = lo.run.layers.set_index("name").reindex(names)["input_group"].astype(str).tolist()
     lay = model_layout(names, lo.run.fed_by(), groups)
-    st.session_state[state.MODEL_LAYOUT] = (lo.path, id(lo.run), lay)
+    st.session_state[state.MODEL_LAYOUT] = (lo.path, lo.run, lay)
     return lay
 
 
