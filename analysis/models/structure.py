@@ -94,6 +94,8 @@ def fx_structure(module, layers: list[str]) -> Structure:
     """Dataflow of a torch module traced with ``torch.fx`` (layers are its ``call_module`` nodes)."""
     from torch import fx
 
+    from analysis.models.torch_graph import mutates_first_argument
+
     try:
         gm = fx.symbolic_trace(module)
     except Exception as e:  # fx raises many types on untraceable Python
@@ -111,7 +113,17 @@ def fx_structure(module, layers: list[str]) -> Structure:
             return not (len(n.args) > 1 and n.args[1] in SHAPE_ATTRS)
         return True
 
-    steps = ((n.target if n.op == "call_module" else None, n.all_input_nodes, (n,), carries(n)) for n in gm.graph.nodes)
+    def writes(n) -> tuple:
+        # an in-place op (y.add_(b), y += b, x[i] = v, ReLU(inplace=True)) also changes its first argument:
+        # later readers of that tensor see what the op read
+        target = n.args[0] if n.args else None
+        if isinstance(target, fx.Node) and mutates_first_argument(n, submodules):
+            return n, target
+        return (n,)
+
+    submodules = dict(gm.named_modules())
+    steps = ((n.target if n.op == "call_module" else None, n.all_input_nodes, writes(n), carries(n))
+             for n in gm.graph.nodes)
     return Structure(layer_dataflow(steps, layers), FX)
 
 
