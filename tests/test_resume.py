@@ -102,3 +102,28 @@ def _small(tmp_path):
         rng = np.random.default_rng(0)
         np.savez(p, inputs=rng.normal(size=(80, 64)).astype(np.float32), labels=rng.integers(0, 10, 80))
     return str(p)
+
+
+def test_resume_of_a_run_begun_without_fed_by_adds_it_and_keeps_the_layers(tmp_path):
+    """A Run begun by a version that did not record ``fed_by``: the resumed sweep adds the column (run.json then
+    says the fx graph was read), every other column of the layers table as it was."""
+    import json
+
+    import pandas as pd
+
+    out = tmp_path / "r"
+    fresh = analyze("factories:tiny_mlp", _small(tmp_path), out, progress=False, latency=False, verify_policies=0)
+    assert fresh.fed_by() is not None
+    old = pd.read_parquet(out / "layers.parquet").drop(columns=["fed_by"])
+    old.to_parquet(out / "layers.parquet")
+    meta = json.loads((out / "run.json").read_text())
+    meta.pop("structure")
+    meta["status"] = "partial"
+    (out / "run.json").write_text(json.dumps(meta))
+    for job in sorted((out / "jobs").iterdir())[:2]:
+        job.unlink()
+    run = analyze("factories:tiny_mlp", _small(tmp_path), out, resume=True, progress=False, latency=False,
+                  verify_policies=0)
+    assert run.fed_by() == fresh.fed_by()
+    assert run.meta["structure"] == fresh.meta["structure"]
+    pd.testing.assert_frame_equal(run.layers.drop(columns=["fed_by"]), old)

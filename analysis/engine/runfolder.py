@@ -17,7 +17,9 @@ from pathlib import Path
 import pandas as pd
 
 from analysis.engine.jobstore import JobStore
-from analysis.store.run import OPTIONAL_TABLES, Run, clean_leftovers, load_run, write_optional_table, write_run
+from analysis.models.structure import without_dataflow
+from analysis.store.run import (OPTIONAL_TABLES, Run, clean_leftovers, load_run, replace_table, write_optional_table,
+                                write_run)
 
 
 class RunFolder:
@@ -41,16 +43,33 @@ class RunFolder:
         else a new one written whole, at ``out`` or, when it would replace a Run, staged beside it."""
         if self.resume:
             self.run = load_run(self.out)
+            recorded = self.run.meta.get("structure")
             self.run.meta.update({k: v for k, v in meta.items() if k != "created"})
             for name in OPTIONAL_TABLES:  # a Run begun by a version without the table gets it now
                 if name in tables and not (self.out / f"{name}.parquet").is_file():
                     write_optional_table(self.run, name, tables[name])
+            self._resume_fed_by(tables["layers"], recorded)
         elif self.replacing:
             self.stage = Path(tempfile.mkdtemp(dir=self.out.parent, prefix=f".{self.out.name}.staging-{os.getpid()}-"))
             self.run = write_run(self.stage / self.out.name, meta, tables)
         else:
             self.run = write_run(self.out, meta, tables)
         return self.run
+
+    def _resume_fed_by(self, layers: pd.DataFrame, recorded: dict | None) -> None:
+        """A resumed Run begun by a version that did not record ``fed_by`` gets the column now, when its layers
+        are the ones this sweep found (same names, same order; nothing else in the table changes). Otherwise its
+        layers table stays as it is, and run.json's ``structure`` keeps describing what that table holds."""
+        have = self.run.layers
+        if "fed_by" in have.columns:
+            if "fed_by" not in layers.columns and recorded is not None:
+                self.run.meta["structure"] = recorded  # the column stays: so does what it was read from
+            return
+        if "fed_by" in layers.columns and list(have["name"]) == list(layers["name"]):
+            replace_table(self.run, "layers", have.assign(fed_by=layers["fed_by"].to_numpy()))
+        elif "fed_by" in layers.columns:
+            self.run.meta["structure"] = without_dataflow("the Run was begun before layers' fed_by was recorded, "
+                                                          "and its layers differ from the model's now").to_meta()
 
     def save(self, records: list[dict]) -> None:
         """Persist finished job records (each file whole or absent); the first to arrive swap a staged Run in."""
