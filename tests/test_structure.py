@@ -159,6 +159,33 @@ def test_in_place_ops_carry_what_they_read_into_the_tensor_they_change():
     assert s.fed_by == {"a": [], "b": [], "c": ["a", "b"], "d": [], "e": ["c", "d"]}
 
 
+class EncoderNet(nn.Module):
+    """A model built on a ``torch.nn`` block: plain ``symbolic_trace`` keeps the encoder layer whole."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(8, 8)
+        self.enc = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.enc(self.inp(x)))
+
+
+def test_layers_inside_torch_nn_blocks_get_their_dataflow():
+    from analysis.models.torch_model import TorchModel
+
+    m = EncoderNet().eval()
+    tm = TorchModel(m, torch.randn(3, 5, 8), name="enc", source="test")
+    assert [info.name for info in tm.layers()] == ["inp", "enc.linear1", "enc.linear2", "head"]
+    s = tm.structure()
+    assert s.source == FX and not s.reason
+    # post-norm block: linear1 reads norm1(inp + attention(inp)); the head reads norm2(that + linear2)
+    assert s.fed_by == {"inp": [], "enc.linear1": ["inp"], "enc.linear2": ["enc.linear1"],
+                        "head": ["inp", "enc.linear2"]}
+    assert torch.backends.mha.get_fastpath_enabled()  # switched off only while tracing
+
+
 def test_a_layer_called_twice_is_fed_by_both_callers_not_itself():
     steps = [("a", ["x"], ["a1"], True), ("b", ["a1"], ["b1"], True), ("a", ["b1"], ["a2"], True),
              ("a", ["a2"], ["a3"], True), ("c", ["a3"], ["y"], True)]

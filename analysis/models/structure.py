@@ -90,6 +90,38 @@ def layer_dataflow(steps: Iterable[tuple[str | None, Iterable, Iterable, bool]],
     return {n: [layers[m] for m in sorted(fed.get(i, empty))] for i, n in enumerate(layers)}
 
 
+def _trace_to_layers(module, layers: list[str]):
+    """``torch.fx`` trace that enters every module holding an analysed layer, ``torch.nn`` blocks included
+    (plain ``symbolic_trace`` keeps ``nn.TransformerEncoderLayer`` and the like whole, hiding their Linear
+    layers), and keeps the analysed layers themselves whole: the ``call_module`` nodes the engine's
+    ``TracedGraph`` also needs. Other modules are traced as ``symbolic_trace`` does. The attention fast path
+    is off while tracing: its checks branch on the input (untraceable) and compute what the plain path does."""
+    import torch
+    from torch import fx
+
+    wanted = set(layers)
+    holders = {name.rsplit(".", k)[0] for name in layers for k in range(1, name.count(".") + 1)}
+
+    class LayerTracer(fx.Tracer):
+        def is_leaf_module(self, m, qualified_name: str) -> bool:
+            if qualified_name in wanted:
+                return True
+            if qualified_name in holders:
+                return False
+            return super().is_leaf_module(m, qualified_name)
+
+    mha = torch.backends.mha
+    fast = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
+        tracer = LayerTracer()
+        graph = tracer.trace(module)
+    finally:
+        mha.set_fastpath_enabled(fast)
+    name = module.__class__.__name__ if isinstance(module, torch.nn.Module) else module.__name__
+    return fx.GraphModule(tracer.root, graph, name)
+
+
 def fx_structure(module, layers: list[str]) -> Structure:
     """Dataflow of a torch module traced with ``torch.fx`` (layers are its ``call_module`` nodes)."""
     from torch import fx
@@ -97,7 +129,7 @@ def fx_structure(module, layers: list[str]) -> Structure:
     from analysis.models.torch_graph import mutates_first_argument
 
     try:
-        gm = fx.symbolic_trace(module)
+        gm = _trace_to_layers(module, layers)
     except Exception as e:  # fx raises many types on untraceable Python
         return without_dataflow(f"torch.fx cannot trace the model ({type(e).__name__}: {str(e).splitlines()[0][:160]})")
     wanted = set(layers)
