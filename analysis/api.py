@@ -13,6 +13,7 @@ torch or onnxruntime (measuring, verifying) is imported on first use, so opening
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -82,6 +83,9 @@ def analyze(model: str, task: str = "digits", out: str | os.PathLike = "runs/run
 
     Returns:
         The Run as written (same as ``load_run(out)``).
+
+    Raises:
+        RunBusy: another process is writing the Run at ``out`` (one writer per Run, ``analysis.store.writer``).
     """
     from analysis.engine.analyze import sweep_to_run
 
@@ -89,13 +93,14 @@ def analyze(model: str, task: str = "digits", out: str | os.PathLike = "runs/run
         raise InputError(f"latency_budget={latency_budget!r}: must be a positive number of seconds")
     if latency_method not in ("profile", "pairs"):
         raise InputError(f"latency_method={latency_method!r}: known: profile, pairs")
-    run = sweep_to_run(model, task, out, threads=threads, progress=progress, **options)
-    if latency:
-        _measure_latency(run, threads or 1, progress, latency_budget, latency_method)
-        run = load_run(Path(out))
-    if verify_policies > 0:
-        _verify_sweep_policies(run, verify_policies, threads or 1, progress)
-        run = load_run(Path(out))
+    with contextlib.ExitStack() as writer:  # the sweep's writer lock, held until latency and the check are in
+        run = sweep_to_run(model, task, out, threads=threads, progress=progress, writer=writer, **options)
+        if latency:
+            _measure_latency(run, threads or 1, progress, latency_budget, latency_method)
+            run = load_run(Path(out))
+        if verify_policies > 0:
+            _verify_sweep_policies(run, verify_policies, threads or 1, progress)
+            run = load_run(Path(out))
     return run
 
 

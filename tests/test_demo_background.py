@@ -50,6 +50,49 @@ def test_one_writer_per_run_folder(tmp_path):
         pass
 
 
+def test_analyze_beside_another_writer_is_one_line_exit_2_naming_the_run_and_its_pid(tmp_path, capsys):
+    """``quantlens analyze --resume`` (what the dashboard suggests for a partial Run) while the demo's sweep
+    writes the Run: refused before it reads or cleans anything in it."""
+    import numpy as np
+
+    from analysis import analyze
+    from analysis.cli.main import main
+
+    rng = np.random.default_rng(0)
+    npz = tmp_path / "x.npz"
+    np.savez(npz, inputs=rng.normal(size=(40, 64)).astype(np.float32), labels=rng.integers(0, 10, 40))
+    out = tmp_path / "r"
+    analyze("factories:tiny_mlp", str(npz), out, progress=False, latency=False, verify_policies=0)
+    before = _jobs(out)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys\nfrom analysis.store.writer import hold_writer\n"
+         "with hold_writer(sys.argv[1], 'quantlens demo minilm'):\n    print('held', flush=True)\n    sys.stdin.read()",
+         str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        capsys.readouterr()
+        code = main(["analyze", "factories:tiny_mlp", "--task", str(npz), "--out", str(out), "--resume", "--quiet",
+                     "--no-latency", "--verify-policies", "0"])
+        err = capsys.readouterr().err.strip().splitlines()
+    finally:
+        holder.stdin.close()
+        holder.wait(30)
+    assert code == 2 and len(err) == 1, err
+    assert str(out) in err[0] and f"process {holder.pid} (quantlens demo minilm) is writing this Run" in err[0]
+    assert _jobs(out) == before and run_writer(out) is None
+
+
+def test_the_engine_sweep_goes_on_under_a_hold_of_the_same_thread(tmp_path):
+    from analysis.engine.analyze import sweep_to_run
+
+    out = tmp_path / "d"
+    with hold_writer(out, "quantlens demo digits") as note:
+        sweep_to_run("demo:digits", "digits", out, formats=("int8",), threads=1, progress=False, random_policies=0,
+                     calib=32)
+        assert run_writer(out) == note  # the demo's note, not replaced by the sweep's
+    assert run_writer(out) is None
+
+
 @pytest.mark.slow
 def test_stopped_background_analysis_resumes_without_redoing_jobs(tmp_path):
     runs = tmp_path / "runs"

@@ -19,6 +19,7 @@ Example:
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import platform
@@ -50,6 +51,7 @@ from analysis.quant.act import ActivationStats
 from analysis.quant.formats import FP32, QuantFormat, get_format, with_group_size, with_observer
 from analysis.quant.sizes import cost_table, policy_bytes
 from analysis.store.run import SWEEP_POLICY_KINDS, Run, RunError, load_run, merge_policy_rows, replace_table, update_meta
+from analysis.store.writer import hold_writer
 
 VERSION = "0.1.0"
 SERIAL_CHUNK = 8  # jobs per chunk in this process: what an interruption can lose
@@ -93,7 +95,8 @@ def sweep_to_run(model: str, task: str = "digits", out: str | Path = "runs/run",
                  overwrite: bool = False, threads: int | None = None, progress: bool = True,
                  executor: str = "serial", workers: int = 2, ray_address: str | None = None,
                  resume: bool = False, chunk_size: int | None = None, random_policies: int = 8,
-                 task_options: dict | None = None, output: str | None = None) -> Run:
+                 task_options: dict | None = None, output: str | None = None,
+                 writer: contextlib.ExitStack | None = None) -> Run:
     """Measure every quantizable layer of ``model`` under each format on ``task``; write a Run.
 
     Args:
@@ -109,11 +112,16 @@ def sweep_to_run(model: str, task: str = "digits", out: str | Path = "runs/run",
         random_policies: K random mixed policies measured whole, to calibrate and validate projections.
         task_options: options of the task's kind (``--task-option KEY=VALUE``: text columns, image sizes, ...).
         output: the model output the metric compares when there are several (default: all of them).
+        writer: keeps the Run's writer lock (``analysis.store.writer.hold_writer``) past the return, until this
+            stack closes (``analysis.api.analyze`` measures latency under it); by default it goes on return.
         chunk_size: most jobs per chunk, the unit of work and of persistence (default: 8 when serial;
             pools cut chunks of balanced cost: at least ``MIN_CHUNKS``, ``CHUNKS_PER_WORKER`` per worker).
 
     Returns:
         The Run as written (same as ``load_run(out)``).
+
+    Raises:
+        RunBusy: another process is writing the Run at ``out``.
     """
     o = SweepOptions(model=model, task=task, out=Path(out), formats=formats, calib=calib, seed=seed, observer=observer,
                      group_size=group_size, metric=metric, weights=weights, incremental=incremental,
@@ -127,6 +135,17 @@ def sweep_to_run(model: str, task: str = "digits", out: str | Path = "runs/run",
     fmts = _formats(formats, observer, group_size)
     tm, t, m, metric_reason = _model_and_task(o, fmts)
     plan = plan_sweep(tm, t, m.name, fmts, incremental=incremental, random_policies=random_policies, seed=seed)
+    # one writer per Run: taken once the inputs are checked (bad input leaves nothing beside ``out``), before
+    # anything in the Run is read or cleaned; a demo holding it already goes on under its own hold
+    with contextlib.ExitStack() as held:
+        (writer if writer is not None else held).enter_context(hold_writer(o.out, f"analyze {model}", join=True))
+        return _sweep(o, fmts, tm, t, m, metric_reason, plan)
+
+
+def _sweep(o: SweepOptions, fmts: list[QuantFormat], tm, t, m: Metric, metric_reason: str | None,
+           plan: SweepPlan) -> Run:
+    """``sweep_to_run`` from its checked inputs on, under the Run's writer lock."""
+    resume, progress, incremental, executor = o.resume, o.progress, o.incremental, o.executor
     if resume:
         _resume_check(o.out, plan.context_key)
 

@@ -1,12 +1,13 @@
 """Which process is writing a Run now: one sweep per Run folder, and a note readers can see.
 
-A sweep that may run unattended (the demo's background analysis) holds :func:`hold_writer` for
-its whole length. The lock lives beside the Run (``.NAME.writer.lock``), not in it: the folder
-does not exist until the sweep has loaded the model and calibrated, and a new Run must be created
-in an absent or empty folder. Beside it, ``.NAME.writer.json`` says who writes and since when;
-:func:`run_writer` reads it for the dashboard ("being analysed, k of n layers, ETA"). The note is
-removed when the writer ends; one left by a killed process names a process that is gone and so
-reads as no writer.
+Every sweep (``analysis.engine.analyze.sweep_to_run``, and ``analysis.api.analyze`` through its latency
+and runtime check) holds :func:`hold_writer` for its whole length; the demo holds it around its own
+checks too, and the engine's sweep inside goes on under that hold (``join``). The lock lives beside the
+Run (``.NAME.writer.lock``), not in it: the folder does not exist until the sweep has loaded the model
+and calibrated, and a new Run must be created in an absent or empty folder. Beside it,
+``.NAME.writer.json`` says who writes and since when; :func:`run_writer` reads it for the dashboard
+("being analysed, k of n layers, ETA"). The note is removed when the writer ends; one left by a killed
+process names a process that is gone and so reads as no writer.
 
 Example:
     >>> with hold_writer("runs/minilm", "quantlens demo"):
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -62,14 +64,35 @@ def _jobs_done(path: Path) -> int:
         return 0
 
 
+# Run path -> [thread, note, depth] while this process holds the Run's writer lock (see ``join``)
+_HELD: dict[Path, list] = {}
+_HELD_GUARD = threading.Lock()
+
+
 @contextmanager
-def hold_writer(path: str | os.PathLike, what: str, *, wait: float = 0.0) -> Iterator[dict]:
+def hold_writer(path: str | os.PathLike, what: str, *, wait: float = 0.0, join: bool = False) -> Iterator[dict]:
     """Be the one process writing the Run at ``path`` for the block (waiting up to ``wait`` s for another).
 
+    With ``join``, a block inside one that already holds the Run in this thread goes on under that hold
+    (the engine takes the lock on every sweep; the demo holds it around its own checks and the sweep).
+
     Raises:
-        RunBusy: another process holds it (the message names it and what it runs).
+        RunBusy: another process holds it (the message names the Run, the process's pid and what it runs).
     """
     path = Path(os.path.abspath(path))
+    with _HELD_GUARD:
+        held = _HELD.get(path) if join else None
+        if held is not None and held[0] == threading.get_ident():
+            held[2] += 1
+        else:
+            held = None
+    if held is not None:
+        try:
+            yield held[1]
+        finally:
+            with _HELD_GUARD:
+                held[2] -= 1
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(_beside(path, "lock"), thread_local=False)
     try:
@@ -82,7 +105,11 @@ def hold_writer(path: str | os.PathLike, what: str, *, wait: float = 0.0) -> Ite
     info = {"pid": os.getpid(), "what": what, "started": time.time(), "done_before": _jobs_done(path)}
     try:
         write_text_atomic(note, json.dumps(info) + "\n")
+        with _HELD_GUARD:
+            _HELD[path] = [threading.get_ident(), info, 1]
         yield info
     finally:
+        with _HELD_GUARD:
+            _HELD.pop(path, None)
         note.unlink(missing_ok=True)
         lock.release()
