@@ -161,6 +161,60 @@ def test_demo_serves_at_once_and_a_stopped_server_stops_the_background_analysis(
         assert load_run(runs / "minilm").status == "partial"
 
 
+def _alive(pid: int) -> bool:
+    """A process that runs (a zombie nobody has reaped yet counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def test_sighup_to_the_demo_leaves_no_background_process(tmp_path, digits_run):
+    """The terminal closed (SIGHUP), here before the dashboard even answers: the background sweep is stopped
+    the clean way, not left running unseen with the Run's lock."""
+    runs = tmp_path / "runs"
+    shutil.copytree(digits_run.path, runs / "digits")
+    demo = subprocess.Popen([QUANTLENS, "demo", "--runs", str(runs), "--port", str(free_port())], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    child = None
+    try:
+        _wait(lambda: run_writer(runs / "minilm") is not None, 60, "background MiniLM analysis", demo)
+        child = run_writer(runs / "minilm")["pid"]
+        demo.send_signal(signal.SIGHUP)
+        demo.wait(timeout=60)
+        _wait(lambda: not _alive(child), 30, "background analysis stopped")
+    finally:
+        if demo.poll() is None:
+            os.killpg(demo.pid, signal.SIGKILL)
+        if child is not None and _alive(child):
+            os.killpg(child, signal.SIGKILL)  # the background process leads its own session
+    assert run_writer(runs / "minilm") is None
+    assert "stopped; finished jobs are saved" in log_of("minilm", runs).read_text()
+
+
+def test_a_background_analysis_stops_itself_when_its_demo_is_killed(tmp_path):
+    """SIGKILL leaves the demo no chance to stop its background sweep: the sweep notices and stops itself."""
+    runs = tmp_path / "runs"
+    starter = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom pathlib import Path\n"
+                                "from analysis.cli.demo_verb import start_background\n"
+                                "start_background('digits', Path(sys.argv[1]))\ntime.sleep(600)", str(runs)],
+                               start_new_session=True)
+    child = None
+    try:
+        _wait(lambda: run_writer(runs / "digits") is not None, 60, "background analysis", starter)
+        child = run_writer(runs / "digits")["pid"]
+        starter.kill()
+        starter.wait()
+        _wait(lambda: not _alive(child), 30, "background analysis stopped by itself")
+    finally:
+        if starter.poll() is None:
+            starter.kill()
+        if child is not None and _alive(child):
+            os.killpg(child, signal.SIGKILL)
+    assert run_writer(runs / "digits") is None
+    assert "stopped; finished jobs are saved" in log_of("digits", runs).read_text()
+
+
 def test_demo_no_serve_without_a_name_starts_nothing_in_the_background(tmp_path, digits_run):
     runs = tmp_path / "runs"
     shutil.copytree(digits_run.path, runs / "digits")

@@ -3,8 +3,9 @@
 Without a name the dashboard opens at once: the digits CNN is analysed first (seconds), the
 MiniLM sentence-embedding model (where layer choices move the metric) in a background process
 while the server runs. The dashboard shows that Run filling in and opens on it once it is done.
-Stopping the server (Ctrl+C, SIGTERM) stops the background sweep the way Ctrl+C stops
-``quantlens analyze``: finished jobs are on disk and the next ``quantlens demo`` resumes it.
+Stopping the server (Ctrl+C, SIGTERM, SIGHUP when the terminal closes) stops the background sweep the way
+Ctrl+C stops ``quantlens analyze``: finished jobs are on disk and the next ``quantlens demo`` resumes it. A
+demo killed outright (SIGKILL) cannot: its background sweep notices within a second and stops the same way.
 
 One process writes a demo Run at a time (``analysis.store.writer``): a second ``quantlens demo``
 started meanwhile serves the same folders and shows the first one's progress.
@@ -17,6 +18,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 from analysis.cli.paths import UsageError
@@ -29,6 +31,8 @@ DEMO_LATENCY = {"digits": True, "minilm": True}
 DEMO_FORMATS = {"digits": ("int8", "int4"), "minilm": ("int8", "int4", "int8-dyn")}
 BACKGROUND = "minilm"  # the demo `quantlens demo` analyses while the dashboard already serves digits
 STOP_SECONDS = 30.0  # a stopped background sweep finishes the batch it is on; after this it is killed
+PARENT_ENV = "QUANTLENS_DEMO_PARENT"  # the pid of the demo that started a background sweep, which watches it
+PARENT_POLL_SECONDS = 1.0
 # what the dashboard opens first: the first Run in this list that is complete and not being written
 SERVED = ("minilm", "digits")
 
@@ -110,13 +114,15 @@ def is_finished(name: str, runs: Path) -> bool:
 
 def start_background(name: str, runs: Path) -> subprocess.Popen:
     """Analyse the demo ``name`` into ``runs`` in a new process (its own session: a Ctrl+C in this terminal
-    reaches it only through :func:`stop_background`), its console lines appended to :func:`log_of`."""
+    reaches it only through :func:`stop_background`), its console lines appended to :func:`log_of`. It stops
+    by itself, as :func:`stop_background` stops it, once this process is gone (killed without a chance to)."""
     runs.mkdir(parents=True, exist_ok=True)
     with open(log_of(name, runs), "ab") as log:
         return subprocess.Popen([sys.executable, "-m", "analysis.cli.main", "demo", name, "--runs", str(runs),
                                  "--no-serve", "--in-background"],
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+                                env={**os.environ, "PYTHONUNBUFFERED": "1", PARENT_ENV: str(os.getpid())},
+                                start_new_session=True)
 
 
 def stop_background(proc: subprocess.Popen, timeout: float = STOP_SECONDS) -> int:
@@ -135,12 +141,35 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+def _interrupt_on(*signums: int) -> dict:
+    """From now on these signals stop this process as Ctrl+C does (``finally`` blocks run); returns the
+    handlers they replace (none off the main thread, where Python cannot set them)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {s: signal.signal(s, _interrupt) for s in signums}
+
+
+def _watch_parent(parent: int, every: float = PARENT_POLL_SECONDS) -> None:
+    """Stop this background process as :func:`stop_background` would (SIGTERM to itself) once the process that
+    started it is gone: a demo killed outright (SIGKILL, a crash) must not leave its sweep running unseen."""
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(every)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="watch-parent", daemon=True).start()
+
+
 def _background(name: str, runs: Path) -> int:
     """The background process: the demo Run analysed or resumed, or nothing when another process has it."""
     from analysis.cli.library_log import library_log
     from analysis.store.writer import RunBusy
 
     signal.signal(signal.SIGTERM, _interrupt)  # the server stopped: the same clean stop as Ctrl+C
+    signal.signal(signal.SIGHUP, _interrupt)
+    parent = os.environ.get(PARENT_ENV, "")
+    if parent.isdigit():
+        _watch_parent(int(parent))
     try:
         with library_log("demo", runs / name) as log:
             demo_run(name, runs, wait=0, progress=False)
@@ -193,15 +222,24 @@ def cmd_demo(args) -> int:
     from dashboard.serve import serve
 
     proc = None
-    if background:
-        proc = start_background(BACKGROUND, runs)
-        threading.Thread(target=_say_when_done, args=(proc, runs), daemon=True).start()
-        print("analysing MiniLM (all-MiniLM-L6-v2 sentence embeddings) in the background, log "
-              f"{log_of(BACKGROUND, runs)}: the dashboard shows it filling in and opens on it when done. Stopping "
-              "the server stops it; the next `quantlens demo` resumes it.", file=sys.stderr, flush=True)
-        done.append(BACKGROUND)
+    # SIGTERM and SIGHUP (the terminal closed) stop the demo as Ctrl+C does, from before the background sweep
+    # starts: the finally below then stops it (their default action would end this process without it)
+    previous = _interrupt_on(signal.SIGTERM, signal.SIGHUP)
     try:
+        if background:
+            proc = start_background(BACKGROUND, runs)
+            threading.Thread(target=_say_when_done, args=(proc, runs), daemon=True).start()
+            print("analysing MiniLM (all-MiniLM-L6-v2 sentence embeddings) in the background, log "
+                  f"{log_of(BACKGROUND, runs)}: the dashboard shows it filling in and opens on it when done. "
+                  "Stopping the server stops it; the next `quantlens demo` resumes it.", file=sys.stderr, flush=True)
+            done.append(BACKGROUND)
         return serve([str(runs / n) for n in SERVED if n in done], port=args.port)
     finally:
-        if proc is not None:
-            stop_background(proc)
+        for signum in previous:  # a second signal must not cut the stop short
+            signal.signal(signum, signal.SIG_IGN)
+        try:
+            if proc is not None:
+                stop_background(proc)
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
