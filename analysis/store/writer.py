@@ -112,4 +112,11 @@ def hold_writer(path: str | os.PathLike, what: str, *, wait: float = 0.0, join: 
         with _HELD_GUARD:
             _HELD.pop(path, None)
         note.unlink(missing_ok=True)
+        # no empty lock file left beside the user's Run: removed while still held, so a process that opens
+        # it after this creates a fresh one (one that opened the old file in this instant could lock it
+        # beside a newcomer: a window of microseconds, with sweeps that take minutes to start)
+        try:
+            _beside(path, "lock").unlink(missing_ok=True)
+        except OSError:
+            pass
         lock.release()

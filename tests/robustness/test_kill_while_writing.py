@@ -29,8 +29,8 @@ def _die_on(target: str, nth: int, npz: str, out: str, overwrite: bool = False) 
             f.write(data[: len(data) // 2])
         os.kill(os.getpid(), signal.SIGKILL)
 
-    def table(df, path):
-        write_table(df, path)
+    def table(df, path, *args, **kwargs):
+        write_table(df, path, *args, **kwargs)
         if Path(path).name.split(".")[0] in (target, f"{target}.parquet") or Path(path).name.startswith(f".{target}."):
             seen["n"] += 1
             if seen["n"] == nth:
