@@ -1,7 +1,7 @@
 """How fast the dashboard answers one toggle on a 1,000-layer Run (synthetic numbers, real app).
 
 Builds a synthetic 1,000-layer Run, opens the Layers page in Streamlit's AppTest, then
-switches one layer's format per rerun (as the data editor would) and times each rerun.
+clicks one layer's format cell per rerun (the trigger the browser sends for a click) and times each rerun.
 Prints, all measured in this one run:
 
 * the median AppTest rerun after one toggle (the whole page script: AppTest does not run
@@ -16,6 +16,7 @@ Usage: python benchmarks/dashboard.py [--layers 1000] [--toggles 31]
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import statistics
@@ -63,18 +64,17 @@ def main() -> int:
         for _ in range(3):  # warm the caches of the page itself
             at.run()
 
-        ok_int4 = set(run.sensitivity.query("format == 'int4' and status == 'ok'")["layer"])
-        rows = [i for i, n in enumerate(run.layer_names) if n in ok_int4]
         rng = np.random.default_rng(0)
-        rerun_ms, fragment_ms, edits = [], [], {}
-        for k in range(args.toggles):
-            row = int(rng.choice(rows))
-            edits = {row: {"format": ("int4", "int8", "fp32")[k % 3]}}  # one new edit per rerun
-            epoch = at.session_state[state.epoch_key(path)] if state.epoch_key(path) in at.session_state else 0
-            at.session_state[f"ql.editor::{path}::{epoch}"] = {"edited_rows": edits, "added_rows": [],
-                                                                "deleted_rows": []}
+        rerun_ms, fragment_ms = [], []
+        for _ in range(args.toggles):
+            row = int(rng.integers(0, args.layers))  # the table opens in execution order: row = layer
+            table = next(df for df in at.dataframe if (df.key or "").startswith("ql.table::"))
+            ws = at._tree.get_widget_states()
+            w = ws.widgets.add()
+            w.id = table.proto.button_click_widgets["format"]
+            w.string_trigger_value.data = json.dumps({"row": row, "label": str(table.value["format"].iloc[row])})
             t = time.perf_counter()
-            at.run()
+            at._run(ws)
             rerun_ms.append((time.perf_counter() - t) * 1e3)
             fragment_ms.append(float(at.session_state[state.FRAGMENT_MS]))
             if at.exception:

@@ -6,8 +6,10 @@ here; pages use these names (tests and the benchmark address widgets by the same
 The current policy is one int8 code per layer in execution order (``fp32=0, int8=1, int4=2,
 int8-dyn=3``), one array per open Run, kept under ``codes_key`` and nowhere else. Everything the
 pages show of it (the Layers table, the headline, the address, the policy file, the report) is
-derived from it on every rerun, and everything that changes it (a table edit, a bulk action, a
-search, a policy file, a link) goes through :func:`set_codes`.
+derived from it on every rerun, and everything that changes it (a click in the Layers table, a bulk
+action, a search, a policy file, a link) goes through :func:`set_codes`, which also makes each change one
+undo step and keeps the policies tried in this session (:mod:`dashboard.history`); :func:`undo` and
+:func:`redo` walk those steps.
 
 The address mirrors it on every page (``?run=<run id>&p=<token>``, see :func:`run_id` and
 ``analysis.store.policy.encode_codes``): the query string is read once, when a session opens, and
@@ -23,6 +25,7 @@ import numpy as np
 import streamlit as st
 
 from analysis.api import Policy, PolicyError, decode_url_token, encode_codes, policy_from_codes, run_writer
+from dashboard import history
 from dashboard.data import Loaded, open_run
 
 # --- session data
@@ -43,10 +46,16 @@ QP_RUN, QP_POLICY = "run", "p"
 OPEN_FORM, RUN_PICK = "ql.open_form", "ql.run_pick"  # sidebar
 FILTER_TEXT, FILTER_TYPES, SORT = "ql.filter_text", "ql.filter_types", "ql.sort"  # Layers
 COLUMNS = "ql.columns"
+FORMAT_CLICK = "ql.format_click"  # the table's format buttons: {"row", "label"} of the click, during its rerun
+UNDO, REDO = "ql.undo", "ql.redo"
+BULK_OPEN = "ql.bulk_open"
+HISTORY_OPEN, HISTORY_A, HISTORY_B = "ql.history_open", "ql.history_a", "ql.history_b"  # Layers: policies tried
+HISTORY_BACK = "ql.history_back"
 BULK_SCOPE, BULK_FMT, BULK_SET = "ql.bulk_scope", "ql.bulk_fmt", "ql.bulk_set"
 BULK_N, BULK_REST, BULK_TOPN, BULK_RESET = "ql.bulk_n", "ql.bulk_rest", "ql.bulk_topn", "ql.bulk_reset"
 BARS_ORDER, BARS_FMT, BARS_LOG = "ql.bars_order", "ql.bars_fmt", "ql.bars_log"  # and bars_top_key
 SENS_CHART = "ql.sens_chart"
+SENS_FIG = "ql.sens_fig"  # (arguments, figure) of the Layers page's sensitivity chart last built
 SEARCH_FORM = "ql.search_form"  # Search
 SEARCH_SIZE, SEARCH_LATENCY, SEARCH_DROP = "ql.s_size", "ql.s_latency", "ql.s_drop"
 SEARCH_MINIMIZE, SEARCH_GROUPS, FRONTIER_GO = "ql.s_minimize", "ql.s_groups", "ql.frontier_go"
@@ -83,6 +92,16 @@ def model_chart_key(chart: str) -> str:
     return f"ql.model_chart_{chart}::{st.session_state.get(MODEL_CLICKS, 0)}"
 
 
+def set_selected_key(fmt: str) -> str:
+    """The Layers page's button that sets the selected rows to ``fmt``."""
+    return f"ql.set_selected_{fmt}"
+
+
+def history_name_key(path: str, number: int) -> str:
+    """The name box of policy ``number`` among those tried on this Run (Layers page)."""
+    return f"ql.history_name::{path}::{number}"
+
+
 def watch_button_key(path: str) -> str:
     """The "Open" button of a Run being analysed (dashboard/progress.py)."""
     return f"ql.watch_open::{path}"
@@ -93,18 +112,24 @@ def codes_key(path: str) -> str:
     return f"ql.codes::{path}"
 
 
-def epoch_key(path: str) -> str:
-    return f"ql.epoch::{path}"
-
-
-def editor_key(path: str) -> str:
-    """Key of the layer table's data editor for this Run; changes whenever the table is rebuilt."""
-    return f"ql.editor::{path}::{st.session_state.get(epoch_key(path), 0)}"
+def table_key(path: str) -> str:
+    """The Layers table of this Run: its row selection (positions in the rows it shows)."""
+    return f"ql.table::{path}"
 
 
 def view_key(path: str) -> str:
-    """(signature, frame) of the layer table the editor shows for this Run: rows are matched to layers by it."""
+    """(signature, layer indices, frame) of the rows the Layers table shows for this Run, in its order."""
     return f"ql.view::{path}"
+
+
+def timeline_key(path: str) -> str:
+    """Undo and redo steps of this Run's policy (a :class:`dashboard.history.Timeline`)."""
+    return f"ql.timeline::{path}"
+
+
+def tried_key(path: str) -> str:
+    """Policies tried on this Run in this session (a tuple of :class:`dashboard.history.Tried`, oldest first)."""
+    return f"ql.tried::{path}"
 
 
 def frontier_key(path: str) -> str:
@@ -281,21 +306,64 @@ def sync_url(loaded: Loaded) -> None:
         st.query_params.update(want)
 
 
-def set_codes(loaded: Loaded, new: np.ndarray, *, rebuild_table: bool = True) -> list[str]:
+def set_codes(loaded: Loaded, new: np.ndarray, *, defer_url: bool = False) -> list[str]:
     """Make ``new`` the current policy (formats a layer cannot take fall back to fp32) and write the address.
 
-    ``rebuild_table`` (all callers but the table itself): the Layers table is built afresh from the policy,
-    so edits pending in its editor cannot be applied over it. Returns one note per layer kept at fp32.
+    A change is one undo step and an entry in the policies tried. Returns one note per layer kept at fp32.
+    ``defer_url``: the caller writes the address itself later in the run (:func:`sync_url`): the Layers
+    table's callbacks do, so that the browser draws the new headline before it handles the new address.
     """
     clean, notes = loaded.projector.sanitize(np.asarray(new, dtype=np.int8))
-    clean.setflags(write=False)  # one writer: this function
-    st.session_state[codes_key(loaded.path)] = clean
-    if rebuild_table:
-        bump_epoch(loaded)
-    sync_url(loaded)
+    before = codes(loaded)
+    if not np.array_equal(before, clean):
+        st.session_state[timeline_key(loaded.path)] = history.record(timeline(loaded), before, clean)
+        _put(loaded, clean, defer_url)
     return notes
 
 
-def bump_epoch(loaded: Loaded) -> None:
-    k = epoch_key(loaded.path)
-    st.session_state[k] = st.session_state.get(k, 0) + 1
+def _put(loaded: Loaded, new: np.ndarray, defer_url: bool = False) -> None:
+    """The one writer of the current policy: the codes, the policies tried, the address."""
+    new = np.array(new, dtype=np.int8)
+    new.setflags(write=False)
+    key = tried_key(loaded.path)
+    st.session_state[key] = history.remember(tried(loaded), new)
+    st.session_state[codes_key(loaded.path)] = new
+    if not defer_url:
+        sync_url(loaded)
+
+
+def timeline(loaded: Loaded) -> history.Timeline:
+    return st.session_state.get(timeline_key(loaded.path)) or history.Timeline()
+
+
+def tried(loaded: Loaded) -> tuple[history.Tried, ...]:
+    """Policies tried on this Run in this session, oldest first; the current one (the first, if none yet) last."""
+    key = tried_key(loaded.path)
+    got = st.session_state.get(key)
+    if not got:
+        got = st.session_state[key] = history.remember((), codes(loaded))
+    return got
+
+
+def undo(loaded: Loaded, *, defer_url: bool = False) -> bool:
+    """Back to the policy before the last change; False when there is none."""
+    tl, back = history.undo(timeline(loaded), codes(loaded))
+    if back is None:
+        return False
+    st.session_state[timeline_key(loaded.path)] = tl
+    _put(loaded, back, defer_url)
+    return True
+
+
+def redo(loaded: Loaded, *, defer_url: bool = False) -> bool:
+    """The change the last Undo took back, again; False when there is none."""
+    tl, again = history.redo(timeline(loaded), codes(loaded))
+    if again is None:
+        return False
+    st.session_state[timeline_key(loaded.path)] = tl
+    _put(loaded, again, defer_url)
+    return True
+
+
+def rename_tried(loaded: Loaded, number: int, name: str) -> None:
+    st.session_state[tried_key(loaded.path)] = history.rename(tried(loaded), number, name)

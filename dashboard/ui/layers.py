@@ -11,7 +11,9 @@ from analysis.api import FORMAT_CODE, POLICY_FORMATS, fp32_for_most_sensitive, l
 from dashboard import state
 from dashboard.components import EMPTY, headline, latency_unit, ms_decimals, penalty_name, require_run
 from dashboard.data import Loaded
+from dashboard.history import next_code
 from dashboard.ui.charts import BAR_ORDERS, sensitivity_figure, sensitivity_rows
+from dashboard.ui.history import history_panel
 
 SORTS = {
     "execution order": None,
@@ -28,6 +30,12 @@ ALL_BARS = 60  # up to this many layers the chart shows every one by default; ab
 TOP_DEFAULT = 30
 COLUMN_SETS = ("key columns", "all measurements")  # key: fits a 1400 px window with the sidebar open
 NOTE_PX = 150
+SHORTCUTS = {"fp32": "F", "int8": "8", "int4": "4", "int8-dyn": "D"}  # keys that set the selected rows
+
+
+def marker_px(n_rows: int) -> int:
+    """Width of the grid's row-selection column (glide-data-grid's default for ``n_rows`` rows)."""
+    return 48 if n_rows > 10_000 else 44 if n_rows > 1000 else 36 if n_rows > 100 else 32
 
 
 def _columns(view: pd.DataFrame, which: str) -> list[str] | None:
@@ -37,7 +45,8 @@ def _columns(view: pd.DataFrame, which: str) -> list[str] | None:
     return ["layer", "format", "type", "params", *(c for c in view.columns if c.startswith("Δmetric")), "note"]
 
 
-def _build_view(lo: Loaded, codes: np.ndarray, text: str, types: list[str], sort: str) -> pd.DataFrame:
+def _layer_view(lo: Loaded, text: str, types: list[str], sort: str) -> np.ndarray:
+    """Indices of the layers the table shows, in its order (execution order unless sorted)."""
     base = lo.layers
     mask = np.ones(len(base), dtype=bool)
     if text:
@@ -48,137 +57,152 @@ def _build_view(lo: Loaded, codes: np.ndarray, text: str, types: list[str], sort
     spec = SORTS.get(sort)
     if spec and spec[0] in view:
         view = view.sort_values(spec[0], ascending=spec[1], na_position="last", kind="stable")
-    view = view.copy()
-    view.insert(1, "format", FMT_LABELS[codes[view.index.to_numpy()]])
-    return view
+    return view.index.to_numpy()
 
 
-def _table_codes(lo: Loaded, codes: np.ndarray) -> np.ndarray | None:
-    """The policy the table shows, when it differs from ``codes``; None when it does not (or is being rebuilt).
+def _view(lo: Loaded, text: str, types: list[str], sort: str, which: str) -> tuple[np.ndarray, pd.DataFrame]:
+    """(layer indices, frame of the shown columns) of the table, built when its filter, sort or columns change.
 
-    The editor reports its whole delta against the rows it was given (``edited_rows``), and drops an edit
-    that brings a cell back to the value it was given. So the table's policy is those rows' formats with
-    the delta on top, recomputed on every run: never edits applied one by one to the current policy,
-    where a dropped edit would leave its format behind. Formats a layer cannot take are refused with a
-    notice, and the table is rebuilt so that the cell shows what the layer kept.
+    When the rows change, the row selection moves with its layers (the table reports positions).
     """
+    sig = (text, tuple(types), sort, which)
     stored = st.session_state.get(state.view_key(lo.path))
-    epoch = st.session_state.get(state.epoch_key(lo.path), 0)
-    if stored is None or stored[0][0] != epoch:  # the policy changed elsewhere: the table is rebuilt from it
-        return None
-    view = stored[1]
-    key = state.editor_key(lo.path)
-    if key not in st.session_state:  # the editor's state went (another page or Run was shown)
-        if not np.array_equal(codes[view.index.to_numpy()], _view_codes(view)):
-            state.bump_epoch(lo)  # it would show the rows it was given, not the policy: rebuild it
-        return None
-    edits = (st.session_state.get(key) or {}).get("edited_rows") or {}
-    table = codes.copy()
-    table[view.index.to_numpy()] = _view_codes(view)
-    rejected = []
-    for pos, change in edits.items():
-        fmt = change.get("format") if isinstance(change, dict) else None
-        pos = int(pos)
-        if fmt is None or not 0 <= pos < len(view):
-            continue
-        i = int(view.index[pos])
-        code = FORMAT_CODE.get(fmt)
-        if code is None or not lo.projector.allowed[i, code]:
-            why = ("unknown format" if code is None
-                   else lo.projector.reasons.get((i, code), "not measured in this Run"))
-            rejected.append(f"{lo.projector.names[i]} cannot be {fmt} ({why}); kept at {POLICY_FORMATS[table[i]]}.")
-            continue
-        table[i] = code
-    if rejected:
-        for msg in rejected:
+    if stored is not None and stored[0] == sig:
+        return stored[1], stored[2]
+    idx = _layer_view(lo, text, types, sort)
+    cols = _columns(lo.layers, which) or [c for c in lo.layers.columns if c != "format"]
+    frame = lo.layers.loc[idx, [c for c in cols if c != "format"]].reset_index(drop=True)
+    if stored is not None and not np.array_equal(stored[1], idx):
+        chosen = set(_selected(lo, stored[1]).tolist())
+        st.session_state[state.table_key(lo.path)] = {"selection": {"rows": [
+            p for p, i in enumerate(idx.tolist()) if i in chosen]}}
+    st.session_state[state.view_key(lo.path)] = (sig, idx, frame)
+    return idx, frame
+
+
+def _selected(lo: Loaded, idx: np.ndarray) -> np.ndarray:
+    """Layer indices of the rows selected in the table (``idx``: the layers it shows, in its order)."""
+    got = st.session_state.get(state.table_key(lo.path)) or {}
+    rows = (got.get("selection") or {}).get("rows") or []
+    return np.array([idx[r] for r in rows if 0 <= r < len(idx)], dtype=np.intp)
+
+
+def _shown(lo: Loaded) -> np.ndarray:
+    stored = st.session_state.get(state.view_key(lo.path))
+    return stored[1] if stored is not None else np.arange(len(lo.projector.names))
+
+
+def _cycle_clicked(path: str) -> None:
+    """A click on a format cell (a callback: it runs before the fragment, so the whole rerun sees the change)."""
+    lo = state.active()
+    click = st.session_state.get(state.FORMAT_CLICK)
+    if not isinstance(lo, Loaded) or lo.path != path or not click:
+        return
+    shown = _shown(lo)
+    row = int(click["row"])
+    if not 0 <= row < len(shown):
+        return
+    i = int(shown[row])
+    codes = state.codes(lo)
+    order = [FORMAT_CODE[f] for f in lo.run.formats if f in FORMAT_CODE]
+    nxt = next_code(lo.projector.allowed[i], order, int(codes[i]))
+    if nxt == codes[i]:
+        why = "; ".join(dict.fromkeys(lo.projector.reasons.get((i, c), "not measured") for c in order))
+        state.notice(f"{lo.projector.names[i]} stays FP32: no other format was measured for it ({why}).")
+        return
+    new = codes.copy()
+    new[i] = nxt
+    state.set_codes(lo, new, defer_url=True)
+
+
+def _set_selected(path: str, fmt: str) -> None:
+    lo = state.active()
+    if not isinstance(lo, Loaded) or lo.path != path:
+        return
+    sel = _selected(lo, _shown(lo))
+    if len(sel):  # layers that cannot take ``fmt`` stay fp32, each with a note
+        for msg in state.set_codes(lo, with_format(state.codes(lo), sel, fmt), defer_url=True):
             state.notice(msg)
-        state.bump_epoch(lo)
-    return None if np.array_equal(table, codes) else table
 
 
-def _view_codes(view: pd.DataFrame) -> np.ndarray:
-    """Format codes of the rows the table was given (its ``format`` column)."""
-    return np.array([FORMAT_CODE[f] for f in view["format"]], dtype=np.int8)
+def _undo(path: str, back: bool) -> None:
+    lo = state.active()
+    if isinstance(lo, Loaded) and lo.path == path:
+        state.undo(lo, defer_url=True) if back else state.redo(lo, defer_url=True)
+
+
+def _edit_bar(lo: Loaded, n_selected: int) -> None:
+    """Undo / Redo, and one button per format that sets every selected row to it (each with its key)."""
+    tl = state.timeline(lo)
+    bar = st.container(horizontal=True, vertical_alignment="center", gap="small")
+    bar.button("↶ Undo", key=state.UNDO, shortcut="Ctrl+Z", disabled=not tl.can_undo,
+               on_click=_undo, args=(lo.path, True), help=f"{len(tl.past)} step(s) back")
+    bar.button("↷ Redo", key=state.REDO, shortcut="Ctrl+Shift+Z", disabled=not tl.can_redo,
+               on_click=_undo, args=(lo.path, False), help=f"{len(tl.future)} step(s) forward")
+    bar.markdown(f"Set the **{n_selected} selected** to" if n_selected else "Select rows, then set them to",
+                 width="content")
+    for fmt in ["fp32", *lo.run.formats]:
+        bar.button(f"{fmt.upper()} ({n_selected})", key=state.set_selected_key(fmt), disabled=not n_selected,
+                   shortcut=SHORTCUTS.get(fmt), on_click=_set_selected, args=(lo.path, fmt),
+                   help=f"Set the {n_selected} selected layer(s) to {fmt}; layers that cannot take it stay FP32.")
 
 
 def _scope_label(scope: tuple[str, ...]) -> str:
     return {ALL: "all layers", SHOWN: "shown layers (filter)"}.get(scope[0]) or f"all {scope[1]} layers"
 
 
-def _bulk_actions(lo: Loaded, codes: np.ndarray, shown: np.ndarray) -> np.ndarray | None:
-    """Bulk controls (all rendered on every run, so none loses its state); new codes when one was used."""
-    fmts = ["fp32", *lo.run.formats]
-    new = None
-    with st.expander("Bulk actions", expanded=False):
+def _bulk(path: str, action: str) -> None:
+    """A bulk button (a callback: the change lands before the fragment draws the headline)."""
+    lo = state.active()
+    if not isinstance(lo, Loaded) or lo.path != path:
+        return
+    codes, ss = state.codes(lo), st.session_state
+    if action == "set":
+        scope = ss.get(state.BULK_SCOPE) or (ALL,)
+        sel = (np.ones(len(codes), dtype=bool) if scope[0] == ALL else _shown(lo) if scope[0] == SHOWN
+               else layers_of_type(lo.run, scope[1]))
+        new = with_format(codes, sel, ss.get(state.BULK_FMT) or "fp32")
+    elif action == "topn":  # ranked by the projection's own per-layer penalty; layers that cannot take it stay FP32
+        new = fp32_for_most_sensitive(lo.projector, int(ss.get(state.BULK_N) or 0),
+                                      ss.get(state.BULK_REST) or lo.run.formats[0])
+    else:
+        new = np.zeros(len(codes), dtype=np.int8)
+    for msg in state.set_codes(lo, new, defer_url=True):
+        state.notice(msg)
+
+
+def _bulk_actions(lo: Loaded) -> None:
+    """Bulk controls, drawn only while their box is open (a closed box costs a toggle nothing)."""
+    box = st.expander("Bulk actions: by layer type, the N most sensitive, reset", key=state.BULK_OPEN,
+                      on_change="rerun")
+    if not box.open:
+        return
+    n = len(lo.projector.names)
+    with box:
         a, b, c = st.columns([3, 2, 2], vertical_alignment="bottom")
         scopes = [(ALL,), (SHOWN,), *(("type", t) for t in lo.types)]
-        scope = a.selectbox("Layers", scopes, key=state.BULK_SCOPE, format_func=_scope_label)
-        fmt = b.selectbox("Format", fmts, key=state.BULK_FMT, format_func=str.upper)
-        if c.button("Set", key=state.BULK_SET, width="stretch"):
-            if scope[0] == ALL:
-                sel = np.ones(len(codes), dtype=bool)
-            elif scope[0] == SHOWN:
-                sel = shown
-            else:
-                sel = layers_of_type(lo.run, scope[1])
-            new = with_format(codes, sel, fmt)
+        a.selectbox("Layers", scopes, key=state.BULK_SCOPE, format_func=_scope_label)
+        b.selectbox("Format", ["fp32", *lo.run.formats], key=state.BULK_FMT, format_func=str.upper)
+        c.button("Set", key=state.BULK_SET, width="stretch", on_click=_bulk, args=(lo.path, "set"))
         a, b, c = st.columns([3, 2, 2], vertical_alignment="bottom")
-        n = a.number_input("Keep the N most sensitive layers at FP32", 0, len(codes), min(3, len(codes)),
-                           key=state.BULK_N)
-        rest = b.selectbox("…and the rest at", lo.run.formats, key=state.BULK_REST, format_func=str.upper)
-        if c.button("Apply", key=state.BULK_TOPN, width="stretch"):
-            # ranked by the projection's own per-layer penalty; layers that cannot take the format stay FP32
-            new = fp32_for_most_sensitive(lo.projector, int(n), rest)
-        if st.button("Reset all to FP32", key=state.BULK_RESET):
-            new = np.zeros(len(codes), dtype=np.int8)
-    return new
+        a.number_input("Keep the N most sensitive layers at FP32", 0, n, min(3, n), key=state.BULK_N)
+        b.selectbox("…and the rest at", lo.run.formats, key=state.BULK_REST, format_func=str.upper)
+        c.button("Apply", key=state.BULK_TOPN, width="stretch", on_click=_bulk, args=(lo.path, "topn"))
+        st.button("Reset all to FP32", key=state.BULK_RESET, on_click=_bulk, args=(lo.path, "reset"))
 
 
-@st.fragment
-def policy_editor() -> None:
-    t0 = time.perf_counter()
-    lo = state.active()
-    if not isinstance(lo, Loaded):
-        return
-    codes = state.codes(lo)
-    table = _table_codes(lo, codes)
-    if table is not None:
-        state.set_codes(lo, table, rebuild_table=False)
-        codes = state.codes(lo)
-    top = st.container()
-    f1, f2, f3, f4 = st.columns([3, 3, 3, 2])
-    text = f1.text_input("Filter by name", key=state.FILTER_TEXT, placeholder="e.g. fc, conv, blocks.3")
-    types = f2.multiselect("Layer types", lo.types, key=state.FILTER_TYPES)
-    sort = f3.selectbox("Sort", list(SORTS), key=state.SORT)
-    which = f4.selectbox("Columns", COLUMN_SETS, key=state.COLUMNS,
-                         help="Key columns fit the window; all measurements adds loss change, sensitivity, SQNR, "
-                              "size and latency per format (scroll sideways).")
-    stored = st.session_state.get(state.view_key(lo.path))
-    shown = stored[1].index.to_numpy() if stored is not None else np.arange(len(codes))
-    new = _bulk_actions(lo, codes, shown)
-    if new is not None:
-        for msg in state.set_codes(lo, new):
-            state.notice(msg)
-        codes = state.codes(lo)
-    sig = (st.session_state.get(state.epoch_key(lo.path), 0), text, tuple(types), sort)
-    if stored is None or stored[0] != sig:
-        if stored is not None and stored[0][0] == sig[0]:
-            state.bump_epoch(lo)  # a new filter or sort: rebuild the table under a fresh editor key
-            sig = (sig[0] + 1, *sig[1:])
-        st.session_state[state.view_key(lo.path)] = (sig, _build_view(lo, codes, text, list(types), sort))
-    view = st.session_state[state.view_key(lo.path)][1]
-    with top:
-        state.show_notices()
-        headline(lo, lo.projector.project(codes), codes)
+def _column_config(lo: Loaded, frame: pd.DataFrame, which: str) -> dict:
     # fixed widths for the pinned columns: the format cell sits at a known place in the grid
+    cycle = " → ".join(["fp32", *lo.run.formats, "fp32"])
     cfg = {"layer": st.column_config.TextColumn("layer", width=LAYER_PX, pinned=True),
-           "format": st.column_config.SelectboxColumn("format", options=["fp32", *lo.run.formats], required=True,
-                                                      help="FP32 or a format the Run measured", width=FORMAT_PX,
-                                                      pinned=True),
+           "format": st.column_config.ButtonColumn("format", width=FORMAT_PX, pinned=True, key=state.FORMAT_CLICK,
+                                                   on_click=_cycle_clicked, args=(lo.path,),
+                                                   help=f"Click to cycle: {cycle} (formats a layer was not "
+                                                        "measured in are skipped)"),
            "params": st.column_config.NumberColumn("params", format="localized"),
            "MACs": st.column_config.NumberColumn("MACs", format="compact", help="multiply-accumulates per sample"),
            "note": st.column_config.TextColumn("note", width=NOTE_PX if which == COLUMN_SETS[0] else "large")}
-    for col in view.columns:
+    for col in frame.columns:
         if col.startswith(("Δmetric", "Δloss")):
             cfg[col] = st.column_config.NumberColumn(col, format="%.4f", help="measured: only this layer quantized")
         elif col.startswith("sensitivity"):
@@ -186,17 +210,53 @@ def policy_editor() -> None:
                 "measured with only this layer quantized: the per-layer penalty the projection sums "
                 "(KL divergence to the FP32 outputs, or the loss increase); never negative"))
         elif col.startswith("ms "):  # per-layer times can be a few µs: as many decimals as the column needs
-            cfg[col] = st.column_config.NumberColumn(col, format=f"%.{ms_decimals(view[col].to_numpy())}f", help=(
+            cfg[col] = st.column_config.NumberColumn(col, format=f"%.{ms_decimals(frame[col].to_numpy())}f", help=(
                 f"measured latency of this layer at {col[3:].upper()}, {latency_unit(lo)}: its FP32 kernel time "
                 "plus the measured change with only this layer quantized"))
         elif col.startswith(("SQNR", "KB")):
             cfg[col] = st.column_config.NumberColumn(col, format="%.1f")
-    st.caption(f"{len(view)} of {len(codes)} layers shown. Change a layer's **format** cell; the numbers above "
-               "follow. Δ columns are measured with only that layer quantized.")
-    st.data_editor(view, key=state.editor_key(lo.path), hide_index=True, column_config=cfg, row_height=ROW_PX,
-                   column_order=_columns(view, which),
-                   height=min(420, ROW_PX * (len(view) + 1) + 3),
-                   disabled=[c for c in view.columns if c != "format"], width="stretch", placeholder=EMPTY)
+    return cfg
+
+
+@st.fragment
+def policy_editor() -> None:
+    """Headline, edit bar, filters, the layer table and the policies tried: a click reruns only this.
+
+    Every change arrives through a callback, before this runs, so the headline is drawn first: it is what
+    a reader waits for after a click, and the browser shows it while the rest of the fragment is still sent.
+    """
+    t0 = time.perf_counter()
+    lo = state.active()
+    if not isinstance(lo, Loaded):
+        return
+    codes = state.codes(lo)
+    state.show_notices()
+    headline(lo, lo.projector.project(codes), codes)
+    bar = st.container()
+    f1, f2, f3, f4 = st.columns([3, 3, 3, 2])
+    text = f1.text_input("Filter by name", key=state.FILTER_TEXT, placeholder="e.g. fc, conv, blocks.3")
+    types = f2.multiselect("Layer types", lo.types, key=state.FILTER_TYPES)
+    sort = f3.selectbox("Sort", list(SORTS), key=state.SORT)
+    which = f4.selectbox("Columns", COLUMN_SETS, key=state.COLUMNS,
+                         help="Key columns fit the window; all measurements adds loss change, sensitivity, SQNR, "
+                              "size and latency per format (scroll sideways).")
+    idx, frame = _view(lo, text, list(types), sort, which)
+    with bar:
+        _edit_bar(lo, len(_selected(lo, idx)))
+    _bulk_actions(lo)
+    keys = " · ".join(f"**{k}** {f.upper()}" for f, k in SHORTCUTS.items() if f == "fp32" or f in lo.run.formats)
+    st.caption(f"{len(idx)} of {len(codes)} layers shown. **Click a format** to cycle it; the numbers above follow. "
+               "Select rows with their boxes (Shift+click: a range) or from the keyboard: **arrows** move, "
+               f"**Shift+Space** selects the row; then {keys} set the selected rows, **Ctrl+Z** / "
+               "**Ctrl+Shift+Z** undo and redo. Δ columns are measured with only that layer quantized.")
+    table = frame.copy()
+    table.insert(1, "format", FMT_LABELS[codes[idx]])
+    st.dataframe(table, key=state.table_key(lo.path), on_select="rerun", selection_mode="multi-row",
+                 hide_index=True, column_config=_column_config(lo, frame, which), row_height=ROW_PX,
+                 column_order=_columns(lo.layers, which), height=min(420, ROW_PX * (len(idx) + 1) + 3),
+                 width="stretch", placeholder=EMPTY)
+    history_panel(lo)
+    state.sync_url(lo)  # the callbacks left the address to now: the browser has the headline and table first
     st.session_state[state.FRAGMENT_MS] = (time.perf_counter() - t0) * 1e3
 
 
@@ -221,10 +281,15 @@ def sensitivity_chart(lo: Loaded) -> None:
                        key=state.BARS_FMT, format_func=str.upper, help="Which format's sensitivity picks the top N "
                        "and orders the bars.")
     top = c.number_input("Show the top N (0 = all)", 0, n, 0 if n <= ALL_BARS else TOP_DEFAULT, step=5,
-                         key=state.bars_top_key(lo.path), help=f"The N layers most sensitive at the ranking format; {n} in all.")
+                         key=state.bars_top_key(lo.path),
+                         help=f"The N layers most sensitive at the ranking format; {n} in all.")
     log_x = d.toggle("log scale", value=False, key=state.BARS_LOG)
-    fig = sensitivity_figure(lo.layers, fmts, penalty_name(lo), rank, order, int(top) or None, log_x)
-    st.plotly_chart(fig, width="stretch", key=state.SENS_CHART)
+    args = (lo.path, id(lo.layers), tuple(fmts), rank, order, int(top) or None, log_x)
+    memo = st.session_state.get(state.SENS_FIG)
+    if memo is None or memo[0] != args:  # built once per choice: a rerun of the page draws the same figure
+        memo = st.session_state[state.SENS_FIG] = (args, sensitivity_figure(
+            lo.layers, fmts, penalty_name(lo), rank, order, int(top) or None, log_x))
+    st.plotly_chart(memo[1], width="stretch", key=state.SENS_CHART)
     notes = ["Hover a bar for the layer's full name; layers that do not reach the output have zero change by "
              "construction (the table's note says so)."]
     if log_x:

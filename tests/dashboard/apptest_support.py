@@ -37,3 +37,59 @@ def make_app(run_dirs: list[str], page: str = "overview", query: dict | None = N
     if page != "overview":
         switch_page(at, page).run()
     return at
+
+
+def layer_table(at: AppTest):
+    """The Layers page's table (an ``st.dataframe`` keyed by ``state.table_key``)."""
+    return next(df for df in at.dataframe if (df.key or "").startswith("ql.table::"))
+
+
+def click_format(at: AppTest, row: int) -> AppTest:
+    """What a click on the format cell of ``row`` (its position in the table) sends: the button column's trigger.
+
+    AppTest cannot click inside a grid; this sends the value the browser sends (``{"row", "label"}``) for the
+    widget the table registered for its format column, with every other widget's state as it is.
+    """
+    import json
+
+    table = layer_table(at)
+    ws = at._tree.get_widget_states()
+    w = ws.widgets.add()
+    w.id = table.proto.button_click_widgets["format"]
+    w.string_trigger_value.data = json.dumps({"row": row, "label": str(table.value["format"].iloc[row])})
+    return at._run(ws)
+
+
+def set_format(at: AppTest, row: int, fmt: str) -> AppTest:
+    """Click the format cell of ``row`` until it shows ``fmt`` (each click moves one format along the cycle)."""
+    for _ in range(5):
+        if layer_table(at).value["format"].iloc[row] == fmt:
+            return at
+        click_format(at, row)
+        assert not at.exception, at.exception
+    raise AssertionError(f"row {row} never showed {fmt}: {layer_table(at).value['format'].iloc[row]}")
+
+
+def select_rows(at: AppTest, path: str, rows: list[int]) -> AppTest:
+    """Select table rows (their positions) as the boxes in the browser do; not run."""
+    at.session_state[state.table_key(path)] = {"selection": {"rows": list(rows)}}
+    return at
+
+
+def open_bulk(at: AppTest) -> AppTest:
+    """Open the Layers page's bulk actions box (drawn only while open) and run."""
+    at.session_state[state.BULK_OPEN] = True
+    return at.run()
+
+
+def cycle(at: AppTest, row: int) -> list[str]:
+    """The formats the format cell of ``row`` shows over clicks until it is back where it started."""
+    start = layer_table(at).value["format"].iloc[row]
+    seen = [start]
+    for _ in range(6):
+        click_format(at, row)
+        assert not at.exception, at.exception
+        seen.append(layer_table(at).value["format"].iloc[row])
+        if seen[-1] == start:
+            return seen
+    raise AssertionError(f"row {row} did not come back to {start}: {seen}")

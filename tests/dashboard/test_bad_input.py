@@ -9,7 +9,7 @@ import pytest
 from analysis.store.policy import Policy, uniform
 from analysis.store.run import load_run, replace_table, update_meta
 from analysis.store.synthetic import synthetic_run
-from apptest_support import PAGES
+from apptest_support import PAGES, layer_table, open_bulk
 
 
 def messages(at) -> str:
@@ -112,11 +112,11 @@ def test_partial_run_opens_with_a_warning(app, tmp_path):
         banner = next(w.value for w in at.warning if "partial" in w.value)
         assert "18 of 24" in banner and "--resume" in banner and str(run.path) in banner
     at = app([str(run.path)], "layers")
-    notes = at.data_editor[0].value.set_index("layer")["note"]
+    notes = layer_table(at).value.set_index("layer")["note"]
     waiting = set(sens.loc[pending, "layer"])
     assert all(notes[n].startswith("NOT MEASURED YET") for n in waiting)  # never shown as safe
     assert not any("NOT MEASURED" in notes[n] for n in run.layer_names if n not in waiting)
-    at.selectbox(key="ql.bulk_fmt").set_value("int8")
+    open_bulk(at).selectbox(key="ql.bulk_fmt").set_value("int8")
     at.button(key="ql.bulk_set").click().run()
     codes = at.session_state[f"ql.codes::{at.session_state['ql.run_dirs'][0]}"]
     pending_layers = set(sens.loc[pending].query("format == 'int8'")["layer"])

@@ -7,6 +7,8 @@ import pytest
 from analysis import analyze
 from analysis.store.policy import FORMAT_CODE, encode_codes
 from analysis.store.run import load_run
+from apptest_support import cycle, select_rows
+from dashboard import state
 from test_pages import edit, size_bytes
 
 
@@ -36,18 +38,24 @@ def test_a_linear_layer_takes_int8_dyn_and_the_size_moves_by_its_bytes(app, dyn_
 
 
 def test_a_convolution_cannot_take_int8_dyn(app, dyn_dir):
+    """A click never offers it; setting the selected rows to it keeps conv1 at FP32 and says why."""
     at = app([dyn_dir], "layers")
     path = at.session_state["ql.run_dirs"][0]
-    at = edit(at, path, 0, "int8-dyn")
-    assert any("conv1 cannot be int8-dyn" in w.value and "convolutions take static int8" in w.value for w in at.warning)
+    seen = cycle(at, 0)
+    assert "int8" in seen and "int8-dyn" not in seen
+    select_rows(at, path, [0]).run()
+    at.button(key=state.set_selected_key("int8-dyn")).click().run()
+    assert any("conv1: int8-dyn not available" in w.value and "convolutions take static int8" in w.value
+               for w in at.warning)
     assert at.session_state[f"ql.codes::{path}"][0] == 0
 
 
 def test_a_run_without_int8_dyn_refuses_it(app, syn_dir):
+    """Neither a click nor a button offers it."""
     at = app([syn_dir], "layers")
     path = at.session_state["ql.run_dirs"][0]
     before = size_bytes(at)
-    at = edit(at, path, 3, "int8-dyn")
+    assert "int8-dyn" not in cycle(at, 3)
+    assert not [b for b in at.button if b.key == state.set_selected_key("int8-dyn")]
     assert not at.exception
-    assert any("cannot be int8-dyn (not measured in this Run)" in w.value for w in at.warning)
     assert size_bytes(at) == before and not at.session_state[f"ql.codes::{path}"].any()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from analysis.store.run import load_run
-from apptest_support import switch_page
+from apptest_support import open_bulk, switch_page
 from dashboard import pages, state
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "dashboard"
@@ -43,7 +43,7 @@ def test_search_links_to_the_layers_page(app, syn_dir):
 
 def test_bulk_set_by_layer_type_reads_the_type_not_the_label(app, syn_dir):
     run = load_run(syn_dir)
-    at = app([syn_dir], "layers")
+    at = open_bulk(app([syn_dir], "layers"))
     scope = at.selectbox(key=state.BULK_SCOPE)
     assert scope.options == ["all layers", "shown layers (filter)", "all Conv2d layers", "all Linear layers"]
     scope.set_value(("type", "Conv2d"))

@@ -1,6 +1,7 @@
 """One current policy per session: the table, the headline, the link, the policy file and the report all show it.
 
-The browser half of these journeys (a real data editor, real navigation, a reload) is in tests/e2e/test_policy_journey.py.
+The browser half of these journeys (real clicks in the table, real navigation, a reload) is in
+tests/e2e/test_policy_journey.py.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytest
 from analysis.store.policy import decode_url_token, encode_codes, policy_from_codes
 from analysis.store.run import load_run, update_meta
 from analysis.store.synthetic import synthetic_run
-from apptest_support import PAGES, switch_page
+from apptest_support import PAGES, layer_table, set_format, switch_page
 from dashboard import state
 from dashboard.data import verify_jobs
 from dashboard.jobs import VerifyJob
@@ -27,14 +28,6 @@ def size_bytes(at) -> int:
 
 def quantized(at) -> str:
     return next(m for m in at.metric if m.label == "Layers quantized").value
-
-
-def set_table(at, path: str, edited_rows: dict):
-    """What the browser's data editor sends: its whole delta against the rows it was given."""
-    epoch = state.epoch_key(path)
-    key = f"ql.editor::{path}::{at.session_state[epoch] if epoch in at.session_state else 0}"
-    at.session_state[key] = {"edited_rows": edited_rows, "added_rows": [], "deleted_rows": []}
-    return at.run()
 
 
 def qp(at, name: str) -> str:
@@ -64,14 +57,12 @@ def test_a_revert_in_the_table_brings_headline_link_and_file_back_to_fp32(app, s
     fp32 = run.meta["model"]["fp32_bytes"]
     zeros = np.zeros(len(run.layer_names), dtype=np.int8)
     at = app([syn_dir], "layers")
-    path = at.session_state[state.RUN_DIRS][0]
     row = int4_row(run)
-    at = set_table(at, path, {row: {"format": fmt}})
+    at = set_format(at, row, fmt)
     assert quantized(at) == f"1 / {len(zeros)}" and size_bytes(at) < fp32
-    # the editor drops an edit that returns a cell to the value it was given: its delta is empty again
-    at = set_table(at, path, {})
+    at = set_format(at, row, "fp32")  # clicks on round the cycle, back to the format it had
     assert not at.exception
-    assert at.data_editor[0].value["format"].tolist() == ["fp32"] * len(zeros)
+    assert layer_table(at).value["format"].tolist() == ["fp32"] * len(zeros)
     assert quantized(at) == f"0 / {len(zeros)}" and size_bytes(at) == fp32
     assert qp(at, "p") == encode_codes(zeros, run.model_sha256)
     navigate(at, "export")
@@ -82,8 +73,9 @@ def test_edits_on_two_rows_then_one_revert_keep_the_other(app, syn_dir):
     run = load_run(syn_dir)
     at = app([syn_dir], "layers")
     path = at.session_state[state.RUN_DIRS][0]
-    at = set_table(at, path, {3: {"format": "int8"}, 5: {"format": "int8"}})
-    at = set_table(at, path, {5: {"format": "int8"}})
+    for row in (3, 5):
+        set_format(at, row, "int8")
+    set_format(at, 3, "fp32")
     want = np.zeros(len(run.layer_names), dtype=np.int8)
     want[5] = 1
     assert at.session_state[state.codes_key(path)].tolist() == want.tolist()
@@ -91,15 +83,15 @@ def test_edits_on_two_rows_then_one_revert_keep_the_other(app, syn_dir):
 
 
 def test_the_table_follows_the_policy_after_another_run_was_shown(app, syn_dir, other_dir):
-    """The editor's state goes when another Run is shown; coming back, the table is rebuilt from the policy."""
+    """Coming back to a Run, its table shows the policy it had."""
     at = app([syn_dir, other_dir], "layers")
     p0 = at.session_state[state.RUN_DIRS][0]
-    at = set_table(at, p0, {3: {"format": "int8"}})
+    set_format(at, 3, "int8")
     at.sidebar.selectbox[0].set_value(1).run()
     at.sidebar.selectbox[0].set_value(0).run()
     assert not at.exception
     assert at.session_state[state.codes_key(p0)][3] == 1
-    assert at.data_editor[0].value["format"].iloc[3] == "int8"
+    assert layer_table(at).value["format"].iloc[3] == "int8"
     assert quantized(at).startswith("1 /")
 
 
@@ -109,15 +101,14 @@ def test_every_pick_in_the_sidebar_run_box_takes(app, syn_dir, other_dir):
     for pick in (1, 0, 1, 0):
         at.sidebar.selectbox[0].set_value(pick).run()
         assert at.session_state[state.ACTIVE] == pick
-        assert len(at.data_editor[0].value) == (40, 12)[pick]
+        assert len(layer_table(at).value) == (40, 12)[pick]
 
 
 @pytest.mark.parametrize("page", [p for p in PAGES if p != "layers"] + ["compare"])
 def test_every_page_keeps_the_policy_in_the_address(app, syn_dir, other_dir, page):
     run = load_run(syn_dir)
     at = app([syn_dir, other_dir], "layers")
-    path = at.session_state[state.RUN_DIRS][0]
-    at = set_table(at, path, {2: {"format": "int8"}})
+    at = set_format(at, 2, "int8")
     token, run_id = qp(at, "p"), qp(at, "run")
     assert np.count_nonzero(decode_url_token(token, run).codes) == 1
     navigate(at, page)
@@ -127,8 +118,7 @@ def test_every_page_keeps_the_policy_in_the_address(app, syn_dir, other_dir, pag
 
 def test_export_share_link_is_the_address_of_the_current_policy(app, syn_dir):
     at = app([syn_dir], "layers")
-    path = at.session_state[state.RUN_DIRS][0]
-    at = set_table(at, path, {1: {"format": "int8"}})
+    at = set_format(at, 1, "int8")
     navigate(at, "export")
     share = next(c.value for c in at.code if "p=q1." in c.value)
     assert share.endswith(f"/layers?run={qp(at, 'run')}&p={qp(at, 'p')}")
@@ -161,8 +151,7 @@ def test_a_link_opens_the_same_run_on_a_server_that_opened_the_runs_in_another_o
     target, second = (syn_dir, twin_dir) if which == "syn" else (twin_dir, syn_dir)
     run = load_run(target)
     at = app([target, other_dir, second], "layers")
-    path = at.session_state[state.RUN_DIRS][0]
-    at = set_table(at, path, {4: {"format": "int8"}})
+    at = set_format(at, 4, "int8")
     link = {"run": qp(at, "run"), "p": qp(at, "p")}
 
     there = app([second, other_dir, target], "layers", link)  # the same Runs, opened in the other order

@@ -14,7 +14,7 @@ from analysis.project.projection import Projector
 from analysis.store.run import load_run
 from analysis.project.search import best_policy
 from dashboard.data import verify_jobs
-from apptest_support import switch_page
+from apptest_support import layer_table, switch_page
 
 
 def size_bytes(at) -> int:
@@ -48,7 +48,7 @@ def test_search_applies_the_policy_and_the_headline_follows(app, syn_dir):
     assert np.array_equal(decode_url_token(token, run).codes, want.codes)  # the link follows
     switch_page(at, "layers").run()  # and so does the table
     assert not at.exception and size_bytes(at) == want.projection.bytes
-    assert (at.data_editor[0].value["format"] != "fp32").sum() == int((want.codes != 0).sum())
+    assert (layer_table(at).value["format"] != "fp32").sum() == int((want.codes != 0).sum())
 
 
 def test_max_drop_is_in_percentage_points(app, syn_dir):

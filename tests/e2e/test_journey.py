@@ -9,8 +9,7 @@ import pytest
 from playwright.sync_api import expect
 
 from analysis.store.policy import encode_codes
-from browser_support import save_screenshot
-from dashboard.ui.layers import FORMAT_PX, LAYER_PX, ROW_PX  # where the format cells sit in the grid
+from browser_support import save_screenshot, set_format
 
 pytestmark = pytest.mark.e2e
 TIMEOUT = 30_000  # ms
@@ -29,12 +28,12 @@ def size_bytes(page) -> int:
 
 
 def table_formats(page, n_layers: int) -> dict[str, str]:
-    """Layer -> format as the grid shows it (read from the grid's accessible cells)."""
-    page.wait_for_selector('[data-testid="glide-cell-1-0"]', state="attached", timeout=TIMEOUT)
+    """Layer -> format as the grid shows it (read from the grid's accessible cells; column 0 holds the row boxes)."""
+    page.wait_for_selector('[data-testid="glide-cell-2-0"]', state="attached", timeout=TIMEOUT)
     out = {}
     for r in range(n_layers):
-        name = page.get_by_test_id(f"glide-cell-0-{r}").text_content()
-        out[name] = page.get_by_test_id(f"glide-cell-1-{r}").text_content()
+        name = page.get_by_test_id(f"glide-cell-1-{r}").first.text_content()
+        out[name] = page.get_by_test_id(f"glide-cell-2-{r}").first.text_content()
     return out
 
 
@@ -62,10 +61,8 @@ def test_toggle_share_and_download(browser, dashboard, digits_run):
     before = size_bytes(page)
     assert before == run.meta["model"]["fp32_bytes"]
 
-    # switch one layer to INT4 in the table: double-click its format cell, pick the option
-    box = page.get_by_test_id("stDataFrame").bounding_box()
-    page.mouse.dblclick(box["x"] + LAYER_PX + FORMAT_PX / 2, box["y"] + ROW_PX * (row + 1) + ROW_PX / 2)
-    page.get_by_role("option", name="int4").click(timeout=TIMEOUT)
+    # switch one layer to INT4 in the table: click its format cell until it reads int4 (fp32 → int8 → int4)
+    set_format(page, row, "int4")
     want = before + int(bt.loc[layer, "int4"] - bt.loc[layer, "fp32"])
     page.wait_for_function(
         "(want) => [...document.querySelectorAll('[data-testid=\"stMetric\"]')].some("

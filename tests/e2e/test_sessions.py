@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 from playwright.sync_api import expect
 
-from dashboard.ui.layers import FORMAT_PX, LAYER_PX, ROW_PX
+from browser_support import set_format
 from test_journey import TIMEOUT, size_bytes, table_formats, wait_ready
 
 pytestmark = pytest.mark.e2e
@@ -19,9 +19,7 @@ def _open(browser, url):
 
 
 def _set(page, row: int, fmt: str, want_bytes: int) -> None:
-    box = page.get_by_test_id("stDataFrame").bounding_box()
-    page.mouse.dblclick(box["x"] + LAYER_PX + FORMAT_PX / 2, box["y"] + ROW_PX * (row + 1) + ROW_PX / 2)
-    page.get_by_role("option", name=fmt).click(timeout=TIMEOUT)
+    set_format(page, row, fmt)
     page.wait_for_function(
         "(want) => [...document.querySelectorAll('[data-testid=\"stMetric\"]')].some(m => m.innerText.includes(want))",
         arg=f"{want_bytes:,} B", timeout=TIMEOUT)
