@@ -5,8 +5,9 @@ Playwright, and clicks one layer's format cell again and again: each click moves
 along its cycle (fp32 → the Run's formats → fp32). Each click is timed in the page, from the pointer
 going down on the cell to the DOM change after which the headline shows the new policy: "Projected
 size" with the size the projection gives and "Layers quantized" with the new count per format (the text
-a reader sees; Playwright's own overhead is outside the figure). Prints the median and p90 over the
-clicks per Run, and the load average beside them.
+a reader sees; Playwright's own overhead is outside the figure). The next click waits until the rerun
+the last one started has ended (the table shows the new format), as a reader's would. Prints the median
+and p90 over the clicks per Run, and the load average beside them.
 
 Targets (issue 16): median <= 200 ms on MiniLM, <= 400 ms on 1,000 layers.
 
@@ -53,6 +54,11 @@ ARM = """(want) => {
   });
   obs.observe(document.body, {subtree: true, childList: true, characterData: true});
 }"""
+
+
+# the rerun a click started has ended: the table shows the new format and the app runs no script
+IDLE = ("([row, fmt]) => { const c = document.querySelector(`[data-testid=\"glide-cell-2-${row}\"]`);"
+        " return c && c.textContent === fmt && !document.querySelector('[data-testid=\"stStatusWidget\"]'); }")
 
 
 def _load() -> str:
@@ -108,6 +114,7 @@ def measure(browser, url: str, run_dir: str, toggles: int, warmup: int = 2) -> t
             codes[row] = FORMAT_CODE[shown]
             continue
         t0, t1 = page.evaluate("() => [window.__ql.t0, window.__ql.t1]")
+        page.wait_for_function(IDLE, arg=[row, POLICY_FORMATS[codes[row]]], timeout=TIMEOUT)
         if warmup:
             warmup -= 1
         else:

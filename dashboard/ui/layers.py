@@ -1,4 +1,10 @@
-"""Layers: every layer with its measured sensitivity and a format selector; live projected numbers."""
+"""Layers: every layer with its measured sensitivity, its format a click away, and live projected numbers.
+
+The table is a read-only ``st.dataframe`` drawn from the current policy on every rerun: its format column is a
+button column (a click moves the layer one format along its cycle), its rows are selected with their boxes or
+Shift+Space, and buttons with keys set the selected rows. Every change goes through ``state.set_codes`` in a
+callback, so it is one undo step and the fragment draws the new headline first.
+"""
 from __future__ import annotations
 
 import time
