@@ -63,8 +63,8 @@ def test_a_run_being_analysed_fills_in_and_is_offered_when_done(browser, tmp_pat
         writer.__exit__(None, None, None)
         writer = None
         expect(_box(page, "is analysed")).to_be_visible(timeout=TIMEOUT)  # offered, not switched to
-        expect(page.get_by_role("heading", name="Overview — demo:digits", level=1)).to_be_visible()
-        page.get_by_role("button", name="Open synthetic:12", exact=True).click()
+        expect(page.get_by_role("heading", name="Overview — demo:digits", level=1)).to_be_visible(timeout=TIMEOUT)
+        page.get_by_role("button", name="Open synthetic:12", exact=True).click(timeout=TIMEOUT)
         expect(page.get_by_role("heading", name="Overview — synthetic:12", level=1)).to_be_visible(timeout=TIMEOUT)
 
         fresh = browser.new_context(viewport={"width": 1400, "height": 900}).new_page()

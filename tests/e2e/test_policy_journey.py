@@ -96,7 +96,7 @@ def test_the_policy_survives_navigation_and_a_reload(browser, dashboard, digits_
         open_page(page, title, title if title != "Overview" else f"Overview — {run.meta['model']['name']}")
         wait_token(page, token)
         assert f"run={run_id}" in page.url
-    expect(page.get_by_test_id("stMain")).to_contain_text("address bar holds the same policy")
+    expect(page.get_by_test_id("stMain")).to_contain_text("address bar holds the same policy", timeout=TIMEOUT)
     share = page.locator('[data-testid="stCode"]', has_text="p=q1.").inner_text().strip()
     assert share.endswith(f"/layers?run={run_id}&p={token}")
 
